@@ -1,0 +1,120 @@
+"""Argument validation shared by every public function and both engines.
+
+Every check raises ``ValueError`` (bad shape, value or option) or ``TypeError`` (bad dtype) with the
+argument's name in the message, so a caller never gets a silent wrong number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+IMPLS = ("auto", "torch", "triton")
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp32/bf16/fp16/fp64), got {tensor.dtype}")
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise if ``tensor`` holds NaN or inf (one reduction; skipped while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_linear_head(
+    prefix: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    finite: bool,
+) -> None:
+    """``hidden [..., H]``, ``weight [V, H]``, ``bias [V]`` of one model, same float dtype and device."""
+    check_float(f"{prefix}hidden", hidden)
+    check_float(f"{prefix}weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{prefix}weight must be [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{prefix}hidden's last dim ({tuple(hidden.shape)}) must equal {prefix}weight's H "
+            f"({tuple(weight.shape)})"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{prefix}hidden dtype {hidden.dtype} != {prefix}weight dtype {weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"{prefix}hidden is on {hidden.device} but {prefix}weight on {weight.device}")
+    if bias is not None:
+        check_float(f"{prefix}bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{prefix}bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{prefix}bias dtype {bias.dtype} != {prefix}weight dtype {weight.dtype}")
+    if finite:
+        check_finite(f"{prefix}hidden", hidden)
+
+
+def check_targets(targets: torch.Tensor, leading: torch.Size, vocab_size: int, name: str = "targets") -> None:
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {targets.dtype}")
+    if targets.shape != leading:
+        raise ValueError(f"{name} shape {tuple(targets.shape)} must match the hidden states' tokens {tuple(leading)}")
+    if targets.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
+
+
+def check_same_shape(name: str, tensor: torch.Tensor | None, shape: torch.Size, *, finite: bool = False) -> None:
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.shape != shape:
+        raise ValueError(f"{name} shape {tuple(tensor.shape)} must be {tuple(shape)}")
+    if finite and tensor.is_floating_point():
+        check_finite(name, tensor)
+
+
+def resolve_vocab(student_weight: torch.Tensor, teacher_weight: torch.Tensor | None, vocab_size: int | None) -> int:
+    """The number of vocabulary rows compared. Different V without ``vocab_size=`` is an error."""
+    v_student = student_weight.shape[0]
+    if teacher_weight is None:
+        v = v_student if vocab_size is None else vocab_size
+        if not 0 < v <= v_student:
+            raise ValueError(f"vocab_size={vocab_size} must be in [1, student V={v_student}]")
+        return v
+    v_teacher = teacher_weight.shape[0]
+    if vocab_size is None:
+        if v_student != v_teacher:
+            raise ValueError(
+                f"vocabulary mismatch: student_weight has V={v_student} rows, teacher_weight V={v_teacher}; "
+                f"pass vocab_size= (e.g. {min(v_student, v_teacher)}) to compare over the common rows"
+            )
+        return v_student
+    if not 0 < vocab_size <= min(v_student, v_teacher):
+        raise ValueError(
+            f"vocab_size={vocab_size} must be in [1, min(student V={v_student}, teacher V={v_teacher})]"
+        )
+    return vocab_size
+
+
+def check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")

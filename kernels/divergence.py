@@ -1,0 +1,119 @@
+"""``fused_linear_divergence``: exact full-vocabulary divergence between two linear heads."""
+
+from __future__ import annotations
+
+import torch
+
+from . import checks
+from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, run_chunks
+
+
+class FusedLinearDivergenceFunction(torch.autograd.Function):
+    """Forward keeps only ``[N]`` divergences; backward recomputes both chunks' logits."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, spec: ChunkSpec, ops, chunk_size: int):
+        dummy = torch.zeros(s_hidden.shape[0], dtype=torch.long, device=s_hidden.device)
+        teacher = Head(t_hidden, t_weight, t_bias)
+        result = run_chunks(Head(s_hidden, s_weight, s_bias), teacher, dummy, spec, ops, chunk_size, keep=("divergence",))
+        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
+        ctx.spec, ctx.ops, ctx.chunk_size = spec, ops, chunk_size
+        return result.stats["divergence"]
+
+    @staticmethod
+    def backward(ctx, grad_div):
+        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_div = grad_div.float()
+        zeros = torch.zeros(s_hidden.shape[0], device=s_hidden.device)
+        dummy = torch.zeros(s_hidden.shape[0], dtype=torch.long, device=s_hidden.device)
+
+        def objective(start: int, end: int, stats: dict):
+            return zeros[start:end], None, grad_div[start:end]
+
+        result = run_chunks(
+            Head(s_hidden, s_weight, s_bias), Head(t_hidden, t_weight, t_bias), dummy, ctx.spec, ctx.ops,
+            ctx.chunk_size, objective=objective, grad_hidden=need_h, grad_weight=need_w,
+            grad_bias=need_b and s_bias is not None, keep=(),
+        )
+        return result.grad_hidden, result.grad_weight, result.grad_bias, None, None, None, None, None, None
+
+
+def divergence_spec(divergence: str, beta: float, temperature: float, **extra) -> ChunkSpec:
+    """Validate a divergence choice; JSD with beta 0 or 1 is exactly forward or reverse KL."""
+    checks.check_choice("divergence", divergence, checks.DIVERGENCES)
+    checks.check_positive("temperature", temperature)
+    if divergence == "jsd":
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1] for divergence='jsd', got {beta}")
+        divergence = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(float(beta), "jsd")
+    return ChunkSpec(inv_temperature=1.0 / temperature, divergence=divergence, beta=beta, **extra)
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Exact per-token divergence between student p and teacher q over the whole vocabulary.
+
+    ``p = softmax((student_hidden @ student_weight^T + b_s) / T)``, ``q`` likewise for the teacher.
+    Shapes: ``student_hidden [..., Hs]``, ``student_weight [V, Hs]``, ``teacher_hidden [..., Ht]``,
+    ``teacher_weight [V, Ht]`` (Hs may differ from Ht) → ``[...]`` fp32:
+
+    - ``"reverse_kl"``: KL(p || q) = sum_j p_j (log p_j - log q_j)   (VOLD's distillation term)
+    - ``"forward_kl"``: KL(q || p) = sum_j q_j (log q_j - log p_j)
+    - ``"jsd"``: beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p
+      (Liger-Kernel's generalised JSD: beta = 0 is forward KL, beta = 1 reverse KL)
+
+    Gradients flow to the student only; the teacher is frozen. Heads with different V need
+    ``vocab_size=`` (rows ``[0, vocab_size)`` of both are compared), else ``ValueError``.
+    """
+    checks.check_linear_head("student_", student_hidden, student_weight, student_bias, finite=check_finite)
+    checks.check_linear_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, finite=check_finite)
+    checks.check_choice("impl", impl, checks.IMPLS)
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} "
+            "must have the same leading (token) dims"
+        )
+    vocab = checks.resolve_vocab(student_weight, teacher_weight, vocab_size)
+    spec = divergence_spec(divergence, beta, temperature)
+    leading = student_hidden.shape[:-1]
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    s_bias = None if student_bias is None else student_bias[:vocab]
+    t_bias = None if teacher_bias is None else teacher_bias[:vocab].detach()
+    n = s_hidden.shape[0]
+    chunk = chunk_size or default_chunk_size(n, vocab, s_hidden.device)
+    out = FusedLinearDivergenceFunction.apply(
+        s_hidden, student_weight[:vocab], s_bias, t_hidden, teacher_weight[:vocab].detach(), t_bias,
+        spec, get_ops(impl, s_hidden.device), max(1, chunk),
+    )
+    return out.view(leading)
+
+
+class FusedLinearDivergence(torch.nn.Module):
+    """Module form of :func:`fused_linear_divergence` holding the keyword options."""
+
+    def __init__(self, *, divergence: str = "reverse_kl", beta: float = 0.5, temperature: float = 1.0,
+                 impl: str = "auto", chunk_size: int | None = None, vocab_size: int | None = None):
+        super().__init__()
+        self.options = dict(divergence=divergence, beta=beta, temperature=temperature, impl=impl,
+                            chunk_size=chunk_size, vocab_size=vocab_size)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                student_bias=None, teacher_bias=None):
+        return fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                       student_bias=student_bias, teacher_bias=teacher_bias, **self.options)

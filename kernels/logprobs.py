@@ -1,0 +1,94 @@
+"""``fused_linear_logprobs``: log p(target) (and entropy) of a linear head, without [N, V] logits."""
+
+from __future__ import annotations
+
+import torch
+
+from . import checks
+from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, run_chunks
+
+
+class FusedLinearLogprobsFunction(torch.autograd.Function):
+    """Forward keeps only ``[N]`` statistics; backward recomputes each chunk's logits once."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, spec: ChunkSpec, ops, chunk_size: int):
+        result = run_chunks(Head(hidden, weight, bias), None, targets, spec, ops, chunk_size, keep=("logp", "entropy"))
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.spec, ctx.ops, ctx.chunk_size = spec, ops, chunk_size
+        entropy = result.stats.get("entropy", hidden.new_empty(0, dtype=torch.float32))
+        if not spec.need_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return result.stats["logp"], entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n = hidden.shape[0]
+        grad_logp = torch.zeros(n, device=hidden.device) if grad_logp is None else grad_logp.float()
+        use_ent = ctx.spec.need_entropy and grad_entropy is not None
+        grad_entropy = grad_entropy.float() if use_ent else None
+
+        def objective(start: int, end: int, stats: dict):
+            return grad_logp[start:end], (grad_entropy[start:end] if use_ent else None), None
+
+        result = run_chunks(
+            Head(hidden, weight, bias), None, targets, ctx.spec, ctx.ops, ctx.chunk_size,
+            objective=objective, grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b and bias is not None,
+            keep=(),
+        )
+        return result.grad_hidden, result.grad_weight, result.grad_bias, None, None, None, None
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    vocab_size: int | None = None,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    check_finite: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-prob of ``targets`` under ``softmax((hidden @ weight^T + bias) / temperature)``.
+
+    Shapes: ``hidden [..., H]``, ``weight [V, H]``, ``bias [V]``, ``targets [...]`` → ``logp [...]``
+    fp32 (and ``entropy [...]`` = -sum_j p_j log p_j when ``return_entropy``). Only ``[chunk, V]``
+    logits exist at a time; under ``torch.no_grad()`` nothing is kept for a backward pass.
+    Gradients flow to ``hidden``, ``weight`` and ``bias``. ``vocab_size=K`` uses rows ``[0, K)`` only.
+    """
+    checks.check_linear_head("", hidden, weight, bias, finite=check_finite)
+    checks.check_positive("temperature", temperature)
+    checks.check_choice("impl", impl, checks.IMPLS)
+    vocab = checks.resolve_vocab(weight, None, vocab_size)
+    leading = hidden.shape[:-1]
+    checks.check_targets(targets, leading, vocab)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1).long()
+    weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    n = flat_hidden.shape[0]
+    chunk = chunk_size or default_chunk_size(n, vocab, hidden.device)
+    spec = ChunkSpec(inv_temperature=1.0 / temperature, need_entropy=return_entropy)
+    ops = get_ops(impl, hidden.device)
+    logp, entropy = FusedLinearLogprobsFunction.apply(flat_hidden, weight, bias, flat_targets, spec, ops, max(1, chunk))
+    logp = logp.view(leading)
+    if return_entropy:
+        return logp, entropy.view(leading)
+    return logp
+
+
+class FusedLinearLogprobs(torch.nn.Module):
+    """Module form of :func:`fused_linear_logprobs` holding the keyword options."""
+
+    def __init__(self, *, temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto",
+                 chunk_size: int | None = None, vocab_size: int | None = None):
+        super().__init__()
+        self.options = dict(temperature=temperature, return_entropy=return_entropy, impl=impl,
+                            chunk_size=chunk_size, vocab_size=vocab_size)
+
+    def forward(self, hidden, weight, targets, bias=None):
+        return fused_linear_logprobs(hidden, weight, targets, bias=bias, **self.options)

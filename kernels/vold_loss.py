@@ -1,0 +1,307 @@
+"""``vold_loss``: GRPO + reference KL + teacher distillation in one pass over the vocabulary per chunk.
+
+The student's logits are computed once per chunk and serve the policy ratio, the entropy and the
+divergence to the teacher; the loss is a scalar, so its gradients are computed in the forward pass
+(Liger-style) and the backward pass only scales them by the incoming gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checks
+from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, run_chunks
+from .divergence import divergence_spec
+from .policy_loss import (
+    DISTILL_ESTIMATORS,
+    IS_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    PolicyLossConfig,
+    TokenInputs,
+    normalization_weights,
+    token_objective,
+)
+
+
+@dataclass
+class _Call:
+    """Everything non-differentiable one call of the autograd function needs."""
+
+    inputs: TokenInputs
+    cfg: PolicyLossConfig
+    spec: ChunkSpec
+    ops: object
+    chunk_size: int
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class VoldLossFunction(torch.autograd.Function):
+    """Scalar loss; gradients for the student's hidden states, weight and bias made in forward."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, targets, call: _Call):
+        cfg, inputs = call.cfg, call.inputs
+        student = Head(s_hidden, s_weight, s_bias)
+        teacher = None if t_hidden is None else Head(t_hidden, t_weight, t_bias)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        sequence_level = cfg.importance_sampling_level == "sequence"
+        total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
+        sums: dict[str, torch.Tensor] = {}
+
+        def add(parts: dict[str, torch.Tensor]) -> None:
+            for key, value in parts.items():
+                sums[key] = sums[key] + value if key in sums else value
+
+        g_policy = None
+        if sequence_level:
+            # The sequence ratio couples all tokens of a sequence: a forward-only pre-pass gives every
+            # token's logp, then the clipped term and its per-token derivative are evaluated at once.
+            logp_all = run_chunks(student, None, targets, ChunkSpec(inv_temperature=call.spec.inv_temperature),
+                                  call.ops, call.chunk_size, keep=("logp",)).stats["logp"]
+            loss_pg, g_policy, _, _, parts = token_objective(cfg, inputs, logp_all, None, None, include_local=False)
+            total = total + loss_pg
+            parts.pop("loss")
+            add(parts)
+
+        def objective(start: int, end: int, stats: dict):
+            nonlocal total
+            chunk_inputs = inputs.slice(start, end)
+            if chunk_inputs.teacher_logp is None and "teacher_logp" in stats:
+                chunk_inputs.teacher_logp = stats["teacher_logp"]
+            loss, g_logp, g_ent, g_div, parts = token_objective(
+                cfg, chunk_inputs, stats["logp"], stats.get("entropy"), stats.get("divergence"),
+                include_policy=not sequence_level,
+            )
+            if g_policy is not None:
+                g_logp = g_logp + g_policy[start:end]
+            total = total + loss
+            parts.pop("loss")
+            add(parts)
+            return g_logp, (g_ent if cfg.entropy_coef != 0.0 else None), g_div
+
+        result = run_chunks(
+            student, teacher, targets, call.spec, call.ops, call.chunk_size, objective=objective,
+            grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b and s_bias is not None, keep=(),
+        )
+        denom = inputs.mask.float().sum().clamp(min=1.0)
+        call.metrics["loss"] = total.detach()
+        for key, value in sums.items():
+            call.metrics[key] = value if key == "policy_loss" else value / denom
+        ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gh, gw, gb = ctx.saved_tensors
+        scale = grad_output.float()
+
+        def scaled(g):
+            return None if g is None else (g * scale).to(g.dtype)
+
+        return scaled(gh), scaled(gw), scaled(gb), None, None, None, None, None
+
+
+def _per_token(name: str, value: torch.Tensor | None, num_seqs: int, seq_index: torch.Tensor,
+               token_shape: torch.Size) -> torch.Tensor | None:
+    """Broadcast a per-sequence ``[B]`` tensor to tokens, or flatten a per-token one."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.shape == (num_seqs,):
+        return value.float()[seq_index]
+    if value.shape == token_shape:
+        return value.reshape(-1).float()
+    raise ValueError(f"{name} must be [B={num_seqs}] per sequence or {tuple(token_shape)} per token, "
+                     f"got {tuple(value.shape)}")
+
+
+def vold_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    distill_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    loss_type: str = "dapo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.3,
+    clip_ratio_c: float | None = None,
+    importance_sampling_level: str = "token",
+    ref_kl_coef: float = 0.0,
+    ref_kl_estimator: str = "k3",
+    distill_coef: float = 0.1,
+    distill_estimator: str = "full",
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    max_completion_length: int | None = None,
+    token_normalizer: float | None = None,
+    vocab_size: int | None = None,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The VOLD stage-2 objective: GRPO + ref KL + distill_coef * D(student || teacher) - entropy bonus.
+
+    Layouts (H = hidden size, V = vocabulary):
+
+    - padded (default): ``student_hidden [B, T, H]``, ``targets/mask/old_logprobs/ref_logprobs/
+      teacher_logprobs [B, T]``, ``teacher_hidden [B, T, Ht]``;
+    - packed (``cu_seqlens [B+1]`` given, sequence i = tokens ``cu[i]:cu[i+1]``): ``[N, H]`` and ``[N]``.
+
+    ``advantages`` and ``distill_mask`` are per sequence ``[B]`` or per token. ``targets`` are the
+    sampled token ids; hidden states are the ones that predict them (already shifted). Per token t
+    of sequence i (see ``policy_loss`` for the formulas)::
+
+        l_t  = pg_t(ratio, A_i; epsilon_low, epsilon_high, clip_ratio_c)
+             + ref_kl_coef * k(logp_t, ref_t) + distill_coef * w^d_t * D_t - entropy_coef * H_t
+        loss = sum_t n_t l_t           n_t from loss_type: grpo | bnpo | dr_grpo | dapo (TRL's)
+
+    ``D_t`` is the exact full-vocabulary ``divergence`` (``distill_estimator="full"``; reverse KL by
+    default, needs ``teacher_hidden``/``teacher_weight``) or the sampled-token estimate k1/k2/k3 of
+    KL(student || teacher) from ``teacher_logprobs`` (or, if absent, from the teacher's head).
+    ``old_logprobs=None`` means on-policy (ratio 1, gradient of logp). Returns ``(loss, metrics)``;
+    metrics are detached scalar tensors (means over masked tokens; ``policy_loss`` normalised like
+    the loss). Only ``[chunk, V]`` logits exist at a time; gradients reach the student only.
+    """
+    for name, value, choices in (
+        ("loss_type", loss_type, LOSS_TYPES), ("importance_sampling_level", importance_sampling_level, IS_LEVELS),
+        ("ref_kl_estimator", ref_kl_estimator, KL_ESTIMATORS),
+        ("distill_estimator", distill_estimator, DISTILL_ESTIMATORS), ("impl", impl, checks.IMPLS),
+    ):
+        checks.check_choice(name, value, choices)
+    if not (epsilon_low >= 0 and epsilon_high >= 0):
+        raise ValueError(f"epsilon_low/epsilon_high must be >= 0, got {epsilon_low}, {epsilon_high}")
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {clip_ratio_c}")
+    checks.check_linear_head("student_", student_hidden, student_weight, student_bias, finite=check_finite)
+    has_teacher_head = teacher_hidden is not None or teacher_weight is not None
+    if has_teacher_head:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden and teacher_weight must be given together")
+        checks.check_linear_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, finite=check_finite)
+    vocab = checks.resolve_vocab(student_weight, teacher_weight if has_teacher_head else None, vocab_size)
+
+    # ---- layout: flatten to N tokens with a sequence index -------------------------------------
+    if cu_seqlens is None:
+        if student_hidden.dim() != 3:
+            raise ValueError(f"student_hidden must be [B, T, H] (or pass cu_seqlens for [N, H]), "
+                             f"got {tuple(student_hidden.shape)}")
+        num_seqs, seq_len = student_hidden.shape[:2]
+        token_shape = student_hidden.shape[:2]
+        seq_index = torch.arange(num_seqs, device=student_hidden.device).repeat_interleave(seq_len)
+        if max_completion_length is None:
+            max_completion_length = seq_len
+    else:
+        if student_hidden.dim() != 2:
+            raise ValueError(f"with cu_seqlens, student_hidden must be packed [N, H], got {tuple(student_hidden.shape)}")
+        token_shape = student_hidden.shape[:1]
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError(f"cu_seqlens must be an integer [B+1] tensor, got {tuple(cu_seqlens.shape)}")
+        lengths = cu_seqlens.diff()
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != token_shape[0] or bool((lengths < 0).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to N={token_shape[0]}, got {cu_seqlens.tolist()}")
+        num_seqs = lengths.numel()
+        seq_index = torch.arange(num_seqs, device=student_hidden.device).repeat_interleave(lengths.long())
+    checks.check_targets(targets, token_shape, vocab)
+    if mask is None:
+        mask = torch.ones(token_shape, device=student_hidden.device)
+    checks.check_same_shape("mask", mask, token_shape)
+    for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
+                        ("teacher_logprobs", teacher_logprobs)):
+        checks.check_same_shape(name, value, token_shape)
+    if has_teacher_head and teacher_hidden.shape[:-1] != token_shape:
+        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} must have token dims {tuple(token_shape)}")
+
+    if distill_coef != 0.0:
+        if distill_estimator == "full" and not has_teacher_head:
+            raise ValueError("distill_estimator='full' needs teacher_hidden and teacher_weight (or set distill_coef=0)")
+        if distill_estimator != "full":
+            if teacher_logprobs is None and not has_teacher_head:
+                raise ValueError(f"distill_estimator={distill_estimator!r} needs teacher_logprobs or the teacher's head")
+            if divergence != "reverse_kl":
+                raise ValueError(f"distill_estimator={distill_estimator!r} estimates reverse KL; "
+                                 f"divergence={divergence!r} needs distill_estimator='full'")
+    if ref_kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("ref_kl_coef != 0 needs ref_logprobs")
+
+    flat_mask = mask.reshape(-1).float()
+    norm = normalization_weights(flat_mask, seq_index, num_seqs, loss_type,
+                                 max_completion_length=max_completion_length, token_normalizer=token_normalizer)
+    flat_adv = _per_token("advantages", advantages, num_seqs, seq_index, token_shape)
+    flat_dmask = _per_token("distill_mask", distill_mask, num_seqs, seq_index, token_shape)
+
+    # ---- keep only tokens that count (mask != 0); padding never reaches the vocabulary ----------
+    active = flat_mask.nonzero().view(-1)
+
+    def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.reshape(-1).index_select(0, active)
+
+    inputs = TokenInputs(
+        norm=norm.index_select(0, active), mask=pick(flat_mask), advantages=pick(flat_adv),
+        old_logp=pick(None if old_logprobs is None else old_logprobs.float()),
+        ref_logp=pick(None if ref_logprobs is None else ref_logprobs.float()),
+        teacher_logp=pick(None if teacher_logprobs is None else teacher_logprobs.float()),
+        distill_weight=pick(flat_dmask), seq_index=pick(seq_index), num_seqs=num_seqs,
+    )
+    if check_finite:
+        for name, value in (("advantages", inputs.advantages), ("old_logprobs", inputs.old_logp),
+                            ("ref_logprobs", inputs.ref_logp), ("teacher_logprobs", inputs.teacher_logp),
+                            ("distill_mask", inputs.distill_weight)):
+            if value is not None:
+                checks.check_finite(name, value)
+
+    h_dim = student_hidden.shape[-1]
+    s_hidden = student_hidden.reshape(-1, h_dim).index_select(0, active)
+    s_targets = targets.reshape(-1).long().index_select(0, active)
+    t_hidden = t_weight = t_bias = None
+    use_full = distill_estimator == "full" and has_teacher_head
+    need_teacher_logp = distill_estimator != "full" and teacher_logprobs is None and has_teacher_head
+    if use_full or need_teacher_logp:
+        t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, active)
+        t_weight = teacher_weight.detach()[:vocab]
+        t_bias = None if teacher_bias is None else teacher_bias.detach()[:vocab]
+    if use_full:
+        spec = divergence_spec(divergence, jsd_beta, temperature, need_entropy=True)
+    else:
+        checks.check_positive("temperature", temperature)
+        spec = ChunkSpec(inv_temperature=1.0 / temperature, need_entropy=True, need_teacher_logp=need_teacher_logp)
+    cfg = PolicyLossConfig(
+        loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, clip_ratio_c=clip_ratio_c,
+        importance_sampling_level=importance_sampling_level, ref_kl_coef=ref_kl_coef,
+        ref_kl_estimator=ref_kl_estimator, distill_coef=distill_coef, distill_estimator=distill_estimator,
+        entropy_coef=entropy_coef,
+    )
+    n_active = s_hidden.shape[0]
+    chunk = chunk_size or default_chunk_size(max(1, n_active), vocab, s_hidden.device)
+    call = _Call(inputs=inputs, cfg=cfg, spec=spec, ops=get_ops(impl, s_hidden.device), chunk_size=max(1, chunk))
+    s_bias = None if student_bias is None else student_bias[:vocab]
+    loss = VoldLossFunction.apply(s_hidden, student_weight[:vocab], s_bias, t_hidden, t_weight, t_bias,
+                                  s_targets, call)
+    return loss, call.metrics
+
+
+class VoldLoss(torch.nn.Module):
+    """Module form of :func:`vold_loss`: keyword options fixed at construction."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, student_hidden, student_weight, targets, advantages, old_logprobs=None, mask=None, **tensors):
+        return vold_loss(student_hidden, student_weight, targets, advantages, old_logprobs, mask,
+                         **tensors, **self.options)

@@ -1,0 +1,37 @@
+"""vold: fused GRPO + on-policy distillation losses and a lean VLM trainer.
+
+The directory ``kernels/`` is shipped as the subpackage ``vold.kernels`` (a top-level package
+named ``kernels`` would clash with an existing PyPI project).
+"""
+
+from setuptools import setup
+
+setup(
+    name="vold",
+    version="0.1.0",
+    description=(
+        "Fused GRPO log-prob ratios and teacher/student divergences without full-vocabulary "
+        "logits, and a trainer for on-policy distillation from a text LLM into a VLM."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["vold", "vold.kernels"],
+    package_dir={"vold": "vold", "vold.kernels": "kernels"},
+    # A range, so that GPU users keep the CUDA torch they have; the README installs the CPU build first.
+    install_requires=["torch>=2.4,<3", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "pytest-benchmark>=4",
+            "liger-kernel>=0.6",
+            "packaging",
+            "triton>=3.0",
+            "ruff",
+        ],
+        "gpu": ["vllm", "flash-attn", "deepspeed", "triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["vold=vold.cli:main"]},
+)
