@@ -15,7 +15,8 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, spec: ChunkSpec, ops, chunk_size: int):
         dummy = torch.zeros(s_hidden.shape[0], dtype=torch.long, device=s_hidden.device)
         teacher = Head(t_hidden, t_weight, t_bias)
-        result = run_chunks(Head(s_hidden, s_weight, s_bias), teacher, dummy, spec, ops, chunk_size, keep=("divergence",))
+        student = Head(s_hidden, s_weight, s_bias)
+        result = run_chunks(student, teacher, dummy, spec, ops, chunk_size, keep=("divergence",))
         ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
         ctx.spec, ctx.ops, ctx.chunk_size = spec, ops, chunk_size
         return result.stats["divergence"]

@@ -216,7 +216,7 @@ def token_objective(
         loss = (inputs.norm * per_token).sum()
         leaves = [x for x in (logp_leaf, ent_leaf, div_leaf) if x is not None]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)]
     g_logp = grads.pop(0)
     g_ent = grads.pop(0) if ent_leaf is not None else None
     g_div = grads.pop(0) if div_leaf is not None else None

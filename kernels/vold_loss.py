@@ -208,7 +208,9 @@ def vold_loss(
             max_completion_length = seq_len
     else:
         if student_hidden.dim() != 2:
-            raise ValueError(f"with cu_seqlens, student_hidden must be packed [N, H], got {tuple(student_hidden.shape)}")
+            raise ValueError(
+                f"with cu_seqlens, student_hidden must be packed [N, H], got {tuple(student_hidden.shape)}"
+            )
         token_shape = student_hidden.shape[:1]
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
             raise ValueError(f"cu_seqlens must be an integer [B+1] tensor, got {tuple(cu_seqlens.shape)}")
@@ -232,7 +234,9 @@ def vold_loss(
             raise ValueError("distill_estimator='full' needs teacher_hidden and teacher_weight (or set distill_coef=0)")
         if distill_estimator != "full":
             if teacher_logprobs is None and not has_teacher_head:
-                raise ValueError(f"distill_estimator={distill_estimator!r} needs teacher_logprobs or the teacher's head")
+                raise ValueError(
+                    f"distill_estimator={distill_estimator!r} needs teacher_logprobs or the teacher's head"
+                )
             if divergence != "reverse_kl":
                 raise ValueError(f"distill_estimator={distill_estimator!r} estimates reverse KL; "
                                  f"divergence={divergence!r} needs distill_estimator='full'")
