@@ -12,7 +12,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-IMPLS = ("auto", "torch", "triton")
+IMPLS = ("auto", "torch", "torch_compile", "triton")
 
 
 def check_choice(name: str, value: str, choices: Iterable[str]) -> None:

@@ -65,103 +65,164 @@ class ChunkSpec:
         return self.divergence is not None or self.need_teacher_logp
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device) -> int:
-    """Rows per chunk: a power of two near ``budget / V``, clamped to [256, 16384] and to N."""
+def default_chunk_size(vocab_size: int, device: torch.device) -> int:
+    """Rows per chunk: a power of two near ``budget / V``, clamped to [256, 16384] (independent of N,
+    so torch_compile sees one chunk shape)."""
     budget = _CHUNK_BUDGET.get(device.type, _CHUNK_BUDGET["cuda"])
     rows = 1 << max(0, int(math.log2(max(1, budget // vocab_size))))
-    return max(1, min(num_tokens, max(_MIN_CHUNK, min(_MAX_CHUNK, rows))))
+    return max(_MIN_CHUNK, min(_MAX_CHUNK, rows))
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_j a_ij b_ij per row, as a batched matmul (no [chunk, V] temporary)."""
+    """sum_j a_ij b_ij per row: a batched matmul in eager mode (no [chunk, V] temporary), a fusable
+    reduction under torch.compile."""
+    if torch.compiler.is_compiling():
+        return (a * b).sum(-1)
     return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
+_DIVERGENCE_CODE = {None: 0, "reverse_kl": 1, "forward_kl": 2, "jsd": 3}
+
+
+def _log_softmax(logits: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_softmax(logits * inv_t), logsumexp) in fp32."""
+    x = logits.float()
+    if inv_t != 1.0:
+        x = x * inv_t
+    lse = torch.logsumexp(x, dim=-1)
+    return x - lse[:, None], lse
+
+
+def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m for m = beta q + (1 - beta) p."""
+    return torch.logaddexp(logp + math.log1p(-beta), logq + math.log(beta))
+
+
+def chunk_statistics(
+    z: torch.Tensor, u: torch.Tensor | None, targets: torch.Tensor, inv_t: float, code: int, beta: float
+) -> dict[str, torch.Tensor]:
+    """Per-row statistics of one chunk (pure function: eager, or compiled by torch.compile).
+
+    Returns fp32 ``[chunk]`` tensors: lse_z, logp, entropy and, with a teacher, lse_u, teacher_logp,
+    divergence (code 1 reverse KL, 2 forward KL, 3 JSD) and aux (KL(p||m) for JSD).
+    """
+    logp_all, lse_z = _log_softmax(z, inv_t)
+    p = logp_all.exp()
+    out = {"lse_z": lse_z, "logp": logp_all.gather(1, targets[:, None]).view(-1), "entropy": -_rowdot(p, logp_all)}
+    if u is None:
+        return out
+    logq_all, lse_u = _log_softmax(u, inv_t)
+    out["lse_u"] = lse_u
+    out["teacher_logp"] = logq_all.gather(1, targets[:, None]).view(-1)
+    if code == 1:
+        out["divergence"] = -out["entropy"] - _rowdot(p, logq_all)
+    elif code == 2:
+        q = logq_all.exp()
+        out["divergence"] = _rowdot(q, logq_all) - _rowdot(q, logp_all)
+    elif code == 3:
+        log_m = _log_mixture(logp_all, logq_all, beta)
+        kl_p_m = _rowdot(p, logp_all) - _rowdot(p, log_m)
+        kl_q_m = _rowdot(logq_all.exp(), logq_all) - _rowdot(logq_all.exp(), log_m)
+        out["divergence"] = beta * kl_q_m + (1.0 - beta) * kl_p_m
+        out["aux"] = kl_p_m
+    return out
+
+
+def chunk_logit_grad(
+    z: torch.Tensor,
+    u: torch.Tensor | None,
+    targets: torch.Tensor,
+    stats: dict[str, torch.Tensor],
+    g_logp: torch.Tensor,
+    g_ent: torch.Tensor | None,
+    g_div: torch.Tensor | None,
+    inv_t: float,
+    code: int,
+    beta: float,
+) -> torch.Tensor:
+    """dL/dz (fp32 ``[chunk, V]``) from the row coefficients; recomputes p, log p (and log q) from
+    the logits and the saved log-normalisers. Pure function (eager or compiled)::
+
+        dz' = p * (a log p - g_div [c=1] log q - g_div (1-b) [c=3] log m + c0) - g_div [c=2] q + g_logp onehot
+        a   = -g_ent + g_div [c=1] + g_div (1-b) [c=3]
+        c0  = -g_logp - g_ent H - g_div D [c=1] + g_div [c=2] - g_div (1-b) KL(p||m) [c=3]
+    """
+    logp = z.float()
+    if inv_t != 1.0:
+        logp = logp * inv_t
+    logp = logp - stats["lse_z"][:, None]
+    p = logp.exp()
+    coef = torch.zeros_like(g_logp)
+    const = -g_logp
+    if g_ent is not None:
+        coef = coef - g_ent
+        const = const - g_ent * stats["entropy"]
+    if g_div is not None and code:
+        logq, _ = _log_softmax(u, inv_t)
+        if code == 1:
+            coef = coef + g_div
+            const = const - g_div * stats["divergence"]
+            inner = logp * coef[:, None] + const[:, None] - g_div[:, None] * logq
+        elif code == 2:
+            const = const + g_div
+            inner = logp * coef[:, None] + const[:, None]
+        else:
+            w = g_div * (1.0 - beta)
+            coef = coef + w
+            const = const - w * stats["aux"]
+            inner = logp * coef[:, None] + const[:, None] - w[:, None] * _log_mixture(logp, logq, beta)
+        dz = p * inner
+        if code == 2:
+            dz = dz - g_div[:, None] * logq.exp()
+    else:
+        dz = p * (logp * coef[:, None] + const[:, None])
+    dz = dz.scatter_add(1, targets[:, None], g_logp[:, None])
+    return dz * inv_t if inv_t != 1.0 else dz
+
+
 class TorchChunkOps:
-    """The PyTorch engine: per-chunk statistics and logit gradients with in-place fp32 math."""
+    """The PyTorch engine. ``compiled=True`` runs the same per-chunk functions through torch.compile
+    (inductor fuses them into a few reductions and one pointwise pass); chunks of another row count
+    than ``chunk_rows`` (a ragged last chunk, or N below one chunk) run eagerly, so a changing N never
+    recompiles."""
 
-    name = "torch"
+    def __init__(self, compiled: bool = False, chunk_rows: int | None = None):
+        self.compiled = compiled
+        self.chunk_rows = chunk_rows
+        self.name = "torch_compile" if compiled else "torch"
 
-    def forward(
-        self, z: torch.Tensor, u: torch.Tensor | None, targets: torch.Tensor, spec: ChunkSpec
-    ) -> tuple[dict[str, torch.Tensor], dict]:
-        logp_all = _log_softmax_(z, spec.inv_temperature)
-        stats = {"logp": logp_all.gather(1, targets[:, None]).view(-1)}
-        p = logp_all.exp()
-        cache = {"logp_all": logp_all, "p": p, "targets": targets}
-        neg_entropy = _rowdot(p, logp_all) if (spec.need_entropy or spec.divergence == "reverse_kl") else None
+    def _fn(self, eager, rows: int):
+        return _compiled(eager) if self.compiled and rows == self.chunk_rows else eager
+
+    def forward(self, z: torch.Tensor, u: torch.Tensor | None, targets: torch.Tensor, spec: ChunkSpec):
+        code = _DIVERGENCE_CODE[spec.divergence] if u is not None else 0
+        fn = self._fn(chunk_statistics, z.shape[0])
+        stats = fn(z, u, targets, spec.inv_temperature, code, spec.beta)
+        cache = {"z": z, "u": u, "targets": targets, "stats": stats, "code": code}
+        public = {"logp": stats["logp"]}
         if spec.need_entropy:
-            stats["entropy"] = cache["entropy"] = -neg_entropy
-        if u is not None:
-            logq_all = _log_softmax_(u, spec.inv_temperature)
-            if spec.need_teacher_logp:
-                stats["teacher_logp"] = logq_all.gather(1, targets[:, None]).view(-1)
-            cache["logq_all"] = logq_all
-            if spec.divergence == "reverse_kl":
-                stats["divergence"] = neg_entropy - _rowdot(p, logq_all)
-            elif spec.divergence == "forward_kl":
-                q = logq_all.exp()
-                stats["divergence"] = _rowdot(q, logq_all) - _rowdot(q, logp_all)
-                cache["q"] = q
-            elif spec.divergence == "jsd":
-                b = spec.beta
-                log_m = torch.logaddexp(logp_all + math.log1p(-b), logq_all + math.log(b))
-                kl_p_m = _rowdot(p, logp_all) - _rowdot(p, log_m)
-                kl_q_m = _rowdot(logq_all.exp(), logq_all - log_m)
-                stats["divergence"] = b * kl_q_m + (1.0 - b) * kl_p_m
-                cache["log_m"], cache["kl_p_m"] = log_m, kl_p_m
-            if "divergence" in stats:
-                cache["divergence"] = stats["divergence"]
-        return stats, cache
+            public["entropy"] = stats["entropy"]
+        if u is not None and spec.need_teacher_logp:
+            public["teacher_logp"] = stats["teacher_logp"]
+        if code:
+            public["divergence"] = stats["divergence"]
+        return public, cache
 
-    def backward(
-        self,
-        cache: dict,
-        g_logp: torch.Tensor,
-        g_ent: torch.Tensor | None,
-        g_div: torch.Tensor | None,
-        spec: ChunkSpec,
-    ) -> torch.Tensor:
-        """dL/dz for the chunk, fp32, written over the cached log p buffer.
-
-        dz' = p * (a * log p + c) - g_div * [b_r log q + b_j (1-b) log m] - [fwd] g_div q + onehot * g_logp
-        """
-        logp_all, p = cache["logp_all"], cache["p"]
-        coef_logp = torch.zeros_like(g_logp)
-        const = -g_logp
-        if g_ent is not None:
-            coef_logp = coef_logp - g_ent
-            const = const - g_ent * cache["entropy"]
-        if g_div is not None:
-            if spec.divergence == "reverse_kl":
-                coef_logp = coef_logp + g_div
-                const = const - g_div * cache["divergence"]
-            elif spec.divergence == "forward_kl":
-                const = const + g_div
-            elif spec.divergence == "jsd":
-                w = g_div * (1.0 - spec.beta)
-                coef_logp = coef_logp + w
-                const = const - w * cache["kl_p_m"]
-        dz = logp_all.mul_(coef_logp[:, None]).add_(const[:, None])
-        if g_div is not None and spec.divergence == "reverse_kl":
-            dz.addcmul_(cache["logq_all"], -g_div[:, None])
-        elif g_div is not None and spec.divergence == "jsd":
-            dz.addcmul_(cache["log_m"], -(g_div * (1.0 - spec.beta))[:, None])
-        dz.mul_(p)
-        if g_div is not None and spec.divergence == "forward_kl":
-            dz.addcmul_(cache["q"], -g_div[:, None])
-        dz.scatter_add_(1, cache["targets"][:, None], g_logp[:, None])
-        if spec.inv_temperature != 1.0:
-            dz.mul_(spec.inv_temperature)
-        return dz
+    def backward(self, cache: dict, g_logp, g_ent, g_div, spec: ChunkSpec) -> torch.Tensor:
+        z = cache["z"]
+        fn = self._fn(chunk_logit_grad, z.shape[0])
+        return fn(z, cache["u"], cache["targets"], cache["stats"], g_logp.float(), g_ent, g_div,
+                  spec.inv_temperature, cache["code"], spec.beta)
 
 
-def _log_softmax_(logits: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    """log_softmax(logits * inv_temperature) in fp32, in place when ``logits`` already is fp32."""
-    z = logits if logits.dtype == torch.float32 else logits.float()
-    if inv_temperature != 1.0:
-        z.mul_(inv_temperature)
-    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """One torch.compile'd version per function for the process (static shapes)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
 
 
 # objective(start, end, stats) -> (dL/dlogp, dL/dH or None, dL/dD or None) for rows [start, end)
@@ -244,17 +305,20 @@ def run_chunks(
     return result
 
 
-def get_ops(impl: str, device: torch.device):
-    """The engine for ``impl``: "torch", "triton" or "auto" (triton on CUDA when installed)."""
+def get_ops(impl: str, device: torch.device, chunk_size: int | None = None):
+    """The engine for ``impl``: "torch", "torch_compile", "triton" or "auto" (triton on CUDA when
+    installed, else torch). ``chunk_size``: the row count torch_compile compiles for."""
     if impl == "auto":
         impl = "triton" if device.type == "cuda" and _triton_available() else "torch"
     if impl == "torch":
         return TorchChunkOps()
+    if impl == "torch_compile":
+        return TorchChunkOps(compiled=True, chunk_rows=chunk_size)
     if impl == "triton":
         from .triton_ops import TritonChunkOps
 
         return TritonChunkOps()
-    raise ValueError(f"impl={impl!r} is not one of ('auto', 'torch', 'triton')")
+    raise ValueError(f"impl={impl!r} is not one of ('auto', 'torch', 'torch_compile', 'triton')")
 
 
 def _triton_available() -> bool:

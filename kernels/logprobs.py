@@ -70,11 +70,11 @@ def fused_linear_logprobs(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
     weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
-    n = flat_hidden.shape[0]
-    chunk = chunk_size or default_chunk_size(n, vocab, hidden.device)
+    chunk = chunk_size or default_chunk_size(vocab, hidden.device)
     spec = ChunkSpec(inv_temperature=1.0 / temperature, need_entropy=return_entropy)
-    ops = get_ops(impl, hidden.device)
-    logp, entropy = FusedLinearLogprobsFunction.apply(flat_hidden, weight, bias, flat_targets, spec, ops, max(1, chunk))
+    chunk = max(1, chunk)
+    ops = get_ops(impl, hidden.device, chunk)
+    logp, entropy = FusedLinearLogprobsFunction.apply(flat_hidden, weight, bias, flat_targets, spec, ops, chunk)
     logp = logp.view(leading)
     if return_entropy:
         return logp, entropy.view(leading)

@@ -290,9 +290,8 @@ def vold_loss(
         ref_kl_estimator=ref_kl_estimator, distill_coef=distill_coef, distill_estimator=distill_estimator,
         entropy_coef=entropy_coef,
     )
-    n_active = s_hidden.shape[0]
-    chunk = chunk_size or default_chunk_size(max(1, n_active), vocab, s_hidden.device)
-    call = _Call(inputs=inputs, cfg=cfg, spec=spec, ops=get_ops(impl, s_hidden.device), chunk_size=max(1, chunk))
+    chunk = max(1, chunk_size or default_chunk_size(vocab, s_hidden.device))
+    call = _Call(inputs=inputs, cfg=cfg, spec=spec, ops=get_ops(impl, s_hidden.device, chunk), chunk_size=chunk)
     s_bias = None if student_bias is None else student_bias[:vocab]
     loss = VoldLossFunction.apply(s_hidden, student_weight[:vocab], s_bias, t_hidden, t_weight, t_bias,
                                   s_targets, call)

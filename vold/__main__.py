@@ -1,0 +1,3 @@
+from vold.cli import main
+
+raise SystemExit(main())
