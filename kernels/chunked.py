@@ -158,7 +158,10 @@ def chunk_logit_grad(
         coef = coef - g_ent
         const = const - g_ent * stats["entropy"]
     if g_div is not None and code:
-        logq, _ = _log_softmax(u, inv_t)
+        logq = u.float()
+        if inv_t != 1.0:
+            logq = logq * inv_t
+        logq = logq - stats["lse_u"][:, None]
         if code == 1:
             coef = coef + g_div
             const = const - g_div * stats["divergence"]

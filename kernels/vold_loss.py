@@ -80,7 +80,9 @@ class VoldLossFunction(torch.autograd.Function):
             total = total + loss
             parts.pop("loss")
             add(parts)
-            return g_logp, (g_ent if cfg.entropy_coef != 0.0 else None), g_div
+            # Zero coefficients skip their terms in the logit gradient entirely.
+            use_div = cfg.distill_coef != 0.0 and cfg.distill_estimator == "full"
+            return g_logp, (g_ent if cfg.entropy_coef != 0.0 else None), (g_div if use_div else None)
 
         result = run_chunks(
             student, teacher, targets, call.spec, call.ops, call.chunk_size, objective=objective,
