@@ -6,6 +6,9 @@ named ``kernels`` would clash with an existing PyPI project).
 
 from setuptools import setup
 
+# The trainer (vold.config/data/rewards/models/rollout); pyarrow only for parquet data.
+TRAIN = ["transformers>=5", "math-verify>=0.7", "pyyaml", "pillow", "pyarrow"]
+
 setup(
     name="vold",
     version="0.1.0",
@@ -16,10 +19,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vold", "vold.kernels"],
+    packages=["vold", "vold.kernels", "vold.rollout"],
     package_dir={"vold": "vold", "vold.kernels": "kernels"},
     # A range, so that GPU users keep the CUDA torch they have; the README installs the CPU build first.
-    install_requires=["torch>=2.4,<3", "numpy"],
+    install_requires=["torch>=2.4,<3", "numpy"],  # vold.kernels needs nothing more
     extras_require={
         "triton": ["triton>=3.0"],
         "test": [
@@ -30,8 +33,10 @@ setup(
             "packaging",
             "triton>=3.0",
             "ruff",
+            *TRAIN,
         ],
         "gpu": ["vllm", "flash-attn", "deepspeed", "triton>=3.0"],
+        "train": TRAIN,
     },
     entry_points={"console_scripts": ["vold=vold.cli:main"]},
 )

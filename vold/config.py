@@ -1,0 +1,360 @@
+"""Run configuration: nested dataclasses, loaded from YAML, overridden by ``key.sub=value`` strings.
+
+    cfg = load_config("configs/run.yaml", ["optim.lr=1e-6", "rollout.engine=vllm"])
+    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+
+Values are coerced to the dataclass field types (bool, int, float, str, ``X | None``, ``list[X]``);
+an unknown key is an error that names it. ``validate`` checks the choices and ranges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vold.kernels.checks import DIVERGENCES, IMPLS
+from vold.kernels.policy_loss import DISTILL_ESTIMATORS, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES
+
+
+@dataclass
+class ModelConfig:
+    """Student (a VLM, or any causal LM) and teacher (a text causal LM): local paths or hub ids."""
+
+    student: str = ""
+    teacher: str = ""
+    student_tokenizer: str | None = None  # defaults to the student path
+    teacher_tokenizer: str | None = None  # defaults to the teacher path
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    teacher_dtype: str | None = None  # defaults to dtype
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when flash_attn imports, else sdpa
+    gradient_checkpointing: bool = True
+    local_files_only: bool = False
+    trust_remote_code: bool = False
+    vocab_size: int | None = None  # shared vocabulary when the heads are padded (e.g. 152064 vs 151936 rows)
+    min_pixels: int | None = None  # image processor resolution bounds (Qwen2-VL style)
+    max_pixels: int | None = None
+
+
+@dataclass
+class DataConfig:
+    """JSONL/parquet rows with ``prompt``, ``answer`` and optional ``image(s)``, ``teacher_prompt``."""
+
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    image_root: str | None = None  # relative image paths resolve against this (default: the data file's folder)
+    system_prompt: str | None = None
+    teacher_system_prompt: str | None = None  # defaults to system_prompt
+    batch_size: int = 8  # prompts per step (each gets rollout.num_generations completions)
+    eval_batch_size: int = 16
+    shuffle: bool = True
+    check_images: bool = True  # open every image once when the data is loaded
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of the student's completions."""
+
+    engine: str = "hf"  # hf | vllm
+    num_generations: int = 5
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # vLLM only (colocated with the trainer on the same GPUs)
+    gpu_memory_utilization: float = 0.3
+    enable_sleep_mode: bool = True
+    sleep_level: int = 1  # 1: offload weights to CPU; 2: discard them (resynced after every update anyway)
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    max_images_per_prompt: int = 1
+
+
+@dataclass
+class LossConfig:
+    """Keyword options of ``vold.kernels.vold_loss`` plus how rewards become advantages and masks."""
+
+    loss_type: str = "dapo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.3
+    clip_ratio_c: float | None = None
+    importance_sampling_level: str = "token"
+    ref_kl_coef: float = 0.0
+    ref_kl_estimator: str = "k3"
+    distill_coef: float = 0.1
+    distill_estimator: str = "k2"  # the paper's choice; "full" = exact reverse KL over the vocabulary
+    divergence: str = "reverse_kl"
+    jsd_beta: float = 0.5
+    entropy_coef: float = 0.0
+    distill_on_wrong_only: bool = True  # distill_mask = 1 - r with r the correctness reward in [0, 1]
+    distill_mask_reward: str = "accuracy"  # which reward function gives that r
+    scale_rewards: str = "group"  # group: (r - mean) / (std + eps); none: r - mean (Dr. GRPO)
+    impl: str = "auto"  # kernels engine: auto | torch | torch_compile | triton
+    chunk_size: int | None = None
+
+
+@dataclass
+class RewardConfig:
+    """Reward functions: built-in names ("accuracy", "format") or "module:function" plugins."""
+
+    functions: list[str] = field(default_factory=lambda: ["accuracy"])
+    weights: list[float] | None = None  # one per function; default all 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_scheduler: str = "constant"  # constant | linear | cosine (all after warmup)
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    ppo_epochs: int = 1  # passes over each rollout batch
+    minibatches: int = 1  # optimizer steps per pass
+
+
+@dataclass
+class SFTConfig:
+    """Optional supervised warm-up of the student (stage 1) before the RL stage."""
+
+    enabled: bool = False
+    train_files: list[str] = field(default_factory=list)
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 1e-5
+    batch_size: int = 8
+    max_length: int = 2048
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps; 0 disables periodic checkpoints
+    resume: str = "auto"  # auto (latest in output_dir, if any) | none | a checkpoint path
+    keep_last: int = 2
+    save_optimizer: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    jsonl: bool = True
+    tensorboard: bool = False
+    num_completions: int = 2  # completions written to the log per step
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0
+    output_dir: str = "runs/vold"
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+
+# ---- coercion ------------------------------------------------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", "~", ""}
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    """``X | None`` -> (True, X); anything else -> (False, tp)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value or a CLI string to the field type ``tp``; errors name ``key``."""
+    optional, tp = _is_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
+        if optional:
+            return None
+        raise ValueError(f"config key '{key}' cannot be None (expected {getattr(tp, '__name__', tp)})")
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = yaml.safe_load(text)
+            else:
+                value = [part.strip() for part in text.split(",")] if text else []
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"config key '{key}' expects a bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"config key '{key}' expects an int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise ValueError(f"config key '{key}' expects an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"config key '{key}' expects a float, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key '{key}' expects a float, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"config key '{key}' expects a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"config key '{key}' has an unsupported type {tp!r}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> ValueError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    section = key.rsplit(".", 1)[0] if "." in key else "the top level"
+    return ValueError(f"unknown config key '{key}'{hint} (valid keys in {section}: {', '.join(valid)})")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a (nested) dict, coercing every value."""
+    if not isinstance(values, dict):
+        raise ValueError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(prefix + str(key), names)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def apply_override(cfg: Config, override: str) -> None:
+    """Apply one ``key.sub=value`` string to ``cfg`` in place."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key.sub=value")
+    path, raw = override.split("=", 1)
+    parts = path.strip().split(".")
+    target: Any = cfg
+    for depth, name in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(target)]
+        if name not in names:
+            raise _unknown_key(".".join(parts[: depth + 1]), names)
+        tp = typing.get_type_hints(type(target))[name]
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ValueError(f"config key '{path}' is a section; set one of its keys (e.g. {path}.<key>=...)")
+            setattr(target, name, _coerce(raw, tp, path))
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise ValueError(f"config key '{'.'.join(parts[: depth + 1])}' is not a section")
+            target = getattr(target, name)
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices and ranges; returns ``cfg`` for chaining."""
+    choices = {
+        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16", "float16")),
+        "model.attn_implementation": (cfg.model.attn_implementation, ("auto", "flash_attention_2", "sdpa", "eager")),
+        "rollout.engine": (cfg.rollout.engine, ("hf", "vllm")),
+        "loss.loss_type": (cfg.loss.loss_type, LOSS_TYPES),
+        "loss.importance_sampling_level": (cfg.loss.importance_sampling_level, IS_LEVELS),
+        "loss.ref_kl_estimator": (cfg.loss.ref_kl_estimator, KL_ESTIMATORS),
+        "loss.distill_estimator": (cfg.loss.distill_estimator, DISTILL_ESTIMATORS),
+        "loss.divergence": (cfg.loss.divergence, DIVERGENCES),
+        "loss.scale_rewards": (cfg.loss.scale_rewards, ("group", "none")),
+        "loss.impl": (cfg.loss.impl, IMPLS),
+        "optim.lr_scheduler": (cfg.optim.lr_scheduler, ("constant", "linear", "cosine")),
+    }
+    if cfg.model.teacher_dtype is not None:
+        choices["model.teacher_dtype"] = (cfg.model.teacher_dtype, ("float32", "bfloat16", "float16"))
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"config key '{key}' = {value!r} is not one of {tuple(allowed)}")
+    positive = {
+        "rollout.num_generations": cfg.rollout.num_generations, "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "rollout.temperature": cfg.rollout.temperature, "data.batch_size": cfg.data.batch_size,
+        "optim.grad_accum": cfg.optim.grad_accum, "optim.ppo_epochs": cfg.optim.ppo_epochs,
+        "optim.minibatches": cfg.optim.minibatches, "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"config key '{key}' must be > 0, got {value!r}")
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
+        raise ValueError(f"config key 'rollout.top_p' must be in (0, 1], got {cfg.rollout.top_p}")
+    if not 0.0 < cfg.rollout.gpu_memory_utilization <= 1.0:
+        raise ValueError("config key 'rollout.gpu_memory_utilization' must be in (0, 1]")
+    if cfg.rollout.sleep_level not in (1, 2):
+        raise ValueError(f"config key 'rollout.sleep_level' must be 1 or 2, got {cfg.rollout.sleep_level}")
+    if cfg.reward.weights is not None and len(cfg.reward.weights) != len(cfg.reward.functions):
+        raise ValueError(f"reward.weights has {len(cfg.reward.weights)} values for "
+                         f"{len(cfg.reward.functions)} reward.functions")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
+        raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from a nested dict and override strings."""
+    cfg = _build(Config, values or {})
+    for override in overrides or []:
+        apply_override(cfg, override)
+    return validate(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from the defaults when ``path`` is None), then apply ``overrides``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: the top level of a config file must be a mapping")
+    return config_from_dict(values, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML (loadable by :func:`load_config`); creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    return path

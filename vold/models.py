@@ -1,0 +1,281 @@
+"""Student and teacher models: loading, last hidden states and lm_head weights (never full logits).
+
+The losses in ``vold.kernels`` take ``hidden [B, T, H]`` and the head ``weight [V, H]`` and compute
+log-probs chunk by chunk, so the models here are run without their ``lm_head``:
+``hidden_states(model, ...) @ lm_head_weight(model).T`` equals ``model(...).logits``.
+
+Supported: Qwen2.5-VL (and Qwen2-VL) students, any causal LM as a text student, and causal LM
+teachers (Qwen2/Qwen3, Llama/SmolLM2, ...): every model whose ``base_model`` returns
+``last_hidden_state`` after the final norm.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    PreTrainedModel,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessorPil,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class QwenVLProcessor(Qwen2_5_VLProcessor):
+    """The Qwen2.5-VL processor for images and text only: no video processor, so no torchvision.
+
+    Built from an image processor (use ``Qwen2VLImageProcessorPil``) and a tokenizer whose vocabulary
+    has ``<|image_pad|>``; behaves like ``Qwen2_5_VLProcessor`` for ``text=``/``images=`` inputs.
+    """
+
+    attributes = ["image_processor", "tokenizer"]  # transformers 4.x reads this; 5.x reads __init__
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+# ---- devices, dtypes, attention -----------------------------------------------------------------
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {tuple(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_attn_implementation(requested: str, device: str | torch.device) -> str:
+    """``auto``: flash_attention_2 on CUDA when ``flash_attn`` is importable, else sdpa."""
+    if requested != "auto":
+        return requested
+    if resolve_device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def is_vision_config(config: Any) -> bool:
+    """A VLM config (has a vision tower), e.g. Qwen2.5-VL; a causal LM config has none."""
+    return getattr(config, "vision_config", None) is not None
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+def _load(path: str, vision: bool | None, *, dtype: str | torch.dtype, device: str | torch.device,
+          attn_implementation: str, local_files_only: bool, trust_remote_code: bool) -> PreTrainedModel:
+    config = AutoConfig.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+    vision = is_vision_config(config) if vision is None else vision
+    cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    device = resolve_device(device)
+    model = cls.from_pretrained(
+        path, config=config, dtype=resolve_dtype(dtype), local_files_only=local_files_only,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=resolve_attn_implementation(attn_implementation, device),
+    )
+    return model.to(device)
+
+
+def load_student(path: str, *, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "auto",
+                 attn_implementation: str = "auto", local_files_only: bool = False, trust_remote_code: bool = False,
+                 gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """The trainable student: a VLM (Qwen2.5-VL) or, for a text-only config, a causal LM."""
+    model = _load(path, None, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                  local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+    set_gradient_checkpointing(model, gradient_checkpointing)
+    return model.train()
+
+
+def load_teacher(path: str, *, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "auto",
+                 attn_implementation: str = "auto", local_files_only: bool = False,
+                 trust_remote_code: bool = False) -> PreTrainedModel:
+    """The frozen text teacher (a causal LM), in eval mode with ``requires_grad=False``."""
+    model = _load(path, False, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                  local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def set_gradient_checkpointing(model: PreTrainedModel, enabled: bool) -> None:
+    """Recompute each layer's activations in the backward pass (less memory, one more forward)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names
+        enable, disable = model.activation_checkpointing_enable, model.activation_checkpointing_disable
+    else:
+        enable, disable = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
+    if enabled:
+        enable({"use_reentrant": False})
+        model.config.use_cache = False
+    elif is_gradient_checkpointing(model):
+        disable()
+
+
+def is_gradient_checkpointing(model: PreTrainedModel) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def load_tokenizer(path: str, *, local_files_only: bool = False, trust_remote_code: bool = False) -> Any:
+    """A tokenizer set up for prompts: left padding, and a pad token (the EOS token if it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only,
+                                              trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_processor(path: str, *, vision: bool | None = None, local_files_only: bool = False,
+                   trust_remote_code: bool = False, min_pixels: int | None = None,
+                   max_pixels: int | None = None) -> Any:
+    """The student's input builder: a :class:`QwenVLProcessor` for a VLM, the tokenizer for a text LM.
+
+    The image processor is always the PIL one (``Qwen2VLImageProcessorPil``) and no video processor
+    is built, so torchvision is never needed.
+    """
+    if vision is None:
+        config = AutoConfig.from_pretrained(path, local_files_only=local_files_only,
+                                            trust_remote_code=trust_remote_code)
+        vision = is_vision_config(config)
+    if not vision:
+        return load_tokenizer(path, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+    pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    processor = QwenVLProcessor.from_pretrained(path, local_files_only=local_files_only,
+                                                trust_remote_code=trust_remote_code)
+    processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=local_files_only,
+                                                                         **pixels)
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if processor.chat_template is None:
+        processor.chat_template = tokenizer.chat_template
+    return processor
+
+
+# ---- hidden states and heads --------------------------------------------------------------------
+
+def _accepts(fn: Any, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (as ``generate`` does), so left padding shifts nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def multimodal_token_types(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """0 for text, 1 for image tokens, 2 for video tokens (what Qwen2.5-VL's 3D RoPE needs)."""
+    types = torch.zeros_like(input_ids)
+    for value, attr in ((1, "image_token_id"), (2, "video_token_id")):
+        token = getattr(model.config, attr, None)
+        if token is not None:
+            types = types.masked_fill(input_ids == token, value)
+    return types
+
+
+def hidden_states(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Last hidden states ``[B, T, H]`` (after the final norm, before the lm_head) of ``input_ids [B, T]``.
+
+    With left padding, text positions follow ``attention_mask`` like ``generate``; with images,
+    Qwen2.5-VL computes its 3D (M-RoPE) positions from the image grid and the mask.
+    """
+    base = model.base_model
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if pixel_values is not None:
+        if image_grid_thw is None:
+            raise ValueError("pixel_values needs image_grid_thw")
+        kwargs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+        if _accepts(base.forward, "mm_token_type_ids"):  # transformers >= 5 marks image tokens explicitly
+            kwargs["mm_token_type_ids"] = (multimodal_token_types(model, input_ids)
+                                           if mm_token_type_ids is None else mm_token_type_ids)
+    elif attention_mask is not None:
+        kwargs["position_ids"] = text_position_ids(attention_mask)
+    return base(**kwargs).last_hidden_state
+
+
+def completion_hidden_states(
+    model: PreTrainedModel,
+    prompt_inputs: dict[str, torch.Tensor],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Hidden states ``[N, Tc, H]`` that predict ``completion_ids [N, Tc]`` after left-padded prompts.
+
+    ``prompt_inputs`` has ``input_ids``/``attention_mask [N, Tp]`` (one row per completion, see
+    ``vold.data.repeat_inputs``) and, for a VLM, ``pixel_values``/``image_grid_thw``. Row t of the
+    result is the state at position ``Tp - 1 + t``, whose logits give ``log p(completion_ids[:, t])``.
+    """
+    prompt_ids, prompt_mask = prompt_inputs["input_ids"], prompt_inputs["attention_mask"]
+    if prompt_ids.shape[0] != completion_ids.shape[0]:
+        raise ValueError(f"{prompt_ids.shape[0]} prompt rows for {completion_ids.shape[0]} completions: "
+                         f"repeat the prompts once per completion first")
+    input_ids = torch.cat([prompt_ids, completion_ids.to(prompt_ids.device)], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask)], dim=1)
+    types = prompt_inputs.get("mm_token_type_ids")
+    if types is not None:
+        types = torch.cat([types, torch.zeros_like(completion_ids, dtype=types.dtype)], dim=1)
+    hidden = hidden_states(model, input_ids, attention_mask, pixel_values=prompt_inputs.get("pixel_values"),
+                           image_grid_thw=prompt_inputs.get("image_grid_thw"), mm_token_type_ids=types)
+    start = prompt_ids.shape[1] - 1
+    return hidden[:, start:start + completion_ids.shape[1]]
+
+
+def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
+    """The output head's weight ``[V_rows, H]`` (the embedding matrix when the two are tied)."""
+    return model.get_output_embeddings().weight
+
+
+def lm_head_bias(model: PreTrainedModel) -> torch.Tensor | None:
+    return getattr(model.get_output_embeddings(), "bias", None)
+
+
+def check_vocab_compatible(student: PreTrainedModel, teacher: PreTrainedModel, vocab_size: int | None = None,
+                           student_tokenizer: Any | None = None, teacher_tokenizer: Any | None = None) -> int:
+    """The vocabulary size ``K`` shared by student and teacher (rows ``[0, K)`` of both heads).
+
+    Heads of different sizes (padded to a multiple, e.g. 152064 vs 151936) need an explicit
+    ``vocab_size``; with tokenizers, every id below ``K`` known to both must name the same token.
+    """
+    s_rows, t_rows = lm_head_weight(student).shape[0], lm_head_weight(teacher).shape[0]
+    if vocab_size is None:
+        if s_rows != t_rows:
+            raise ValueError(
+                f"student lm_head has {s_rows} rows and teacher lm_head {t_rows}: if the extra rows are padding, "
+                f"set model.vocab_size to the shared vocabulary (at most {min(s_rows, t_rows)})")
+        vocab_size = s_rows
+    elif not 0 < vocab_size <= min(s_rows, t_rows):
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {min(s_rows, t_rows)}] "
+                         f"(student rows {s_rows}, teacher rows {t_rows})")
+    if student_tokenizer is not None and len(student_tokenizer) > vocab_size:
+        raise ValueError(f"the student tokenizer has {len(student_tokenizer)} tokens, more than the shared "
+                         f"vocab_size={vocab_size}: the teacher could not score all of them")
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        s_ids = {i: t for t, i in student_tokenizer.get_vocab().items() if i < vocab_size}
+        t_ids = {i: t for t, i in teacher_tokenizer.get_vocab().items() if i < vocab_size}
+        conflicts = sorted(i for i in s_ids.keys() & t_ids.keys() if s_ids[i] != t_ids[i])
+        if conflicts:
+            examples = ", ".join(f"{i}: {s_ids[i]!r} vs {t_ids[i]!r}" for i in conflicts[:3])
+            raise ValueError(f"student and teacher tokenizers disagree on {len(conflicts)} token ids ({examples}); "
+                             f"distillation needs one vocabulary")
+    return vocab_size

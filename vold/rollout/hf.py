@@ -1,0 +1,77 @@
+"""Rollouts with ``transformers``' ``generate``, from the trained model itself (CPU or GPU)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import GenerationConfig
+
+from vold.data import tokenizer_of
+from vold.models import lm_head_weight
+from vold.rollout import Rollout, RolloutEngine, completion_mask
+from vold.rollout import eos_token_ids as default_eos_token_ids
+
+if TYPE_CHECKING:
+    from vold.data import PromptBatch
+
+
+class HFRolloutEngine(RolloutEngine):
+    """Samples with ``model.generate``: pure sampling (``top_k`` off, no repetition penalty), regardless of
+    the defaults in the checkpoint's ``generation_config.json``. ``vocab_size`` suppresses padded
+    head rows (ids ``>= vocab_size``) so every sampled token is one the teacher can score; image and
+    video placeholder tokens are never sampled."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, *, vocab_size: int | None = None,
+                 eos_token_ids: list[int] | None = None):
+        self.model, self.processor = model, processor
+        self.tokenizer = tokenizer_of(processor)
+        self.eos_token_ids = eos_token_ids or default_eos_token_ids(self.tokenizer, model)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = self.eos_token_ids[0] if pad is None else pad
+        rows = lm_head_weight(model).shape[0]
+        self.vocab_size = rows if vocab_size is None else vocab_size
+        # image/video placeholders in a completion would be taken for images when the trainer re-reads it
+        placeholders = {getattr(model.config, k, None) for k in ("image_token_id", "video_token_id")} - {None}
+        self.suppress = sorted(set(range(self.vocab_size, rows)) | placeholders) or None
+
+    @torch.no_grad()
+    def generate(self, batch: PromptBatch, num_generations: int, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int | None = None, return_logprobs: bool = False) -> Rollout:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        model = self.model
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) for k, v in batch.student_inputs.items()}
+        sampling = GenerationConfig(
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0,
+            max_new_tokens=max_new_tokens, num_return_sequences=num_generations, use_cache=True,
+            eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, suppress_tokens=self.suppress,
+            return_dict_in_generate=True, output_logits=return_logprobs,
+        )
+        # generate() fills unset options from model.generation_config: hide the checkpoint's defaults
+        saved_config, was_training = model.generation_config, model.training
+        model.generation_config = GenerationConfig(eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)
+        model.eval()
+        devices = [device] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                out = model.generate(**inputs, generation_config=sampling)
+        finally:
+            model.generation_config = saved_config
+            model.train(was_training)
+
+        ids = out.sequences[:, inputs["input_ids"].shape[1]:]
+        mask, finished = completion_mask(ids, self.eos_token_ids)
+        ids = ids.masked_fill(mask == 0, self.pad_token_id)
+        logprobs = None
+        if return_logprobs:
+            # raw logits (before top-p and suppression), over the shared vocabulary, as the trainer recomputes them
+            logits = torch.stack(out.logits, dim=1)[..., :self.vocab_size].float() / temperature
+            logprobs = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
+        texts = self.tokenizer.batch_decode([row[m.bool()] for row, m in zip(ids, mask, strict=True)],
+                                            skip_special_tokens=True)
+        return Rollout(ids.cpu(), mask.cpu(), texts, finished.cpu(), num_generations,
+                       None if logprobs is None else logprobs.cpu())
