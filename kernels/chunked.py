@@ -73,29 +73,42 @@ def default_chunk_size(vocab_size: int, device: torch.device) -> int:
     return max(_MIN_CHUNK, min(_MAX_CHUNK, rows))
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_j a_ij b_ij per row: a batched matmul in eager mode (no [chunk, V] temporary), a fusable
-    reduction under torch.compile."""
-    if torch.compiler.is_compiling():
-        return (a * b).sum(-1)
-    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+def _rowdot(a: torch.Tensor, b: torch.Tensor, *, consume_b: bool = False) -> torch.Tensor:
+    """sum_j a_ij b_ij per row with torch's pairwise summation (a BLAS dot over V accumulates
+    sequentially and loses ~1e-5 relative at V = 32k). ``consume_b``: b is a temporary that may be
+    overwritten, so no [chunk, V] buffer is allocated."""
+    return (b.mul_(a) if consume_b else a * b).sum(-1)
 
 
 _DIVERGENCE_CODE = {None: 0, "reverse_kl": 1, "forward_kl": 2, "jsd": 3}
 
 
-def _log_softmax(logits: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log_softmax(logits * inv_t), logsumexp) in fp32."""
+def _scaled(logits: torch.Tensor, inv_t: float) -> torch.Tensor:
     x = logits.float()
-    if inv_t != 1.0:
-        x = x * inv_t
-    lse = torch.logsumexp(x, dim=-1)
-    return x - lse[:, None], lse
+    return x * inv_t if inv_t != 1.0 else x
 
 
-def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
-    """log m for m = beta q + (1 - beta) p."""
-    return torch.logaddexp(logp + math.log1p(-beta), logq + math.log(beta))
+def _log_softmax(logits: torch.Tensor, inv_t: float, *, want_probs: bool):
+    """``(log_softmax(logits * inv_t), logsumexp)``, plus ``softmax`` when ``want_probs``: fp32, at most
+    two new ``[chunk, V]`` buffers (the logits are never modified: the backward pass rereads them)."""
+    x = _scaled(logits, inv_t)
+    row_max = x.amax(dim=-1, keepdim=True)
+    logp = x - row_max
+    probs = logp.exp()
+    log_total = probs.sum(dim=-1, keepdim=True).log()
+    logp.sub_(log_total)
+    lse = (row_max + log_total).view(-1)
+    if want_probs:
+        return logp, lse, probs.div_(log_total.exp())
+    del probs
+    return logp, lse
+
+
+def _log_p_over_mixture(log_q_over_p: torch.Tensor, beta: float) -> torch.Tensor:
+    """log(p / m) for m = beta q + (1 - beta) p, from the difference log(q / p) (no cancellation):
+    log p/m = -log((1 - beta) + beta q/p)."""
+    log_1m_beta = math.log1p(-beta)
+    return torch.nn.functional.softplus(log_q_over_p + (math.log(beta) - log_1m_beta)).add_(log_1m_beta).neg_()
 
 
 def chunk_statistics(
@@ -104,25 +117,28 @@ def chunk_statistics(
     """Per-row statistics of one chunk (pure function: eager, or compiled by torch.compile).
 
     Returns fp32 ``[chunk]`` tensors: lse_z, logp, entropy and, with a teacher, lse_u, teacher_logp,
-    divergence (code 1 reverse KL, 2 forward KL, 3 JSD) and aux (KL(p||m) for JSD).
+    divergence (code 1 reverse KL, 2 forward KL, 3 JSD) and aux (KL(p||m) for JSD). Differences of
+    log-probabilities are formed before each reduction (no cancellation of two ~log V sums).
     """
-    logp_all, lse_z = _log_softmax(z, inv_t)
-    p = logp_all.exp()
+    logp_all, lse_z, p = _log_softmax(z, inv_t, want_probs=True)
     out = {"lse_z": lse_z, "logp": logp_all.gather(1, targets[:, None]).view(-1), "entropy": -_rowdot(p, logp_all)}
     if u is None:
         return out
-    logq_all, lse_u = _log_softmax(u, inv_t)
+    if code >= 2:
+        logq_all, lse_u, q = _log_softmax(u, inv_t, want_probs=True)
+    else:
+        logq_all, lse_u = _log_softmax(u, inv_t, want_probs=False)
     out["lse_u"] = lse_u
     out["teacher_logp"] = logq_all.gather(1, targets[:, None]).view(-1)
     if code == 1:
-        out["divergence"] = -out["entropy"] - _rowdot(p, logq_all)
+        out["divergence"] = _rowdot(p, logq_all.neg_().add_(logp_all), consume_b=True)  # sum p (log p - log q)
     elif code == 2:
-        q = logq_all.exp()
-        out["divergence"] = _rowdot(q, logq_all) - _rowdot(q, logp_all)
+        out["divergence"] = _rowdot(q, logq_all.sub_(logp_all), consume_b=True)  # sum q (log q - log p)
     elif code == 3:
-        log_m = _log_mixture(logp_all, logq_all, beta)
-        kl_p_m = _rowdot(p, logp_all) - _rowdot(p, log_m)
-        kl_q_m = _rowdot(logq_all.exp(), logq_all) - _rowdot(logq_all.exp(), log_m)
+        log_q_over_p = logq_all.sub_(logp_all)
+        log_p_over_m = _log_p_over_mixture(log_q_over_p, beta)
+        kl_p_m = _rowdot(p, log_p_over_m)  # before log_p_over_m is consumed below
+        kl_q_m = _rowdot(q, log_q_over_p.add_(log_p_over_m), consume_b=True)  # log q/m = log q/p + log p/m
         out["divergence"] = beta * kl_q_m + (1.0 - beta) * kl_p_m
         out["aux"] = kl_p_m
     return out
@@ -140,45 +156,30 @@ def chunk_logit_grad(
     code: int,
     beta: float,
 ) -> torch.Tensor:
-    """dL/dz (fp32 ``[chunk, V]``) from the row coefficients; recomputes p, log p (and log q) from
-    the logits and the saved log-normalisers. Pure function (eager or compiled)::
+    """dL/dz (fp32 ``[chunk, V]``) from the row coefficients; recomputes p, log p (and log q) from the
+    logits and the saved log-normalisers. Pure function (eager or compiled)::
 
-        dz' = p * (a log p - g_div [c=1] log q - g_div (1-b) [c=3] log m + c0) - g_div [c=2] q + g_logp onehot
-        a   = -g_ent + g_div [c=1] + g_div (1-b) [c=3]
-        c0  = -g_logp - g_ent H - g_div D [c=1] + g_div [c=2] - g_div (1-b) KL(p||m) [c=3]
+        dz' = p * (-g_logp - g_ent (log p + H) + g_div [c=1] (log p - log q - D)
+                   + g_div (1-b) [c=3] (log p - log m - KL(p||m))) + g_div [c=2] (p - q) + g_logp onehot
     """
-    logp = z.float()
-    if inv_t != 1.0:
-        logp = logp * inv_t
-    logp = logp - stats["lse_z"][:, None]
+    logp = _scaled(z, inv_t) - stats["lse_z"][:, None]
     p = logp.exp()
-    coef = torch.zeros_like(g_logp)
-    const = -g_logp
-    if g_ent is not None:
-        coef = coef - g_ent
-        const = const - g_ent * stats["entropy"]
+    inner, q, const = None, None, -g_logp
     if g_div is not None and code:
-        logq = u.float()
-        if inv_t != 1.0:
-            logq = logq * inv_t
-        logq = logq - stats["lse_u"][:, None]
+        logq = _scaled(u, inv_t) - stats["lse_u"][:, None]
         if code == 1:
-            coef = coef + g_div
-            const = const - g_div * stats["divergence"]
-            inner = logp * coef[:, None] + const[:, None] - g_div[:, None] * logq
+            inner = logq.neg_().add_(logp).sub_(stats["divergence"][:, None]).mul_(g_div[:, None])
         elif code == 2:
-            const = const + g_div
-            inner = logp * coef[:, None] + const[:, None]
+            q, const = logq.exp_(), const + g_div  # g_div (p - q) = p * g_div - g_div q
         else:
             w = g_div * (1.0 - beta)
-            coef = coef + w
-            const = const - w * stats["aux"]
-            inner = logp * coef[:, None] + const[:, None] - w[:, None] * _log_mixture(logp, logq, beta)
-        dz = p * inner
-        if code == 2:
-            dz = dz - g_div[:, None] * logq.exp()
-    else:
-        dz = p * (logp * coef[:, None] + const[:, None])
+            inner = _log_p_over_mixture(logq.sub_(logp), beta).sub_(stats["aux"][:, None]).mul_(w[:, None])
+    if g_ent is not None:
+        ent_term = (logp + stats["entropy"][:, None]).mul_(g_ent[:, None])
+        inner = ent_term.neg_() if inner is None else inner.sub_(ent_term)
+    dz = p.mul_(const[:, None]) if inner is None else inner.add_(const[:, None]).mul_(p)
+    if q is not None:
+        dz.addcmul_(q, g_div[:, None], value=-1.0)
     dz = dz.scatter_add(1, targets[:, None], g_logp[:, None])
     return dz * inv_t if inv_t != 1.0 else dz
 

@@ -1,0 +1,227 @@
+"""Shared test helpers: engine parameters, tolerance checks and input builders."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from reference import leaf64, ref_logprobs
+
+# fp32 inputs: the kernels compute in fp32 and must agree with the float64 reference to 1e-5 of the
+# largest magnitude of the compared tensor (see ``assert_rel``).
+FP32_TOL = 1e-5
+# bf16 inputs: the logits GEMM itself rounds to bf16 (8 mantissa bits, relative error ~4e-3 per logit)
+# and the logit gradients are rounded to bf16 before the backward GEMMs, so bf16 results are compared,
+# against the float64 reference evaluated on the same bf16-rounded inputs, to 2e-2 of the largest magnitude.
+BF16_TOL = 2e-2
+
+
+def _triton_engine_missing() -> bool:
+    try:
+        return importlib.util.find_spec("vold.kernels.triton_ops") is None
+    except (ImportError, ValueError):
+        return True
+
+
+TRITON_MISSING = _triton_engine_missing()
+TRITON = pytest.param(
+    "triton",
+    marks=pytest.mark.skipif(TRITON_MISSING, reason="vold.kernels.triton_ops does not exist yet"),
+    id="triton",
+)
+IMPLS = ["torch", TRITON]
+
+
+def max_abs(x: torch.Tensor) -> float:
+    return float(x.detach().double().abs().max()) if x.numel() else 0.0
+
+
+def assert_rel(actual, expected, tol: float, name: str = "", floor: float = 1.0) -> None:
+    """``max|a - b| <= tol * max(floor, max|b|)``, both finite and of the same shape.
+
+    ``floor=1`` for values (logprobs, losses: an absolute 1e-5 near zero), ``floor=0`` for gradients
+    (pure relative-to-max-norm: a gradient of size 1e-2 must be right to 1e-7 absolute).
+    """
+    a = torch.as_tensor(actual).detach().double()
+    b = torch.as_tensor(expected).detach().double()
+    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != expected {tuple(b.shape)}"
+    assert bool(torch.isfinite(a).all()), f"{name}: kernel output has NaN/inf"
+    assert bool(torch.isfinite(b).all()), f"{name}: reference has NaN/inf"
+    if a.numel() == 0:
+        return
+    err = max_abs(a - b)
+    scale = max(floor, max_abs(b))
+    if scale == 0.0:
+        assert err == 0.0, f"{name}: expected exactly zero, got max|a| = {err:.3e}"
+        return
+    assert err <= tol * scale, f"{name}: max|a-b| = {err:.3e} > {tol:g} * {scale:.4g} (rel {err / scale:.2e})"
+
+
+def randn(*shape, scale: float = 0.5, generator=None, dtype=torch.float32) -> torch.Tensor:
+    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# vold_loss inputs
+# ---------------------------------------------------------------------------------------------------
+
+GRAD_KEYS = ("student_hidden", "student_weight", "student_bias")
+
+
+def make_vold_inputs(
+    B: int = 3,
+    T: int = 7,
+    H: int = 16,
+    V: int = 97,
+    Ht: int = 12,
+    Vt: int | None = None,
+    *,
+    seed: int = 0,
+    bias: bool = False,
+    teacher_bias: bool = False,
+    adv_per_token: bool = False,
+    distill_mask: str | None = None,
+    mask: str = "padded",
+    old: bool = True,
+    ratio_spread: float = 1.7,
+    vocab: int | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Padded ``[B, T]`` inputs for ``vold_loss`` (fp32), well conditioned (logits of std ~1).
+
+    ``old_logprobs`` = true logp - U(-ratio_spread, ratio_spread), so ratios span [e^-1.7, e^1.7]:
+    every clipping branch (low, high, dual clip with c < 5) is exercised. Advantages alternate signs
+    (per token: some are exactly 0).
+    ``vocab`` (default min(V, Vt)): targets lie in [0, vocab), logprobs use rows [0, vocab).
+    ``mask``: "padded" (right padding of random length, plus a hole), "ones", "fractional" (weights).
+    """
+    g = torch.Generator().manual_seed(seed)
+    Vt = V if Vt is None else Vt
+    hidden = randn(B, T, H, generator=g)
+    weight = randn(V, H, generator=g)
+    vocab = min(V, Vt) if vocab is None else vocab
+    targets = torch.randint(0, vocab, (B, T), generator=g)
+    t_hidden = randn(B, T, Ht, generator=g)
+    t_weight = randn(Vt, Ht, generator=g)
+    out: dict[str, torch.Tensor | None] = {
+        "student_hidden": hidden,
+        "student_weight": weight,
+        "targets": targets,
+        "student_bias": randn(V, generator=g) if bias else None,
+        "teacher_hidden": t_hidden,
+        "teacher_weight": t_weight,
+        "teacher_bias": randn(Vt, generator=g) if teacher_bias else None,
+    }
+    with torch.no_grad():
+        logp, _ = ref_logprobs(hidden, weight, targets, out["student_bias"], 1.0, vocab)
+    signs = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(B)], dtype=torch.float64)
+    if adv_per_token:
+        adv = signs[:, None] * (0.2 + torch.rand(B, T, generator=g, dtype=torch.float64))
+        adv[:, 1::3] *= -1.0
+        adv[:, 2::4] = 0.0  # exactly zero advantages: neither clip metric nor dual clip applies
+    else:
+        adv = signs * (0.2 + torch.rand(B, generator=g, dtype=torch.float64))
+    out["advantages"] = adv.float()
+    noise = (torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 1) * ratio_spread
+    out["old_logprobs"] = (logp - noise).float() if old else None
+    out["ref_logprobs"] = (logp + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    out["teacher_logprobs"] = (logp + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    if mask == "ones":
+        m = torch.ones(B, T)
+    else:
+        lengths = torch.randint(max(1, T // 2), T + 1, (B,), generator=g)
+        m = (torch.arange(T)[None, :] < lengths[:, None]).float()
+        if T > 2:
+            m[0, 1] = 0.0  # a hole inside a sequence
+        if mask == "fractional":
+            m = m * (0.25 + 0.75 * torch.rand(B, T, generator=g))
+    out["mask"] = m
+    if distill_mask == "seq":
+        out["distill_mask"] = torch.rand(B, generator=g)
+    elif distill_mask == "token":
+        out["distill_mask"] = torch.rand(B, T, generator=g)
+    else:
+        out["distill_mask"] = None
+    return out
+
+
+def select(inputs: dict, *drop: str) -> dict:
+    """A copy of ``inputs`` without the keys in ``drop`` (and without None values)."""
+    return {k: v for k, v in inputs.items() if k not in drop and v is not None}
+
+
+def _prepare(tensors: dict, cast, grad_keys) -> tuple[dict, dict]:
+    args, leaves = {}, {}
+    for key, value in tensors.items():
+        if value is None:
+            args[key] = None
+            continue
+        if value.is_floating_point():
+            value = cast(value)
+        if key in grad_keys:
+            value = value.detach().clone().requires_grad_(True)
+            leaves[key] = value
+        args[key] = value
+    return args, leaves
+
+
+def run_vold(fn, tensors: dict, options: dict, *, cast=None, grad_keys=GRAD_KEYS):
+    """``(loss, metrics, grads)`` of ``fn(**tensors, **options)`` with autograd grads of ``grad_keys``."""
+    cast = cast or (lambda t: t)
+    args, leaves = _prepare(tensors, cast, grad_keys)
+    loss, metrics = fn(**args, **options)
+    loss.backward()
+    return loss.detach(), {k: v.detach() for k, v in metrics.items()}, {k: v.grad for k, v in leaves.items()}
+
+
+def reference_cast(dtype: torch.dtype | None = None):
+    """Cast for the reference: round to ``dtype`` first (the kernel's input precision), then float64."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if dtype is not None:
+            t = t.to(dtype)
+        return leaf64(t, requires_grad=False)
+
+    return cast
+
+
+def unit_gradient_scale(fn, tensors: dict, options: dict) -> dict[str, float]:
+    """Max-norm of each gradient of ``sum_t n_t logp_t`` (the loss with one unit coefficient on logp).
+
+    This is the natural size of the gradients a problem can produce: fp32 rounding of logp (absolute
+    error ~ |logp| eps) reaches the gradients scaled by it, whatever cancellations make the actual
+    gradient small. Evaluated as the loss of an on-policy, token-level problem with advantages -1 and
+    no other term (ratio 1 is never clipped, so pg_t = r_t and d pg_t / d logp_t = 1).
+    """
+    keep = ("loss_type", "temperature", "vocab_size", "max_completion_length", "token_normalizer", "cu_seqlens")
+    unit_options = {k: v for k, v in options.items() if k in keep}
+    unit_options.update(importance_sampling_level="token", distill_coef=0.0, ref_kl_coef=0.0, entropy_coef=0.0)
+    unit_tensors = {k: v for k, v in tensors.items() if k not in ("old_logprobs", "advantages", "distill_mask")}
+    num_seqs = len(tensors["cu_seqlens"]) - 1 if "cu_seqlens" in tensors else tensors["student_hidden"].shape[0]
+    unit_tensors["advantages"] = -torch.ones(num_seqs)
+    _, _, grads = run_vold(fn, unit_tensors, unit_options, cast=reference_cast())
+    return {k: max_abs(g) for k, g in grads.items()}
+
+
+def compare_vold(kernel, reference, tol: float, *, required_metrics=(), grad_floor: dict | None = None) -> None:
+    """Compare two ``run_vold`` results: loss, every common metric, every gradient.
+
+    Gradients are compared relative to their own max-norm, or to ``grad_floor[key]`` when larger
+    (see ``unit_gradient_scale``: for random problems whose gradients are small by cancellation).
+    """
+    k_loss, k_metrics, k_grads = kernel
+    r_loss, r_metrics, r_grads = reference
+    assert k_loss.dtype == torch.float32, k_loss.dtype
+    assert k_loss.shape == ()
+    assert_rel(k_loss, r_loss, tol, "loss")
+    for key in ("loss", "policy_loss", "entropy", "ratio", "clip_low", "clip_high", *required_metrics):
+        assert key in k_metrics, f"metric {key!r} missing from {sorted(k_metrics)}"
+    for key in sorted(set(k_metrics) & set(r_metrics)):
+        assert not k_metrics[key].requires_grad, key
+        assert_rel(k_metrics[key], r_metrics[key], tol, f"metric {key}")
+    assert set(k_grads) == set(r_grads)
+    for key in k_grads:
+        assert k_grads[key] is not None, f"no gradient for {key}"
+        floor = 0.0 if grad_floor is None else grad_floor[key]
+        assert_rel(k_grads[key], r_grads[key], tol, f"grad {key}", floor=floor)

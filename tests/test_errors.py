@@ -1,0 +1,353 @@
+"""Bad inputs: a ValueError (shape, value, option) or TypeError (dtype) whose message names the argument.
+
+Also the degenerate-but-valid inputs: an empty mask gives a loss of exactly 0 with zero gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import FP32_TOL, IMPLS, assert_rel, make_vold_inputs, randn, reference_cast, run_vold
+from reference import ref_vold_loss
+
+from vold.kernels import fused_linear_divergence, fused_linear_logprobs, vold_loss
+
+H, V = 16, 97
+
+
+def _lp_inputs():
+    return randn(3, 7, H), randn(V, H), torch.randint(0, V, (3, 7))
+
+
+def _vold_inputs(**kw) -> dict:
+    tensors = make_vold_inputs(**kw)
+    return {k: v for k, v in tensors.items() if v is not None and k not in ("teacher_logprobs",)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused_linear_logprobs
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_logprobs_targets_shape_mismatch():
+    hidden, weight, _ = _lp_inputs()
+    with pytest.raises(ValueError, match="targets"):
+        fused_linear_logprobs(hidden, weight, torch.randint(0, V, (3, 6)), impl="torch")
+    with pytest.raises(ValueError, match="targets"):
+        fused_linear_logprobs(hidden, weight, torch.randint(0, V, (21,)), impl="torch")
+
+
+def test_logprobs_weight_hidden_size_mismatch():
+    hidden, _, targets = _lp_inputs()
+    with pytest.raises(ValueError, match="weight"):
+        fused_linear_logprobs(hidden, randn(V, H + 1), targets, impl="torch")
+    with pytest.raises(ValueError, match="weight"):
+        fused_linear_logprobs(hidden, randn(V * H), targets, impl="torch")
+
+
+def test_logprobs_bias_shape_and_dtype():
+    hidden, weight, targets = _lp_inputs()
+    with pytest.raises(ValueError, match="bias"):
+        fused_linear_logprobs(hidden, weight, targets, bias=randn(V + 1), impl="torch")
+    with pytest.raises(TypeError, match="bias"):
+        fused_linear_logprobs(hidden, weight, targets, bias=randn(V, dtype=torch.bfloat16), impl="torch")
+
+
+def test_logprobs_dtype_mismatch_and_integer_inputs():
+    hidden, weight, targets = _lp_inputs()
+    with pytest.raises(TypeError, match=r"hidden.*weight|weight.*hidden"):
+        fused_linear_logprobs(hidden, weight.to(torch.bfloat16), targets, impl="torch")
+    with pytest.raises(TypeError, match="hidden"):
+        fused_linear_logprobs(torch.randint(0, 3, (3, 7, H)), weight, targets, impl="torch")
+    with pytest.raises(TypeError, match="weight"):
+        fused_linear_logprobs(hidden, torch.randint(0, 3, (V, H)), targets, impl="torch")
+    with pytest.raises(TypeError, match="targets"):
+        fused_linear_logprobs(hidden, weight, targets.float(), impl="torch")
+    with pytest.raises(TypeError, match="hidden"):
+        fused_linear_logprobs(hidden.tolist(), weight, targets, impl="torch")
+
+
+@pytest.mark.parametrize("bad", [-1, V, V + 5])
+def test_logprobs_targets_out_of_range(bad):
+    hidden, weight, targets = _lp_inputs()
+    targets[1, 3] = bad
+    with pytest.raises(ValueError, match="targets"):
+        fused_linear_logprobs(hidden, weight, targets, impl="torch")
+
+
+def test_logprobs_targets_outside_restricted_vocab():
+    hidden, weight, targets = _lp_inputs()
+    targets[0, 0] = 70
+    with pytest.raises(ValueError, match="targets"):
+        fused_linear_logprobs(hidden, weight, targets, vocab_size=60, impl="torch")
+
+
+@pytest.mark.parametrize("vocab_size", [0, -3, V + 1])
+def test_logprobs_bad_vocab_size(vocab_size):
+    hidden, weight, targets = _lp_inputs()
+    with pytest.raises(ValueError, match="vocab_size"):
+        fused_linear_logprobs(hidden, weight, targets % 1, vocab_size=vocab_size, impl="torch")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter on inf inputs
+def test_logprobs_non_finite_hidden(impl, value):
+    hidden, weight, targets = _lp_inputs()
+    hidden[2, 4, 5] = value
+    with pytest.raises(ValueError, match="hidden"):
+        fused_linear_logprobs(hidden, weight, targets, impl=impl)
+    logp = fused_linear_logprobs(hidden, weight, targets, impl=impl, check_finite=False)  # no check, no error
+    assert logp.shape == (3, 7)
+    assert bool(torch.isfinite(logp[:2]).all())  # other rows unaffected
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_logprobs_bad_temperature(temperature):
+    hidden, weight, targets = _lp_inputs()
+    with pytest.raises(ValueError, match="temperature"):
+        fused_linear_logprobs(hidden, weight, targets, temperature=temperature, impl="torch")
+
+
+@pytest.mark.parametrize("impl", ["cuda", "Torch", ""])
+def test_logprobs_bad_impl(impl):
+    hidden, weight, targets = _lp_inputs()
+    with pytest.raises(ValueError, match="impl"):
+        fused_linear_logprobs(hidden, weight, targets, impl=impl)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused_linear_divergence
+# ---------------------------------------------------------------------------------------------------
+
+
+def _div_inputs(vs=V, vt=V):
+    return randn(3, 7, 16), randn(vs, 16), randn(3, 7, 12), randn(vt, 12)
+
+
+@pytest.mark.parametrize("vs,vt", [(V, V + 13), (V + 13, V)])
+def test_divergence_vocab_mismatch_needs_vocab_size(vs, vt):
+    s_h, s_w, t_h, t_w = _div_inputs(vs, vt)
+    with pytest.raises(ValueError, match="vocab"):
+        fused_linear_divergence(s_h, s_w, t_h, t_w, impl="torch")
+    out = fused_linear_divergence(s_h, s_w, t_h, t_w, vocab_size=V, impl="torch")
+    assert out.shape == (3, 7) and bool(torch.isfinite(out).all())
+    with pytest.raises(ValueError, match="vocab_size"):
+        fused_linear_divergence(s_h, s_w, t_h, t_w, vocab_size=V + 1, impl="torch")
+
+
+def test_divergence_token_dims_mismatch():
+    s_h, s_w, _, t_w = _div_inputs()
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        fused_linear_divergence(s_h, s_w, randn(3, 6, 12), t_w, impl="torch")
+
+
+def test_divergence_teacher_head_mismatch():
+    s_h, s_w, t_h, _ = _div_inputs()
+    with pytest.raises(ValueError, match="teacher_"):
+        fused_linear_divergence(s_h, s_w, t_h, randn(V, 13), impl="torch")
+    with pytest.raises(TypeError, match="teacher_"):
+        fused_linear_divergence(s_h, s_w, t_h, randn(V, 12, dtype=torch.bfloat16), impl="torch")
+
+
+def test_divergence_bad_options():
+    s_h, s_w, t_h, t_w = _div_inputs()
+    with pytest.raises(ValueError, match="divergence"):
+        fused_linear_divergence(s_h, s_w, t_h, t_w, divergence="kl", impl="torch")
+    for beta in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="beta"):
+            fused_linear_divergence(s_h, s_w, t_h, t_w, divergence="jsd", beta=beta, impl="torch")
+    with pytest.raises(ValueError, match="temperature"):
+        fused_linear_divergence(s_h, s_w, t_h, t_w, temperature=0.0, impl="torch")
+    with pytest.raises(ValueError, match="impl"):
+        fused_linear_divergence(s_h, s_w, t_h, t_w, impl="gpu")
+
+
+def test_divergence_non_finite():
+    s_h, s_w, t_h, t_w = _div_inputs()
+    t_h[0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        fused_linear_divergence(s_h, s_w, t_h, t_w, impl="torch")
+    s_h[0, 0, 0] = math.inf
+    with pytest.raises(ValueError, match="student_hidden"):
+        fused_linear_divergence(s_h, s_w, t_h, t_w, impl="torch")
+    fused_linear_divergence(s_h, s_w, t_h, t_w, impl="torch", check_finite=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# vold_loss
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key,bad_shape",
+    [("mask", (3, 6)), ("old_logprobs", (3, 8)), ("ref_logprobs", (21,)), ("targets", (3, 6)),
+     ("advantages", (4,)), ("advantages", (3, 7, 1)), ("distill_mask", (2,)), ("distill_mask", (7, 3)),
+     ("teacher_logprobs", (3, 6))],
+)
+def test_vold_loss_shape_mismatch(key, bad_shape):
+    tensors = _vold_inputs()
+    tensors[key] = torch.zeros(bad_shape, dtype=torch.long if key == "targets" else torch.float32)
+    options = dict(distill_estimator="k3") if key == "teacher_logprobs" else {}
+    with pytest.raises(ValueError, match=key):
+        vold_loss(**tensors, impl="torch", **options)
+
+
+def test_vold_loss_teacher_token_dims_mismatch():
+    tensors = _vold_inputs()
+    tensors["teacher_hidden"] = randn(3, 6, 12)
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        vold_loss(**tensors, impl="torch")
+
+
+def test_vold_loss_dtype_errors():
+    tensors = _vold_inputs()
+    with pytest.raises(TypeError, match="student_"):
+        vold_loss(**dict(tensors, student_weight=tensors["student_weight"].to(torch.bfloat16)), impl="torch")
+    with pytest.raises(TypeError, match="student_hidden"):
+        vold_loss(**dict(tensors, student_hidden=torch.ones(3, 7, H, dtype=torch.long)), impl="torch")
+    with pytest.raises(TypeError, match="targets"):
+        vold_loss(**dict(tensors, targets=tensors["targets"].float()), impl="torch")
+    with pytest.raises(TypeError, match="advantages"):
+        vold_loss(**dict(tensors, advantages=[1.0, -1.0, 0.5]), impl="torch")
+
+
+@pytest.mark.parametrize("bad", [-1, V])
+def test_vold_loss_targets_out_of_range(bad):
+    tensors = _vold_inputs()
+    tensors["targets"][2, 6] = bad
+    with pytest.raises(ValueError, match="targets"):
+        vold_loss(**tensors, impl="torch")
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [("loss_type", "ppo"), ("loss_type", "GRPO"), ("importance_sampling_level", "batch"),
+     ("ref_kl_estimator", "k4"), ("distill_estimator", "k5"), ("divergence", "kl"), ("impl", "cuda")],
+)
+def test_vold_loss_bad_option_strings(option, value):
+    with pytest.raises(ValueError, match=option):
+        vold_loss(**_vold_inputs(), **{"impl": "torch", option: value})
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [(dict(epsilon_low=-0.1), "epsilon"), (dict(epsilon_high=-0.1), "epsilon"),
+     (dict(clip_ratio_c=0.5), "clip_ratio_c"), (dict(clip_ratio_c=1.0), "clip_ratio_c"),
+     (dict(temperature=0.0), "temperature"),
+     (dict(divergence="jsd", jsd_beta=1.2), "beta"), (dict(loss_type="dapo", token_normalizer=0.0), "token_normalizer"),
+     (dict(ref_kl_coef=0.1), "ref_logprobs")],
+)
+def test_vold_loss_bad_values(options, match):
+    tensors = _vold_inputs()
+    if "ref_logprobs" == match:
+        tensors.pop("ref_logprobs")
+    with pytest.raises(ValueError, match=match):
+        vold_loss(**tensors, impl="torch", **options)
+
+
+def test_vold_loss_distill_full_without_teacher():
+    tensors = {k: v for k, v in _vold_inputs().items() if not k.startswith("teacher_")}
+    with pytest.raises(ValueError, match="distill_estimator"):
+        vold_loss(**tensors, distill_coef=0.1, distill_estimator="full", impl="torch")
+    with pytest.raises(ValueError, match="teacher"):
+        vold_loss(**tensors, distill_coef=0.1, distill_estimator="k3", impl="torch")
+    loss, _ = vold_loss(**tensors, distill_coef=0.0, impl="torch")  # no distillation asked: fine
+    assert torch.isfinite(loss)
+
+
+def test_vold_loss_estimator_with_other_divergence():
+    with pytest.raises(ValueError, match="divergence"):
+        vold_loss(**_vold_inputs(), distill_estimator="k3", divergence="forward_kl", impl="torch")
+
+
+def test_vold_loss_half_a_teacher():
+    tensors = _vold_inputs()
+    tensors.pop("teacher_weight")
+    with pytest.raises(ValueError, match="teacher_hidden and teacher_weight"):
+        vold_loss(**tensors, impl="torch")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vold_loss_vocab_mismatch(impl):
+    tensors = _vold_inputs(Vt=V + 11)
+    with pytest.raises(ValueError, match="vocab"):
+        vold_loss(**tensors, impl=impl)
+    options = dict(vocab_size=V, distill_coef=0.3)
+    kernel = run_vold(vold_loss, tensors, dict(options, impl=impl))
+    reference = run_vold(ref_vold_loss, tensors, options, cast=reference_cast())
+    assert_rel(kernel[0], reference[0], FP32_TOL, "loss")
+    assert_rel(kernel[2]["student_weight"], reference[2]["student_weight"], FP32_TOL, "grad weight", floor=0.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "key,match",
+    [("student_hidden", "student_hidden"), ("teacher_hidden", "teacher_hidden"), ("advantages", "advantages"),
+     ("old_logprobs", "old_logprobs"), ("ref_logprobs", "ref_logprobs")],
+)
+def test_vold_loss_non_finite(impl, key, match):
+    tensors = _vold_inputs(mask="ones")
+    bad = tensors[key].clone()
+    bad.view(-1)[1] = math.nan
+    tensors[key] = bad
+    options = dict(ref_kl_coef=0.1, impl=impl)
+    with pytest.raises(ValueError, match=match):
+        vold_loss(**tensors, **options)
+    vold_loss(**tensors, **options, check_finite=False)  # no check, no error
+
+
+def test_vold_loss_layout_errors():
+    tensors = _vold_inputs()
+    flat = {k: (v.reshape(-1, v.shape[-1]) if k.endswith("_hidden") else v) for k, v in tensors.items()}
+    with pytest.raises(ValueError, match="student_hidden"):
+        vold_loss(**flat, impl="torch")  # [N, H] without cu_seqlens
+    with pytest.raises(ValueError, match="student_hidden"):
+        vold_loss(**tensors, cu_seqlens=torch.tensor([0, 7, 14, 21]), impl="torch")  # [B, T, H] with cu_seqlens
+    packed = {k: (v.reshape(-1, *v.shape[2:]) if v.dim() >= 2 and not k.endswith("_weight") else v)
+              for k, v in tensors.items()}
+    for bad in (torch.tensor([0, 7, 14, 20]), torch.tensor([1, 7, 14, 21]), torch.tensor([0, 9, 7, 21]),
+                torch.tensor([0.0, 7.0, 14.0, 21.0]), torch.tensor([21])):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            vold_loss(**packed, cu_seqlens=bad, impl="torch")
+    loss, _ = vold_loss(**packed, cu_seqlens=torch.tensor([0, 7, 14, 21]), max_completion_length=7, impl="torch")
+    with pytest.raises(ValueError, match="max_completion_length"):
+        vold_loss(**packed, cu_seqlens=torch.tensor([0, 7, 14, 21]), loss_type="dr_grpo", impl="torch")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Empty mask: loss exactly 0, gradients exactly 0, never NaN
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_vold_loss_empty_mask(impl, loss_type, level):
+    tensors = _vold_inputs(bias=True)
+    tensors["mask"] = torch.zeros_like(tensors["mask"])
+    options = dict(loss_type=loss_type, importance_sampling_level=level, ref_kl_coef=0.1, distill_coef=0.3,
+                   entropy_coef=0.01, impl=impl)
+    loss, metrics, grads = run_vold(vold_loss, tensors, options)
+    assert loss.item() == 0.0
+    for key, value in metrics.items():
+        assert bool(torch.isfinite(value).all()), f"metric {key} = {value}"
+    for key, grad in grads.items():
+        assert grad is not None and bool((grad == 0).all()), f"grad {key} not exactly zero"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vold_loss_empty_packed_batch(impl):
+    """N = 0 tokens (packed, every sequence empty): loss 0, zero gradients."""
+    h = torch.zeros(0, H, requires_grad=True)
+    w = randn(V, H).requires_grad_()
+    loss, metrics = vold_loss(h, w, torch.zeros(0, dtype=torch.long), torch.ones(2), cu_seqlens=torch.tensor([0, 0, 0]),
+                              teacher_hidden=torch.zeros(0, 12), teacher_weight=randn(V, 12), impl=impl)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert h.grad.shape == (0, H)
+    assert bool((w.grad == 0).all())
+    for key, value in metrics.items():
+        assert bool(torch.isfinite(value).all()), f"metric {key} = {value}"
