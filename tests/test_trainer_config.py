@@ -5,9 +5,9 @@ import inspect
 
 import pytest
 import yaml
-from vold.kernels import vold_loss
 
 from vold.config import Config, LossConfig, apply_override, load_config, save_config
+from vold.kernels import vold_loss
 
 
 def test_defaults_are_the_papers_settings():

@@ -8,9 +8,9 @@ import importlib.util
 import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen3ForCausalLM
-from vold.kernels import fused_linear_logprobs
 
 from vold.data import Example, build_prompt_batch, repeat_inputs
+from vold.kernels import fused_linear_logprobs
 from vold.models import (
     QwenVLProcessor,
     check_vocab_compatible,

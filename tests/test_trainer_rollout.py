@@ -5,10 +5,10 @@ import types
 
 import pytest
 import torch
-from vold.kernels import fused_linear_logprobs, vold_loss
 
 from vold.config import RolloutConfig
 from vold.data import Example, build_prompt_batch, repeat_inputs
+from vold.kernels import fused_linear_logprobs, vold_loss
 from vold.models import completion_hidden_states, lm_head_weight
 from vold.rewards import RewardFunctions, group_advantages
 from vold.rollout import Rollout, completion_mask, eos_token_ids, make_rollout_engine, pad_completions

@@ -1,24 +1,81 @@
-"""The ``vold`` command line: ``vold bench kernels [...]`` (more stages join as they land)."""
+"""The ``vold`` command line (also ``python -m vold``).
+
+    vold make-traces [--config run.yaml] [key.sub=value ...]             stage 0: teacher traces
+    vold sft         [--config run.yaml] [key.sub=value ...] [--resume auto|none|PATH]  stage 1
+    vold train       [--config run.yaml] [key.sub=value ...] [--resume auto|none|PATH]  stage 2
+    vold eval        [--config run.yaml] [key.sub=value ...]             pass@1 / mean@k
+    vold bench kernels [...]                                             kernel benchmarks (from a checkout)
+
+Every stage reads one config (YAML, then the ``key.sub=value`` overrides) and writes its run folder
+``{output_dir}/{traces,sft,rl,eval}`` with the resolved ``config.yaml``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+STAGES = {
+    "make-traces": "the teacher writes reasoning traces for text-only prompts (JSONL in, JSONL out)",
+    "sft": "cold-start SFT of the student on the traces",
+    "train": "GRPO + reverse-KL distillation from the teacher on the student's rollouts",
+    "eval": "pass@1 and mean@k accuracy on JSONL benchmarks",
+}
+
+
+def run_stage(command: str, config: str | None, overrides: list[str], resume: str | None) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from vold.config import load_config
+
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars on every save
+    if resume is not None:
+        overrides = [*overrides, f"checkpoint.resume={resume}"]
+    cfg = load_config(config, overrides)
+    if command == "make-traces":
+        from vold.traces import make_traces
+
+        make_traces(cfg)
+    elif command == "sft":
+        from vold.sft import train_sft
+
+        train_sft(cfg)
+    elif command == "train":
+        from vold.rl import train_rl
+
+        train_rl(cfg)
+    elif command == "eval":
+        from vold.evaluate import evaluate
+
+        evaluate(cfg)
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="vold", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vold", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks (run from a checkout: they live in benchmarks/)")
     bench.add_argument("what", choices=["kernels"])
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
+    for name, help_text in STAGES.items():
+        stage = sub.add_parser(name, help=help_text, description=help_text)
+        stage.add_argument("--config", default=None, help="YAML config file (default: the built-in defaults)")
+        stage.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")  # for --help
+        if name in ("sft", "train"):
+            stage.add_argument("--resume", default=None, metavar="auto|none|PATH",
+                               help="auto: the latest checkpoint of the run folder (sets checkpoint.resume)")
+    if argv and argv[0] == "bench":
+        args, rest = parser.parse_known_args(argv)
         try:
             from benchmarks.kernels import main as bench_main
         except ImportError as error:
             raise SystemExit(f"vold bench needs the repository's benchmarks/ directory on the path: {error}") from error
         return int(bench_main(rest) or 0)
+    args, rest = parser.parse_known_args(argv)  # overrides may come before or after the options
+    unknown = [a for a in rest if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like key.sub=value)")
+    run_stage(args.command, args.config, [*args.overrides, *rest], getattr(args, "resume", None))
     return 0
 
 

@@ -99,20 +99,29 @@ def load_image(ref: ImageRef, where: str = "") -> Image.Image:
 
 
 def load_examples(paths: str | Path | list[str | Path], *, image_root: str | None = None,
-                  check_images: bool = True) -> list[Example]:
-    """Read and validate every row of ``paths``; missing columns and unreadable images fail here."""
+                  check_images: bool = True, prompt_column: str = "prompt", answer_column: str = "answer",
+                  required: tuple[str, ...] = ()) -> list[Example]:
+    """Read and validate every row of ``paths``; missing columns and unreadable images fail here.
+
+    ``prompt_column``/``answer_column`` name the columns read as ``prompt``/``answer`` (e.g. a
+    benchmark's ``question``); ``required`` lists further columns every row must have (kept in ``extra``).
+    """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise ValueError("no data files given")
+    renames = {prompt_column: "prompt", answer_column: "answer"}
+    needed = (prompt_column, answer_column, *required)
     examples = []
     for path in paths:
         root = Path(image_root) if image_root is not None else Path(path).parent
         for where, row in read_rows(path):
-            for column in REQUIRED_COLUMNS:
+            for column in needed:
                 if row.get(column) is None:
-                    raise ValueError(f"{where}: missing column '{column}' (rows need {', '.join(REQUIRED_COLUMNS)})")
+                    raise ValueError(f"{where}: missing column '{column}' (rows need {', '.join(needed)})")
+            if renames != {"prompt": "prompt", "answer": "answer"}:
+                row = {renames.get(k, k): v for k, v in row.items() if k not in ("prompt", "answer") or k in renames}
             if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-                raise ValueError(f"{where}: column 'prompt' must be a non-empty string")
+                raise ValueError(f"{where}: column '{prompt_column}' must be a non-empty string")
             images = _image_refs(row, where, root)
             if check_images:
                 for ref in images:
@@ -265,6 +274,29 @@ def repeat_inputs(inputs: dict[str, torch.Tensor], num_images: list[int], repeat
             start += count
         out["pixel_values"] = torch.cat(pixel_rows) if pixel_rows else inputs["pixel_values"][:0]
         out["image_grid_thw"] = torch.stack(grid_rows) if grid_rows else grid[:0]
+    return out
+
+
+def select_rows(inputs: dict[str, torch.Tensor], num_images: list[int], rows: list[int]) -> dict[str, torch.Tensor]:
+    """Rows ``rows`` (any order, repeats allowed) of a batch of inputs whose row i has ``num_images[i]`` images.
+
+    Per-row tensors are indexed; ``pixel_values`` and ``image_grid_thw`` follow the images of the
+    chosen rows (and are left out when those rows have none).
+    ``repeat_inputs(x, n, G)`` is ``select_rows(x, n, [i for i in range(B) for _ in range(G)])``.
+    """
+    index = torch.as_tensor(rows, dtype=torch.long)
+    out = {k: v.index_select(0, index.to(v.device)) for k, v in inputs.items()
+           if k not in ("pixel_values", "image_grid_thw")}
+    if "image_grid_thw" in inputs:
+        grid = inputs["image_grid_thw"]
+        patches = list(inputs["pixel_values"].split(grid.prod(-1).tolist()))
+        first = [0]
+        for count in num_images:
+            first.append(first[-1] + count)
+        chosen = [j for i in rows for j in range(first[i], first[i + 1])]
+        if chosen:  # rows without any image: no image inputs at all (the model reads empty ones as images)
+            out["pixel_values"] = torch.cat([patches[j] for j in chosen])
+            out["image_grid_thw"] = grid[chosen]
     return out
 
 

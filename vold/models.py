@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessorPil,
 )
+
+from vold.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -279,3 +282,73 @@ def check_vocab_compatible(student: PreTrainedModel, teacher: PreTrainedModel, v
             raise ValueError(f"student and teacher tokenizers disagree on {len(conflicts)} token ids ({examples}); "
                              f"distillation needs one vocabulary")
     return vocab_size
+
+
+# ---- from a run config -----------------------------------------------------------------------------
+
+def student_from_config(mc: ModelConfig, device: torch.device, path: str | None = None) -> tuple[PreTrainedModel, Any]:
+    """The student (``path`` or ``mc.student``) in training mode and its processor (or tokenizer)."""
+    path = path or mc.student
+    if not path:
+        raise ValueError("no student model: set model.student (a local folder or a hub id)")
+    model = load_student(path, dtype=mc.dtype, device=device, attn_implementation=mc.attn_implementation,
+                         local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code,
+                         gradient_checkpointing=mc.gradient_checkpointing)
+    processor = load_processor(mc.student_tokenizer or path, vision=is_vision_config(model.config),
+                               local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code,
+                               min_pixels=mc.min_pixels, max_pixels=mc.max_pixels)
+    return model, processor
+
+
+def teacher_from_config(mc: ModelConfig, device: torch.device) -> tuple[PreTrainedModel, Any]:
+    """The frozen teacher (eval mode, no grad, ``teacher_dtype``) and its tokenizer."""
+    if not mc.teacher:
+        raise ValueError("no teacher model: set model.teacher (a local folder or a hub id)")
+    teacher = load_teacher(mc.teacher, dtype=mc.teacher_dtype or mc.dtype, device=device,
+                           attn_implementation=mc.attn_implementation, local_files_only=mc.local_files_only,
+                           trust_remote_code=mc.trust_remote_code)
+    tokenizer = load_tokenizer(mc.teacher_tokenizer or mc.teacher, local_files_only=mc.local_files_only,
+                               trust_remote_code=mc.trust_remote_code)
+    return teacher, tokenizer
+
+
+def convert_gguf(folder: str | Path, gguf_file: str, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+    """Dequantise a GGUF checkpoint (e.g. SmolLM2's) into a ``save_pretrained`` folder: model + tokenizer.
+
+    Needs the ``gguf`` package, not ``accelerate``: the model is built from the GGUF's config and the
+    dequantised tensors are loaded with ``load_state_dict`` (tied heads are the only keys allowed missing).
+    """
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, out_dir = Path(folder), Path(out_dir)
+    config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+    tensors = load_gguf_checkpoint(str(folder / gguf_file), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{folder / gguf_file}: weights do not match the model "
+                         f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+    model.tie_weights()
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(out_dir)
+    return out_dir
+
+
+def autocast(device: torch.device, dtype: str | None) -> Any:
+    """``torch.autocast`` for ``model.autocast`` (a no-op context when None)."""
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=resolve_dtype(dtype))
+
+
+def head_for_loss(model: PreTrainedModel, hidden: torch.Tensor,
+                  dtype: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(hidden, weight, bias)`` of ``model``'s head in one dtype for the fused losses: ``dtype`` (the
+    autocast dtype) when given, else the weight's. Casts are differentiable: gradients reach the weights."""
+    weight, bias = lm_head_weight(model), lm_head_bias(model)
+    target = resolve_dtype(dtype) if dtype is not None else weight.dtype
+    cast = (lambda x: x if x is None or x.dtype == target else x.to(target))
+    return cast(hidden), cast(weight), cast(bias)

@@ -141,13 +141,14 @@ def save_tiny_models(root: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
     return student_dir, teacher_dir
 
 
-def write_tiny_dataset(root: str | Path, num_rows: int = 8, *, images: bool = True, seed: int = 0) -> Path:
+def write_tiny_dataset(root: str | Path, num_rows: int = 8, *, images: bool = True, seed: int = 0,
+                       filename: str = "data.jsonl") -> Path:
     """A JSONL of small sums with ``\\boxed{}`` answers (and one PNG per row); returns the file."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     pictures = make_tiny_images(num_rows, seed=seed) if images else []
-    path = root / "data.jsonl"
+    path = root / filename
     with open(path, "w", encoding="utf-8") as f:
         for i in range(num_rows):
             a, b = (int(x) for x in rng.integers(0, 10, size=2))
@@ -155,8 +156,45 @@ def write_tiny_dataset(root: str | Path, num_rows: int = 8, *, images: bool = Tr
                    "teacher_prompt": f"The picture shows {a} and {b}. {a}+{b}=? Answer in \\boxed{{}}.",
                    "data_source": "tiny_sums"}
             if images:
-                name = f"image_{i}.png"
+                name = f"{Path(filename).stem}_image_{i}.png"
                 pictures[i].save(root / name)
                 row["image"] = name
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def digit_reward(completions: list[str], **_: object) -> list[float]:
+    """Fraction of digits in each completion: a reward in [0, 1] that differs within a group even for
+    random tiny models (whose accuracy is always 0), so the policy-gradient term has something to do.
+    Use it as ``reward.functions=[accuracy, vold.testing:digit_reward]``."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+def prepare_tiny_run(root: str | Path = "runs/tiny") -> dict[str, Path]:
+    """Everything ``configs/tiny_cpu.yaml`` expects under ``root``: ``models/{student,teacher}`` and
+    ``data/{prompts,train,bench}.jsonl`` (text-only prompts for the traces, image rows for training and eval).
+
+    ``python -m vold.testing [root]`` runs it; the tests call it on a temporary folder.
+    """
+    root = Path(root)
+    student, teacher = save_tiny_models(root / "models")
+    return {
+        "student": student, "teacher": teacher,
+        "prompts": write_tiny_dataset(root / "data", 8, images=False, seed=0, filename="prompts.jsonl"),
+        "train": write_tiny_dataset(root / "data", 8, images=True, seed=1, filename="train.jsonl"),
+        "bench": write_tiny_dataset(root / "data", 4, images=True, seed=2, filename="bench.jsonl"),
+    }
+
+
+def tiny_overrides(paths: dict[str, Path], output_dir: str | Path) -> list[str]:
+    """``key=value`` overrides pointing ``configs/tiny_cpu.yaml`` at the folders of :func:`prepare_tiny_run`."""
+    return [f"model.student={paths['student']}", f"model.teacher={paths['teacher']}",
+            f"data.train_files=[{paths['train']}]", f"data.eval_files=[{paths['bench']}]",
+            f"traces.input_files=[{paths['prompts']}]", f"output_dir={output_dir}"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name, path in prepare_tiny_run(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny").items():
+        print(f"{name}: {path}")

@@ -1,0 +1,148 @@
+"""Checkpoints and ``--resume auto``: a run killed with SIGKILL and resumed logs exactly what an
+uninterrupted run logs (same seed), and ends with the same weights.
+
+The kill test runs ``python -m vold train`` in a subprocess, waits for its first checkpoint, kills
+it (SIGKILL: no cleanup, possibly in the middle of a step, a log line or a checkpoint save), then
+resumes it in another subprocess. The uninterrupted reference runs in-process (one torch thread
+everywhere, so the numbers are bitwise reproducible on a machine).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vold.cli import main
+from vold.runs import (
+    find_checkpoint,
+    list_checkpoints,
+    lr_factor,
+    read_jsonl,
+    save_checkpoint,
+)
+from vold.testing import make_tiny_text_student, make_tiny_tokenizer, prepare_tiny_run, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
+STEPS = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return prepare_tiny_run(tmp_path_factory.mktemp("tiny"))
+
+
+def train_args(tiny: dict, out: Path) -> list[str]:
+    # several updates per step (ppo epochs, minibatches: old log-probs, shuffling), a lr schedule, Adam state,
+    # a reward with non-zero advantages: everything a resume has to restore shows in the metrics
+    return ["train", "--config", CONFIG, *tiny_overrides(tiny, out), "sft.enabled=false", f"optim.max_steps={STEPS}",
+            "optim.ppo_epochs=2", "optim.minibatches=2", "optim.lr_scheduler=cosine", "optim.warmup_steps=2",
+            "rollout.max_new_tokens=24", "reward.functions=[accuracy, vold.testing:digit_reward]",
+            "checkpoint.every=1", "checkpoint.keep_last=2"]
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tiny, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert main(train_args(tiny, reference)) == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "vold", *train_args(tiny, killed)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    first = killed / "rl" / "checkpoints" / "step_000001"
+    deadline = time.monotonic() + 120
+    while not first.is_dir() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    output = process.communicate()[0].decode()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{output}"
+    assert not (killed / "rl" / "final").exists()
+    done = len(read_jsonl(killed / "rl" / "metrics.jsonl")) if (killed / "rl" / "metrics.jsonl").exists() else 0
+    assert 1 <= done < STEPS, done
+    latest = find_checkpoint(killed / "rl", "auto")
+    print(f"killed after {done} logged steps; resuming from {latest.name}")
+
+    resumed = subprocess.run([*command, "--resume", "auto"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {latest}" in resumed.stdout
+
+    expected = without_timings(read_jsonl(reference / "rl" / "metrics.jsonl"))
+    got = without_timings(read_jsonl(killed / "rl" / "metrics.jsonl"))
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert got == expected  # exact: every metric of every step, before and after the kill
+    assert read_jsonl(killed / "rl" / "samples.jsonl") == read_jsonl(reference / "rl" / "samples.jsonl")
+    assert_same_weights(killed / "rl" / "final", reference / "rl" / "final")
+    assert len(list_checkpoints(killed / "rl")) == 2  # keep_last
+
+
+def test_sft_resume_from_a_middle_checkpoint_reproduces_the_run(tiny, tmp_path):
+    """Rewind a finished SFT run to its step-2 checkpoint (a stale .tmp save beside it) and resume."""
+    args = ["sft", "--config", CONFIG, *tiny_overrides(tiny, tmp_path), "sft.max_steps=5", "sft.grad_accum=2",
+            "sft.batch_size=2", "sft.warmup_steps=1", "checkpoint.every=1", "checkpoint.keep_last=10"]
+    assert main(["make-traces", *args[1:]]) == 0
+    assert main(args) == 0
+    run = tmp_path / "sft"
+    expected = without_timings(read_jsonl(run / "metrics.jsonl"))
+    (run / "reference").mkdir()
+    os.replace(run / "final", run / "reference" / "final")
+    for path in list_checkpoints(run)[2:]:
+        path.rename(path.with_name(path.name + ".tmp"))  # as if killed while saving them
+    assert find_checkpoint(run, "auto").name == "step_000002"
+
+    assert main([*args, "--resume", "auto"]) == 0
+    assert without_timings(read_jsonl(run / "metrics.jsonl")) == expected
+    assert_same_weights(run / "final", run / "reference" / "final")
+
+    assert main([*args, "--resume", "none", "sft.max_steps=1"]) == 0  # a fresh start, fresh logs
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
+
+
+def test_checkpoint_folders(tmp_path):
+    model, tokenizer = make_tiny_text_student(make_tiny_tokenizer()), make_tiny_tokenizer()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, tokenizer, {"x": step}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
+    (tmp_path / "checkpoints" / "step_000004.tmp").mkdir()  # an interrupted save
+    (tmp_path / "checkpoints" / "step_000005").mkdir()  # no state.pt: not a checkpoint
+    assert find_checkpoint(tmp_path, "auto").name == "step_000003"
+    assert find_checkpoint(tmp_path, "none") is None
+    assert find_checkpoint(tmp_path / "empty", "auto") is None
+    explicit = tmp_path / "checkpoints" / "step_000002"
+    assert find_checkpoint(tmp_path, str(explicit)) == explicit
+    with pytest.raises(FileNotFoundError, match="checkpoint.resume=.*no state.pt"):
+        find_checkpoint(tmp_path, str(tmp_path / "nowhere"))
+    assert (explicit / "model" / "tokenizer.json").is_file() and (explicit / "model" / "config.json").is_file()
+
+
+def test_lr_schedule():
+    factors = [lr_factor(s, kind="cosine", warmup=2, total=6) for s in range(7)]
+    assert factors[:3] == [0.5, 1.0, 1.0] and factors[4] == pytest.approx(0.5) and factors[6] == pytest.approx(0.0)
+    assert [lr_factor(s, kind="linear", warmup=0, total=4, min_ratio=0.2) for s in (0, 2, 4, 9)] == pytest.approx(
+        [1.0, 0.6, 0.2, 0.2])
+    assert lr_factor(100, kind="constant", warmup=3, total=4) == 1.0
+    with pytest.raises(ValueError, match="lr_scheduler='step'"):
+        lr_factor(0, kind="step", warmup=0, total=1)

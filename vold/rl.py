@@ -1,0 +1,423 @@
+"""Stage 2, ``vold train``: GRPO on the student's rollouts + beta * reverse KL(student || teacher).
+
+One training step (defaults reproduce the paper: G = 5, eps 0.2/0.3, lr 6e-6, beta 0.1 with k2, w = 1 - r,
+no reference KL):
+
+1. B prompts from the sampler; G = ``rollout.num_generations`` completions each from the student
+   (``rollout.engine``: HF generate by default, or vLLM), sampled with seed ``seed + step``.
+2. Rewards ``r_i = sum_f w_f r_f`` (``reward.functions``) and group-normalised advantages
+       A_i = (r_i - mean_g r) / (std_g r + 1e-4)     loss.scale_rewards = "group"
+       A_i =  r_i - mean_g r                         loss.scale_rewards = "none"   (Dr. GRPO)
+   A group whose rewards are all equal gets A = 0 (it moves the policy only through the KL term).
+3. Distillation weights ``w_i = 1 - r^acc_i`` (``loss.distill_on_wrong_only``; the paper distils on
+   wrong rollouts only), ``r^acc`` from ``loss.distill_mask_reward``, which must lie in [0, 1]: a
+   partial-credit reward gives a partial weight (distil more the more wrong); a reward function
+   that returned None for a row (no verdict) gives w = 1. Without the switch w = 1.
+4. The teacher scores the SAME completion token ids after ITS OWN text prompt (``teacher_prompt``
+   or the prompt; the student's may carry images), under ``torch.no_grad``: ``"full"`` keeps its
+   hidden states (the exact reverse KL over the vocabulary is computed in the loss), k1/k2/k3 its
+   log-probs ``log q(y_t)`` of the sampled tokens (``fused_linear_logprobs``).
+5. Old-policy log-probs ``log pi_old(y_t)`` (no grad) only when a rollout batch feeds more than one
+   optimizer update (``ppo_epochs * minibatches > 1``). With a single update pi_old = pi_theta, so
+   ``old_logprobs=None``: vold_loss then uses ``logp.detach()`` (ratio 1, gradient of logp), which
+   saves a forward pass and gives the same gradient.
+6. ``ppo_epochs`` passes over ``minibatches`` shuffled minibatches, each split into ``grad_accum``
+   micro-batches; per micro-batch :func:`compute_loss` (``vold_loss``)::
+
+       loss = sum_t n_t [ -min(rho_t A_i, clip(rho_t, 1 - 0.2, 1 + 0.3) A_i) + beta w_i D_t ]
+       D_t  = (log pi(y_t) - log q(y_t))^2 / 2   (k2; "full": KL(pi(.|s_t) || q(.|s_t)) exactly)
+
+   ``dapo`` normalises by the token count of the whole minibatch (``token_normalizer``), so its
+   micro-batch split changes nothing; the other loss types weight each micro-batch by its share of
+   the minibatch's sequences (exact for grpo and dr_grpo, whose n_t are per sequence).
+7. Gradient clipping, AdamW, lr schedule, then ``rollout_engine.update_weights(student)`` (the vLLM sync).
+
+All log-probs use the sampling temperature (``softmax(logits / T)``), the teacher's too. The trainer
+never builds ``[N, V]`` logits: models return hidden states, the kernels take the lm_head weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vold.config import Config, LossConfig
+from vold.data import PromptBatch, PromptSampler, build_prompt_batch, is_multimodal, load_examples, select_rows
+from vold.data import tokenizer_of as tokenizer_of_processor
+from vold.kernels import fused_linear_logprobs, vold_loss
+from vold.models import (
+    autocast,
+    check_vocab_compatible,
+    completion_hidden_states,
+    head_for_loss,
+    lm_head_bias,
+    lm_head_weight,
+    load_student,
+    resolve_device,
+    student_from_config,
+    teacher_from_config,
+)
+from vold.rewards import RewardFunctions, group_advantages
+from vold.rollout import RolloutEngine, make_rollout_engine
+from vold.runs import (
+    Logger,
+    clip_grad_norm,
+    find_checkpoint,
+    load_checkpoint_state,
+    make_optimizer,
+    make_scheduler,
+    progress_bar,
+    reset_logs,
+    restore_run,
+    run_dir,
+    save_checkpoint,
+    save_model,
+    scalar_metrics,
+    start_run,
+)
+
+TRAINER_ONLY = ("distill_on_wrong_only", "distill_mask_reward", "scale_rewards")  # LossConfig keys vold_loss lacks
+
+
+@dataclass
+class Experience:
+    """One rollout batch of N = B * G rows (prompt-major): everything the loss needs. The per-token tensors
+    live on the training device; the prompts (pixels included) and the teacher's hidden states, which
+    can take gigabytes, on the CPU: they move to the device one micro-batch at a time."""
+
+    prompt_inputs: dict[str, torch.Tensor]  # the student's prompts, one row per completion (left-padded, images)
+    num_images: list[int]  # images of each row (to slice pixel_values)
+    completion_ids: torch.Tensor  # [N, T]
+    completion_mask: torch.Tensor  # [N, T]
+    advantages: torch.Tensor  # [N]
+    distill_mask: torch.Tensor  # [N], w_i
+    old_logprobs: torch.Tensor | None = None  # [N, T]; None: on-policy (one update per rollout batch)
+    ref_logprobs: torch.Tensor | None = None  # [N, T]; only with loss.ref_kl_coef != 0
+    teacher_logprobs: torch.Tensor | None = None  # [N, T], log q(y_t): k1/k2/k3
+    teacher_hidden: torch.Tensor | None = None  # [N, T, Ht]: "full" (CPU)
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, rows: list[int]) -> Experience:
+        """The rows ``rows`` (a minibatch or a micro-batch)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.completion_ids.device)
+        picked = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in picked.items():
+            if isinstance(value, torch.Tensor):
+                picked[name] = value.index_select(0, index.to(value.device))
+        picked["prompt_inputs"] = select_rows(self.prompt_inputs, self.num_images, rows)
+        picked["num_images"] = [self.num_images[i] for i in rows]
+        return Experience(**picked)
+
+
+def loss_options(lc: LossConfig) -> dict[str, Any]:
+    """The ``vold_loss`` keywords of a :class:`LossConfig`."""
+    return {f.name: getattr(lc, f.name) for f in dataclasses.fields(lc) if f.name not in TRAINER_ONLY}
+
+
+def compute_loss(student: torch.nn.Module, exp: Experience, lc: LossConfig, *,
+                 teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None, vocab_size: int | None = None,
+                 temperature: float = 1.0, max_completion_length: int | None = None,
+                 token_normalizer: float | None = None,
+                 autocast_dtype: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The trainer's loss on one micro-batch: the student's hidden states (with grad) -> ``vold_loss``.
+
+    ``teacher_head`` is the teacher's ``(lm_head weight, bias)``, needed by ``distill_estimator="full"``
+    with ``exp.teacher_hidden``; k1/k2/k3 read ``exp.teacher_logprobs``.
+    """
+    ids, mask = exp.completion_ids, exp.completion_mask
+    prompts = {k: v.to(ids.device) for k, v in exp.prompt_inputs.items()}
+    with autocast(ids.device, autocast_dtype):
+        hidden = completion_hidden_states(student, prompts, ids, mask)
+    hidden, weight, bias = head_for_loss(student, hidden, autocast_dtype)
+    teacher: dict[str, Any] = {}
+    if lc.distill_coef != 0.0 and lc.distill_estimator == "full":
+        if exp.teacher_hidden is None or teacher_head is None:
+            raise ValueError("distill_estimator='full' needs the teacher's hidden states and head")
+        teacher = {"teacher_hidden": exp.teacher_hidden.to(ids.device), "teacher_weight": teacher_head[0],
+                   "teacher_bias": teacher_head[1]}
+    elif lc.distill_coef != 0.0:
+        teacher = {"teacher_logprobs": exp.teacher_logprobs}
+    return vold_loss(
+        hidden, weight, ids, exp.advantages, exp.old_logprobs, mask, student_bias=bias,
+        ref_logprobs=exp.ref_logprobs, distill_mask=exp.distill_mask, temperature=temperature,
+        max_completion_length=max_completion_length, token_normalizer=token_normalizer, vocab_size=vocab_size,
+        **teacher, **loss_options(lc),
+    )
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, prompt_inputs: dict[str, torch.Tensor], num_images: list[int], ids: torch.Tensor,
+          mask: torch.Tensor, *, micro_size: int, vocab_size: int | None, temperature: float = 1.0,
+          keep_hidden: bool = False, autocast_dtype: str | None = None) -> torch.Tensor:
+    """``log p(y_t) * m_t [N, T]`` of a frozen pass of ``model`` over the completions (micro-batched), or,
+    with ``keep_hidden``, its hidden states ``[N, T, H]`` on the CPU (for the exact divergence)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, ids.shape[0], micro_size):
+        rows = list(range(start, min(start + micro_size, ids.shape[0])))
+        inputs = {k: v.to(device) for k, v in select_rows(prompt_inputs, num_images, rows).items()}
+        part_ids, part_mask = ids[rows].to(device), mask[rows].to(device)
+        with autocast(device, autocast_dtype):
+            hidden = completion_hidden_states(model, inputs, part_ids, part_mask)
+        if keep_hidden:
+            out.append(hidden.cpu())
+            continue
+        hidden, weight, bias = head_for_loss(model, hidden, autocast_dtype)
+        logp = fused_linear_logprobs(hidden, weight, part_ids, bias=bias, temperature=temperature,
+                                     vocab_size=vocab_size)
+        out.append(logp * part_mask)
+    return torch.cat(out)
+
+
+def distill_weights(per_function: dict[str, torch.Tensor], lc: LossConfig) -> torch.Tensor:
+    """``w_i = 1 - r_i`` from the reward ``lc.distill_mask_reward`` (in [0, 1]; None -> w = 1), or all ones."""
+    n = next(iter(per_function.values())).shape[0]
+    if not lc.distill_on_wrong_only:
+        return torch.ones(n)
+    reward = per_function.get(lc.distill_mask_reward)
+    if reward is None:
+        raise ValueError(f"loss.distill_mask_reward={lc.distill_mask_reward!r} is not one of the reward "
+                         f"functions {sorted(per_function)}: add it to reward.functions")
+    reward = torch.nan_to_num(reward, nan=0.0)
+    if bool(((reward < 0) | (reward > 1)).any()):
+        raise ValueError(f"reward {lc.distill_mask_reward!r} gave values outside [0, 1] "
+                         f"({reward.min().item():g} .. {reward.max().item():g}): the distillation mask 1 - r needs "
+                         f"a correctness reward in [0, 1] (or set loss.distill_on_wrong_only=false)")
+    return 1.0 - reward
+
+
+def rollout_step(step: int, batch: PromptBatch, engine: RolloutEngine, rewards: RewardFunctions, cfg: Config, *,
+                 device: torch.device) -> tuple[Experience, dict[str, float], list[dict[str, Any]]]:
+    """Sample G completions per prompt, reward them, make advantages and distillation weights."""
+    rc, G = cfg.rollout, cfg.rollout.num_generations
+    with autocast(device, cfg.model.autocast):
+        rollout = engine.generate(batch, G, rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
+                                  seed=cfg.seed + step)
+    prompts = [p for p in batch.prompts for _ in range(G)]
+    total, per_function = rewards(prompts, rollout.texts, **batch.reward_columns(G))
+    advantages = group_advantages(total, G, scale=cfg.loss.scale_rewards)
+    weights = distill_weights(per_function, cfg.loss)
+    rows = [i for i in range(len(batch)) for _ in range(G)]
+    exp = Experience(
+        prompt_inputs=select_rows(batch.student_inputs, batch.num_images, rows),
+        num_images=[batch.num_images[i] for i in rows], completion_ids=rollout.completion_ids.to(device),
+        completion_mask=rollout.completion_mask.to(device), advantages=advantages.to(device),
+        distill_mask=weights.to(device),
+    )
+    lengths = rollout.lengths.float()
+    grouped = total.view(-1, G)
+    metrics = {
+        "reward/mean": total.mean(), "reward/std": total.std() if len(total) > 1 else 0.0,
+        **{f"reward/{name}": torch.nanmean(values) for name, values in per_function.items()},
+        "reward/frac_zero_std_groups": (grouped.amax(1) == grouped.amin(1)).float().mean(),
+        "completion/mean_length": lengths.mean(), "completion/max_length": lengths.max(),
+        "completion/truncated_frac": 1.0 - rollout.finished.float().mean(),
+        "distill/weight_mean": weights.mean(),
+    }
+    samples = [{"step": step + 1, "prompt": prompts[i], "completion": rollout.texts[i],
+                "answer": batch.examples[i // G].answer, "reward": float(total[i]),
+                "advantage": float(advantages[i]), "distill_weight": float(weights[i]),
+                "length": int(lengths[i]), "finished": bool(rollout.finished[i])}
+               for i in range(min(cfg.logging.num_completions, len(rollout)))]
+    return exp, metrics, samples
+
+
+def add_scores(exp: Experience, batch: PromptBatch, cfg: Config, *, student: torch.nn.Module,
+               teacher: torch.nn.Module | None, reference: torch.nn.Module | None, vocab_size: int | None,
+               device: torch.device) -> None:
+    """Fill ``exp`` with what the frozen passes give (no grad): the teacher's log-probs (k1/k2/k3) or hidden
+    states ("full") under its own prompts, the reference's log-probs (ref KL only) and the old policy's
+    log-probs (only when the batch feeds several updates; else on-policy: ``old_logprobs=None``)."""
+    oc, mc, lc = cfg.optim, cfg.model, cfg.loss
+    n, ids, mask, temperature = len(exp), exp.completion_ids, exp.completion_mask, cfg.rollout.temperature
+    micro = -(-n // (oc.minibatches * oc.grad_accum))  # the training micro-batch size
+    if teacher is not None:
+        if mc.teacher_offload:
+            teacher.to(device)
+        rows = [i for i in range(len(batch)) for _ in range(cfg.rollout.num_generations)]
+        prompts = select_rows(batch.teacher_inputs, [0] * len(batch), rows)
+        full = lc.distill_estimator == "full"
+        scored = score(teacher, prompts, [0] * n, ids, mask, micro_size=micro, vocab_size=vocab_size,
+                       temperature=temperature, keep_hidden=full)
+        if full:
+            exp.teacher_hidden = scored
+        else:
+            exp.teacher_logprobs = scored
+        if mc.teacher_offload:
+            teacher.to("cpu")
+    policies = [("ref_logprobs", reference)]
+    if oc.ppo_epochs * oc.minibatches > 1:
+        policies.append(("old_logprobs", student))
+    for name, model in policies:
+        if model is not None:
+            setattr(exp, name, score(model, exp.prompt_inputs, exp.num_images, ids, mask, micro_size=micro,
+                                     vocab_size=vocab_size, temperature=temperature, autocast_dtype=mc.autocast))
+
+
+def optimize(student: torch.nn.Module, exp: Experience, cfg: Config, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, *, generator: torch.Generator,
+             teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None, vocab_size: int | None,
+             after_update: Any = None) -> dict[str, float]:
+    """ppo_epochs x minibatches optimizer updates on one rollout batch; returns the step's loss metrics."""
+    oc, lc = cfg.optim, cfg.loss
+    n = len(exp)
+    if n < oc.minibatches * oc.grad_accum:
+        raise ValueError(f"{n} rollouts cannot fill optim.minibatches * optim.grad_accum = "
+                         f"{oc.minibatches * oc.grad_accum} micro-batches")
+    sums: dict[str, float] = {}
+    tokens: dict[str, float] = {}
+    losses, grad_norms, lrs = [], [], []
+    for _ in range(oc.ppo_epochs):
+        order = torch.randperm(n, generator=generator) if oc.minibatches > 1 else torch.arange(n)
+        for minibatch in order.tensor_split(oc.minibatches):
+            minibatch_tokens = float(exp.completion_mask[minibatch.to(exp.completion_mask.device)].sum())
+            update_loss = 0.0
+            for micro in minibatch.tensor_split(oc.grad_accum):
+                part = exp.select(micro.tolist())
+                dapo = lc.loss_type == "dapo"
+                loss, metrics = compute_loss(
+                    student, part, lc, teacher_head=teacher_head, vocab_size=vocab_size,
+                    temperature=cfg.rollout.temperature, max_completion_length=cfg.rollout.max_new_tokens,
+                    token_normalizer=max(minibatch_tokens, 1.0) if dapo else None,
+                    autocast_dtype=cfg.model.autocast,
+                )
+                scale = 1.0 if dapo else len(micro) / len(minibatch)
+                (loss * scale).backward()
+                update_loss += float(loss.detach()) * scale
+                count = float(part.completion_mask.sum())
+                for key, value in metrics.items():
+                    if key not in ("loss", "policy_loss"):
+                        sums[key] = sums.get(key, 0.0) + float(value) * count
+                        tokens[key] = tokens.get(key, 0.0) + count
+                if "policy_loss" in metrics:
+                    sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(metrics["policy_loss"]) * scale
+            grad_norms.append(clip_grad_norm(student.parameters(), oc.max_grad_norm))
+            lrs.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(update_loss)
+            if after_update is not None:
+                after_update()
+    updates = len(losses)
+    out = {"loss": sum(losses) / updates, "grad_norm": sum(grad_norms) / updates, "lr": lrs[0],
+           "policy_loss": sums.pop("policy_loss", 0.0) / updates}
+    out.update({key: value / max(tokens[key], 1.0) for key, value in sums.items()})
+    return out
+
+
+def student_start(cfg: Config) -> str:
+    """The model stage 2 starts from: the SFT stage's final model when ``sft.enabled``, else ``model.student``."""
+    if not cfg.sft.enabled:
+        return cfg.model.student
+    path = run_dir(cfg, "sft") / "final"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"sft.enabled=true but {path} has no model: run `vold sft` with this config first "
+                                f"(or set sft.enabled=false to start from model.student)")
+    return str(path)
+
+
+def train_rl(cfg: Config) -> Path:
+    """Run stage 2; returns the folder of the final model (``{output_dir}/rl/final``)."""
+    lc, mc, data = cfg.loss, cfg.model, cfg.data
+    run = start_run(cfg, "rl")
+    if not data.train_files:
+        raise ValueError("no training prompts: set data.train_files")
+    examples = load_examples(data.train_files, image_root=data.image_root, check_images=data.check_images,
+                             prompt_column=data.prompt_column, answer_column=data.answer_column)
+    sampler = PromptSampler(len(examples), data.batch_size, seed=cfg.seed, shuffle=data.shuffle)
+    rewards = RewardFunctions(cfg.reward.functions, cfg.reward.weights)
+    if lc.distill_on_wrong_only and lc.distill_mask_reward not in rewards.names:
+        raise ValueError(f"loss.distill_mask_reward={lc.distill_mask_reward!r} is not one of reward.functions "
+                         f"{rewards.names}")
+
+    device = resolve_device(cfg.device)
+    start_path = student_start(cfg)
+    checkpoint = find_checkpoint(run, cfg.checkpoint.resume)
+    student, processor = student_from_config(mc, device, path=str(checkpoint / "model") if checkpoint else start_path)
+    if not is_multimodal(processor) and any(e.images for e in examples):
+        raise ValueError("the training data has images but the student is a text-only model")
+    use_teacher = lc.distill_coef != 0.0
+    teacher = teacher_tokenizer = teacher_head = None
+    vocab_size = mc.vocab_size
+    if use_teacher:
+        teacher, teacher_tokenizer = teacher_from_config(mc, torch.device("cpu") if mc.teacher_offload else device)
+        vocab_size = check_vocab_compatible(student, teacher, mc.vocab_size, tokenizer_of_processor(processor),
+                                            teacher_tokenizer)
+        if lc.distill_estimator == "full":  # the head stays on the device even when the teacher is offloaded
+            bias = lm_head_bias(teacher)
+            teacher_head = (lm_head_weight(teacher).to(device), None if bias is None else bias.to(device))
+    reference = None
+    if lc.ref_kl_coef != 0.0:  # a frozen copy of the starting student (the paper uses none)
+        reference = load_student(start_path, dtype=mc.dtype, device=device, attn_implementation=mc.attn_implementation,
+                                 local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code)
+        reference.requires_grad_(False).eval()
+
+    oc = cfg.optim
+    updates_per_step = oc.ppo_epochs * oc.minibatches
+    optimizer = make_optimizer(student, oc.lr, weight_decay=oc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2),
+                               eps=oc.adam_eps)
+    scheduler = make_scheduler(optimizer, kind=oc.lr_scheduler, warmup=oc.warmup_steps,
+                               total=oc.max_steps * updates_per_step)
+    step = 0
+    if checkpoint is not None:
+        state = load_checkpoint_state(checkpoint)
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        step = state["step"]
+        restore_run(run, state)
+        print(f"train: resumed from {checkpoint} (step {step})")
+    else:
+        reset_logs(run)
+    engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path, dtype=mc.dtype,
+                                 seed=cfg.seed, vocab_size=vocab_size)
+    if checkpoint is not None:
+        engine.update_weights(student)
+    logger = Logger(run, cfg.logging, start_step=step, config=dataclasses.asdict(cfg))
+    bar = progress_bar(oc.max_steps, initial=step, desc="train", enabled=cfg.logging.progress)
+    system = {"system_prompt": data.system_prompt, "teacher_system_prompt": data.teacher_system_prompt}
+
+    student.train()
+    while step < oc.max_steps:
+        t0 = time.perf_counter()
+        batch = build_prompt_batch([examples[i] for i in sampler.next_indices()], processor, teacher_tokenizer,
+                                   **system)
+        exp, metrics, samples = rollout_step(step, batch, engine, rewards, cfg, device=device)
+        t1 = time.perf_counter()
+
+        add_scores(exp, batch, cfg, student=student, teacher=teacher, reference=reference, vocab_size=vocab_size,
+                   device=device)
+        t2 = time.perf_counter()
+
+        generator = torch.Generator().manual_seed(cfg.seed + step)
+        metrics.update(optimize(student, exp, cfg, optimizer, scheduler, generator=generator,
+                                teacher_head=teacher_head, vocab_size=vocab_size,
+                                after_update=lambda: engine.update_weights(student)))
+        step += 1
+        t3 = time.perf_counter()
+        metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
+                        "time/step": t3 - t0})
+        if step % cfg.logging.every == 0 or step == oc.max_steps:
+            logger.log(step, scalar_metrics(metrics))
+            logger.samples(samples)
+        bar.update()
+        bar.set_postfix(reward=f"{float(metrics['reward/mean']):.3f}", loss=f"{metrics['loss']:.4f}")
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            state = {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
+            if cfg.checkpoint.save_optimizer:
+                state["optimizer"] = optimizer.state_dict()
+            save_checkpoint(run, step, student, processor, state, keep_last=cfg.checkpoint.keep_last)
+    bar.close()
+    logger.close()
+    final = save_model(student, processor, run / "final")
+    print(f"train: {step} steps -> {final}")
+    return final

@@ -1,0 +1,282 @@
+"""Run plumbing shared by the stages: run folders, seeding, optimizer + schedule, checkpoints, logs.
+
+A run folder (``{output_dir}/{stage}``) holds::
+
+    config.yaml              the resolved config (rewritten at every start)
+    metrics.jsonl            one JSON object per step
+    samples.jsonl            a few rollouts per step (RL)
+    checkpoints/step_000010/ model/ (save_pretrained + processor), state.pt, written as step_000010.tmp
+                             and renamed when complete: a run killed mid-save leaves no half checkpoint
+    final/                   the trained model (save_pretrained + processor)
+
+``state.pt`` holds the optimizer, the scheduler, the RNG states (python, numpy, torch, cuda), the
+data position (sampler state), the step and the byte sizes of the log files at that step: resuming
+truncates the logs to those sizes, so the lines a killed run wrote after its last checkpoint vanish
+and the resumed run writes them again, identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import random
+import shutil
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vold.config import Config, LoggingConfig, save_config
+
+STATE_FILE = "state.pt"
+LOG_FILES = ("metrics.jsonl", "samples.jsonl")
+
+
+# ---- run folder and seeding ------------------------------------------------------------------------
+
+def run_dir(cfg: Config, stage: str) -> Path:
+    """``{output_dir}/{stage}``: each stage of one config writes its own run folder."""
+    return Path(cfg.output_dir) / stage
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def start_run(cfg: Config, stage: str) -> Path:
+    """Create the run folder, save the resolved config beside it, seed python/numpy/torch."""
+    path = run_dir(cfg, stage)
+    path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, path / "config.yaml")
+    seed_everything(cfg.seed)
+    return path
+
+
+# ---- optimizer and schedule -----------------------------------------------------------------------
+
+def make_optimizer(model: torch.nn.Module, lr: float, *, weight_decay: float = 0.0, betas: tuple[float, float] = (
+        0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+
+
+def lr_factor(step: int, *, kind: str, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr at optimizer update ``step`` (0-based).
+
+    warmup: ``(step + 1) / warmup`` for ``step < warmup``; then with ``p = (step - warmup) / max(1, total - warmup)``
+    in [0, 1]: constant 1, linear ``1 - (1 - m) p``, cosine ``m + (1 - m) (1 + cos(pi p)) / 2``.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    if kind == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"lr_scheduler={kind!r} is not one of ('constant', 'linear', 'cosine')")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, *, kind: str, warmup: int, total: int,
+                   min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, kind=kind, warmup=warmup, total=total, min_ratio=min_ratio))
+
+
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip to ``max_norm`` (0 disables) and return the total norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+def checkpoint_dir(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step_{step:06d}"
+
+
+def save_model(model: torch.nn.Module, processor: Any, path: Path) -> Path:
+    """``save_pretrained`` of the model and its processor/tokenizer: a folder every loader reads."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    if processor is not None:
+        processor.save_pretrained(path)
+    return path
+
+
+def save_checkpoint(run: Path, step: int, model: torch.nn.Module, processor: Any, state: dict[str, Any], *,
+                    keep_last: int = 2) -> Path:
+    """Write ``checkpoints/step_N`` atomically (``.tmp`` then rename); keep the ``keep_last`` newest."""
+    final = checkpoint_dir(run, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, processor, tmp / "model")
+    torch.save({**state, "step": step, "rng": rng_state(), "logs": log_positions(run)}, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in list_checkpoints(run)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (``.tmp`` folders of an interrupted save are ignored)."""
+    folder = run / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+             and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def find_checkpoint(run: Path, resume: str) -> Path | None:
+    """``resume``: ``auto`` (the latest checkpoint of ``run``, or None), ``none``, or a checkpoint folder."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint.resume={resume!r}: no {STATE_FILE} in that folder "
+                                f"(use 'auto', 'none' or a checkpoints/step_N folder)")
+    return path
+
+
+def load_checkpoint_state(path: Path) -> dict[str, Any]:
+    """The ``state.pt`` of a checkpoint (trusted: written by this code)."""
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def restore_run(run: Path, state: dict[str, Any]) -> None:
+    """Put the RNGs back and cut the logs to where they were when the checkpoint was written."""
+    set_rng_state(state["rng"])
+    truncate_logs(run, state["logs"])
+
+
+def reset_logs(run: Path) -> None:
+    """A run that starts from scratch starts its logs from scratch too (no lines of an earlier run)."""
+    truncate_logs(run, dict.fromkeys(LOG_FILES, 0))
+
+
+def log_positions(run: Path) -> dict[str, int]:
+    return {name: (run / name).stat().st_size if (run / name).exists() else 0 for name in LOG_FILES}
+
+
+def truncate_logs(run: Path, positions: dict[str, int]) -> None:
+    for name, size in positions.items():
+        path = run / name
+        if path.exists() and path.stat().st_size > size:
+            with open(path, "r+b") as f:
+                f.truncate(size)
+
+
+# ---- logs ------------------------------------------------------------------------------------------
+
+class Logger:
+    """Metrics to ``metrics.jsonl`` (+ TensorBoard, wandb when asked for and installed); samples to JSONL."""
+
+    def __init__(self, run: Path, cfg: LoggingConfig, *, start_step: int = 0, config: dict[str, Any] | None = None):
+        self.run, self.cfg = run, cfg
+        self.tb = self.wandb = None
+        if cfg.tensorboard:
+            if importlib.util.find_spec("tensorboard") is None:
+                warnings.warn("logging.tensorboard=true but the tensorboard package is not installed: "
+                              "skipping TensorBoard (pip install tensorboard)", stacklevel=2)
+            else:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                warnings.warn("logging.wandb=true but wandb is not installed: skipping it", stacklevel=2)
+            else:
+                run_id = hashlib.sha1(str(run.resolve()).encode()).hexdigest()[:16]  # one wandb run per folder
+                self.wandb = wandb.init(project=cfg.wandb_project, dir=str(run), config=config, resume="allow",
+                                        id=run_id, name=str(run))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **metrics}
+        if self.cfg.jsonl:
+            append_jsonl(self.run / "metrics.jsonl", [record])
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def samples(self, records: list[dict[str, Any]]) -> None:
+        if records:
+            append_jsonl(self.run / "samples.jsonl", records)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def progress_bar(total: int | None, *, initial: int = 0, desc: str = "", enabled: bool = True) -> Any:
+    """A tqdm bar when tqdm is installed and ``enabled``, else an object with the same (no-op) methods."""
+    if enabled and importlib.util.find_spec("tqdm") is not None:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+    return _NoBar()
+
+
+def scalar_metrics(values: dict[str, Any]) -> dict[str, float]:
+    """Plain floats (tensors ``.item()``-ed) for the logs (``json`` writes NaN as ``NaN`` and reads it back)."""
+    return {key: float(value.item() if isinstance(value, torch.Tensor) else value) for key, value in values.items()}
