@@ -35,6 +35,7 @@ class _Call:
     spec: ChunkSpec
     ops: object
     chunk_size: int
+    metric_names: tuple[str, ...] = ()
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -92,6 +93,8 @@ class VoldLossFunction(torch.autograd.Function):
         call.metrics["loss"] = total.detach()
         for key, value in sums.items():
             call.metrics[key] = value if key == "policy_loss" else value / denom
+        for key in call.metric_names:  # an all-masked batch still reports every metric (as 0)
+            call.metrics.setdefault(key, torch.zeros((), device=s_hidden.device))
         ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
         return total
 
@@ -293,7 +296,13 @@ def vold_loss(
         entropy_coef=entropy_coef,
     )
     chunk = max(1, chunk_size or default_chunk_size(vocab, s_hidden.device))
-    call = _Call(inputs=inputs, cfg=cfg, spec=spec, ops=get_ops(impl, s_hidden.device, chunk), chunk_size=chunk)
+    metric_names = ("loss", "policy_loss", "entropy", "ratio", "clip_low", "clip_high")
+    if ref_kl_coef != 0.0:
+        metric_names += ("ref_kl",)
+    if use_full or need_teacher_logp or (distill_estimator != "full" and teacher_logprobs is not None):
+        metric_names += ("distill_kl",)
+    call = _Call(inputs=inputs, cfg=cfg, spec=spec, ops=get_ops(impl, s_hidden.device, chunk), chunk_size=chunk,
+                 metric_names=metric_names)
     s_bias = None if student_bias is None else student_bias[:vocab]
     loss = VoldLossFunction.apply(s_hidden, student_weight[:vocab], s_bias, t_hidden, t_weight, t_bias,
                                   s_targets, call)

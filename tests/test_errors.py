@@ -351,3 +351,15 @@ def test_vold_loss_empty_packed_batch(impl):
     assert bool((w.grad == 0).all())
     for key, value in metrics.items():
         assert bool(torch.isfinite(value).all()), f"metric {key} = {value}"
+
+
+def test_all_masked_batch_reports_the_same_metric_names_as_zeros():
+    h, w = torch.randn(2, 3, 4, requires_grad=True), torch.randn(9, 4)
+    common = dict(teacher_hidden=torch.randn(2, 3, 4), teacher_weight=w, ref_logprobs=torch.zeros(2, 3),
+                  ref_kl_coef=0.1, impl="torch")
+    y, adv = torch.zeros(2, 3, dtype=torch.long), torch.ones(2)
+    _, full = vold_loss(h, w, y, adv, **common)
+    loss, empty = vold_loss(h, w, y, adv, mask=torch.zeros(2, 3), **common)
+    assert sorted(empty) == sorted(full)
+    assert all(float(v) == 0.0 for v in empty.values())
+    assert float(loss) == 0.0
