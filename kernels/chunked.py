@@ -51,6 +51,76 @@ class Head:
 
 
 @dataclass(frozen=True)
+class VocabShard:
+    """This rank's slice ``[start, start + size)`` of a vocabulary sharded over ``group`` (tensor-parallel
+    lm_head, as Megatron's vocab-parallel cross-entropy). Row statistics are all-reduced: the max and
+    sum-exp for each log-normaliser, then every vocabulary sum; the target's logit lives on one rank."""
+
+    group: object  # torch.distributed.ProcessGroup
+    start: int
+    size: int
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return x
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM, group=self.group)
+        return x
+
+    def local_targets(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index into this shard, clamped; 1.0 where the target is on this rank else 0.0)."""
+        local = targets - self.start
+        inside = (local >= 0) & (local < self.size)
+        return local.clamp(0, self.size - 1), inside.float()
+
+
+def resolve_shard(
+    process_group, local_rows: int, device: torch.device, impl: str, vocab_size: int | None
+) -> tuple[str, VocabShard | None, int]:
+    """``(impl, shard, global vocabulary size)`` for an optional ``process_group`` (vocab-parallel)."""
+    if process_group is None:
+        return impl, None, local_rows
+    if vocab_size is not None:
+        raise ValueError("vocab_size= cannot be combined with process_group= (shard the common rows instead)")
+    shard = vocab_shard(process_group, local_rows, device, impl)
+    return "torch", shard, local_rows * torch.distributed.get_world_size(process_group)
+
+
+def vocab_shard(process_group, local_rows: int, device: torch.device, impl: str) -> VocabShard:
+    """The ``VocabShard`` of this rank: equal contiguous shards, rank r holding rows
+    ``[r * local_rows, (r + 1) * local_rows)`` of the global vocabulary (Megatron's layout)."""
+    if impl not in ("auto", "torch"):
+        raise ValueError(f"process_group= (vocab-parallel lm_head) runs on impl='torch', got impl={impl!r}")
+    import torch.distributed as dist
+
+    sizes = torch.tensor([local_rows, -local_rows], dtype=torch.float64, device=device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=process_group)
+    if int(sizes[0]) != local_rows or int(-sizes[1]) != local_rows:
+        raise ValueError(
+            f"process_group: every rank must hold the same number of vocabulary rows (weight shards of "
+            f"{int(-sizes[1])}..{int(sizes[0])} rows); pad the vocabulary to a multiple of the world size"
+        )
+    return VocabShard(process_group, dist.get_rank(process_group) * local_rows, local_rows)
+
+
+def _reduce_max(x: torch.Tensor, shard: VocabShard | None) -> torch.Tensor:
+    return x if shard is None else shard.max(x)
+
+
+def _reduce_sum(x: torch.Tensor, shard: VocabShard | None) -> torch.Tensor:
+    return x if shard is None else shard.sum(x)
+
+
+def _gather_rows(values: torch.Tensor, targets: torch.Tensor, shard: VocabShard | None) -> torch.Tensor:
+    """values[i, targets[i]] for global target ids (summed over the ranks that hold them)."""
+    if shard is None:
+        return values.gather(1, targets[:, None]).view(-1)
+    local, inside = shard.local_targets(targets)
+    return shard.sum(values.gather(1, local[:, None]).view(-1) * inside)
+
+
+@dataclass(frozen=True)
 class ChunkSpec:
     """Which per-row statistics a call needs."""
 
@@ -59,6 +129,7 @@ class ChunkSpec:
     divergence: str | None = None  # None | "reverse_kl" | "forward_kl" | "jsd"
     beta: float = 0.5  # JSD mixing weight (Liger's convention: 0 = forward KL, 1 = reverse KL)
     need_teacher_logp: bool = False
+    shard: VocabShard | None = None  # vocab-parallel lm_head (torch engine)
 
     @property
     def needs_teacher(self) -> bool:
@@ -73,11 +144,11 @@ def default_chunk_size(vocab_size: int, device: torch.device) -> int:
     return max(_MIN_CHUNK, min(_MAX_CHUNK, rows))
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor, *, consume_b: bool = False) -> torch.Tensor:
+def _rowdot(a: torch.Tensor, b: torch.Tensor, shard: VocabShard | None = None, *, consume_b: bool = False):
     """sum_j a_ij b_ij per row with torch's pairwise summation (a BLAS dot over V accumulates
     sequentially and loses ~1e-5 relative at V = 32k). ``consume_b``: b is a temporary that may be
-    overwritten, so no [chunk, V] buffer is allocated."""
-    return (b.mul_(a) if consume_b else a * b).sum(-1)
+    overwritten, so no [chunk, V] buffer is allocated. Summed over the vocabulary shards."""
+    return _reduce_sum((b.mul_(a) if consume_b else a * b).sum(-1), shard)
 
 
 _DIVERGENCE_CODE = {None: 0, "reverse_kl": 1, "forward_kl": 2, "jsd": 3}
@@ -88,14 +159,14 @@ def _scaled(logits: torch.Tensor, inv_t: float) -> torch.Tensor:
     return x * inv_t if inv_t != 1.0 else x
 
 
-def _log_softmax(logits: torch.Tensor, inv_t: float, *, want_probs: bool):
+def _log_softmax(logits: torch.Tensor, inv_t: float, *, want_probs: bool, shard: VocabShard | None = None):
     """``(log_softmax(logits * inv_t), logsumexp)``, plus ``softmax`` when ``want_probs``: fp32, at most
     two new ``[chunk, V]`` buffers (the logits are never modified: the backward pass rereads them)."""
     x = _scaled(logits, inv_t)
-    row_max = x.amax(dim=-1, keepdim=True)
+    row_max = _reduce_max(x.amax(dim=-1, keepdim=True), shard)
     logp = x - row_max
     probs = logp.exp()
-    log_total = probs.sum(dim=-1, keepdim=True).log()
+    log_total = _reduce_sum(probs.sum(dim=-1, keepdim=True), shard).log()
     logp.sub_(log_total)
     lse = (row_max + log_total).view(-1)
     if want_probs:
@@ -112,7 +183,13 @@ def _log_p_over_mixture(log_q_over_p: torch.Tensor, beta: float) -> torch.Tensor
 
 
 def chunk_statistics(
-    z: torch.Tensor, u: torch.Tensor | None, targets: torch.Tensor, inv_t: float, code: int, beta: float
+    z: torch.Tensor,
+    u: torch.Tensor | None,
+    targets: torch.Tensor,
+    inv_t: float,
+    code: int,
+    beta: float,
+    shard: VocabShard | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-row statistics of one chunk (pure function: eager, or compiled by torch.compile).
 
@@ -120,25 +197,25 @@ def chunk_statistics(
     divergence (code 1 reverse KL, 2 forward KL, 3 JSD) and aux (KL(p||m) for JSD). Differences of
     log-probabilities are formed before each reduction (no cancellation of two ~log V sums).
     """
-    logp_all, lse_z, p = _log_softmax(z, inv_t, want_probs=True)
-    out = {"lse_z": lse_z, "logp": logp_all.gather(1, targets[:, None]).view(-1), "entropy": -_rowdot(p, logp_all)}
+    logp_all, lse_z, p = _log_softmax(z, inv_t, want_probs=True, shard=shard)
+    out = {"lse_z": lse_z, "logp": _gather_rows(logp_all, targets, shard), "entropy": -_rowdot(p, logp_all, shard)}
     if u is None:
         return out
     if code >= 2:
-        logq_all, lse_u, q = _log_softmax(u, inv_t, want_probs=True)
+        logq_all, lse_u, q = _log_softmax(u, inv_t, want_probs=True, shard=shard)
     else:
-        logq_all, lse_u = _log_softmax(u, inv_t, want_probs=False)
+        logq_all, lse_u = _log_softmax(u, inv_t, want_probs=False, shard=shard)
     out["lse_u"] = lse_u
-    out["teacher_logp"] = logq_all.gather(1, targets[:, None]).view(-1)
+    out["teacher_logp"] = _gather_rows(logq_all, targets, shard)
     if code == 1:
-        out["divergence"] = _rowdot(p, logq_all.neg_().add_(logp_all), consume_b=True)  # sum p (log p - log q)
+        out["divergence"] = _rowdot(p, logq_all.neg_().add_(logp_all), shard, consume_b=True)  # sum p (log p - log q)
     elif code == 2:
-        out["divergence"] = _rowdot(q, logq_all.sub_(logp_all), consume_b=True)  # sum q (log q - log p)
+        out["divergence"] = _rowdot(q, logq_all.sub_(logp_all), shard, consume_b=True)  # sum q (log q - log p)
     elif code == 3:
         log_q_over_p = logq_all.sub_(logp_all)
         log_p_over_m = _log_p_over_mixture(log_q_over_p, beta)
-        kl_p_m = _rowdot(p, log_p_over_m)  # before log_p_over_m is consumed below
-        kl_q_m = _rowdot(q, log_q_over_p.add_(log_p_over_m), consume_b=True)  # log q/m = log q/p + log p/m
+        kl_p_m = _rowdot(p, log_p_over_m, shard)  # before log_p_over_m is consumed below
+        kl_q_m = _rowdot(q, log_q_over_p.add_(log_p_over_m), shard, consume_b=True)  # log q/m = log q/p + log p/m
         out["divergence"] = beta * kl_q_m + (1.0 - beta) * kl_p_m
         out["aux"] = kl_p_m
     return out
@@ -155,6 +232,7 @@ def chunk_logit_grad(
     inv_t: float,
     code: int,
     beta: float,
+    shard: VocabShard | None = None,
 ) -> torch.Tensor:
     """dL/dz (fp32 ``[chunk, V]``) from the row coefficients; recomputes p, log p (and log q) from the
     logits and the saved log-normalisers. Pure function (eager or compiled)::
@@ -180,7 +258,11 @@ def chunk_logit_grad(
     dz = p.mul_(const[:, None]) if inner is None else inner.add_(const[:, None]).mul_(p)
     if q is not None:
         dz.addcmul_(q, g_div[:, None], value=-1.0)
-    dz = dz.scatter_add(1, targets[:, None], g_logp[:, None])
+    if shard is None:
+        dz = dz.scatter_add(1, targets[:, None], g_logp[:, None])
+    else:
+        local, inside = shard.local_targets(targets)
+        dz = dz.scatter_add(1, local[:, None], (g_logp * inside)[:, None])
     return dz * inv_t if inv_t != 1.0 else dz
 
 
@@ -195,13 +277,14 @@ class TorchChunkOps:
         self.chunk_rows = chunk_rows
         self.name = "torch_compile" if compiled else "torch"
 
-    def _fn(self, eager, rows: int):
-        return _compiled(eager) if self.compiled and rows == self.chunk_rows else eager
+    def _fn(self, eager, rows: int, spec: ChunkSpec):
+        compiled = self.compiled and rows == self.chunk_rows and spec.shard is None  # collectives run eagerly
+        return _compiled(eager) if compiled else eager
 
     def forward(self, z: torch.Tensor, u: torch.Tensor | None, targets: torch.Tensor, spec: ChunkSpec):
         code = _DIVERGENCE_CODE[spec.divergence] if u is not None else 0
-        fn = self._fn(chunk_statistics, z.shape[0])
-        stats = fn(z, u, targets, spec.inv_temperature, code, spec.beta)
+        fn = self._fn(chunk_statistics, z.shape[0], spec)
+        stats = fn(z, u, targets, spec.inv_temperature, code, spec.beta, spec.shard)
         cache = {"z": z, "u": u, "targets": targets, "stats": stats, "code": code}
         public = {"logp": stats["logp"]}
         if spec.need_entropy:
@@ -214,9 +297,9 @@ class TorchChunkOps:
 
     def backward(self, cache: dict, g_logp, g_ent, g_div, spec: ChunkSpec) -> torch.Tensor:
         z = cache["z"]
-        fn = self._fn(chunk_logit_grad, z.shape[0])
+        fn = self._fn(chunk_logit_grad, z.shape[0], spec)
         return fn(z, cache["u"], cache["targets"], cache["stats"], g_logp.float(), g_ent, g_div,
-                  spec.inv_temperature, cache["code"], spec.beta)
+                  spec.inv_temperature, cache["code"], spec.beta, spec.shard)
 
 
 _COMPILED: dict = {}
@@ -301,6 +384,8 @@ def run_chunks(
     if n == 0:
         result.stats = {k: torch.empty(0, device=device) for k in keep}
     if want_grads:
+        if gh is not None and spec.shard is not None:
+            spec.shard.sum(gh)  # each rank holds dz_shard @ W_shard; the hidden states are replicated
         result.grad_hidden = gh if gh is not None else None
         result.grad_weight = None if gw is None else gw.to(dtype)
         result.grad_bias = None if gb is None else gb.to(dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, run_chunks
+from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, resolve_shard, run_chunks
 
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
@@ -66,6 +66,7 @@ def fused_linear_divergence(
     impl: str = "auto",
     chunk_size: int | None = None,
     check_finite: bool = True,
+    process_group=None,
 ) -> torch.Tensor:
     """Exact per-token divergence between student p and teacher q over the whole vocabulary.
 
@@ -80,6 +81,7 @@ def fused_linear_divergence(
 
     Gradients flow to the student only; the teacher is frozen. Heads with different V need
     ``vocab_size=`` (rows ``[0, vocab_size)`` of both are compared), else ``ValueError``.
+    ``process_group``: both weights are this rank's equal vocabulary shard (see ``fused_linear_logprobs``).
     """
     checks.check_linear_head("student_", student_hidden, student_weight, student_bias, finite=check_finite)
     checks.check_linear_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, finite=check_finite)
@@ -90,7 +92,8 @@ def fused_linear_divergence(
             "must have the same leading (token) dims"
         )
     vocab = checks.resolve_vocab(student_weight, teacher_weight, vocab_size)
-    spec = divergence_spec(divergence, beta, temperature)
+    impl, shard, _ = resolve_shard(process_group, vocab, student_hidden.device, impl, vocab_size)
+    spec = divergence_spec(divergence, beta, temperature, shard=shard)
     leading = student_hidden.shape[:-1]
     s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, run_chunks
+from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, resolve_shard, run_chunks
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
@@ -53,6 +53,7 @@ def fused_linear_logprobs(
     impl: str = "auto",
     chunk_size: int | None = None,
     check_finite: bool = True,
+    process_group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of ``targets`` under ``softmax((hidden @ weight^T + bias) / temperature)``.
 
@@ -60,18 +61,22 @@ def fused_linear_logprobs(
     fp32 (and ``entropy [...]`` = -sum_j p_j log p_j when ``return_entropy``). Only ``[chunk, V]``
     logits exist at a time; under ``torch.no_grad()`` nothing is kept for a backward pass.
     Gradients flow to ``hidden``, ``weight`` and ``bias``. ``vocab_size=K`` uses rows ``[0, K)`` only.
+    ``process_group``: ``weight``/``bias`` are this rank's equal vocabulary shard (rank r holds rows
+    ``[r V_r, (r+1) V_r)``), ``hidden``/``targets`` are replicated; results and the hidden-state gradient
+    are identical on every rank, each rank gets its shard's weight gradient (torch engine).
     """
     checks.check_linear_head("", hidden, weight, bias, finite=check_finite)
     checks.check_positive("temperature", temperature)
     checks.check_choice("impl", impl, checks.IMPLS)
     vocab = checks.resolve_vocab(weight, None, vocab_size)
+    impl, shard, global_vocab = resolve_shard(process_group, vocab, hidden.device, impl, vocab_size)
     leading = hidden.shape[:-1]
-    checks.check_targets(targets, leading, vocab)
+    checks.check_targets(targets, leading, global_vocab)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
     weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
     chunk = chunk_size or default_chunk_size(vocab, hidden.device)
-    spec = ChunkSpec(inv_temperature=1.0 / temperature, need_entropy=return_entropy)
+    spec = ChunkSpec(inv_temperature=1.0 / temperature, need_entropy=return_entropy, shard=shard)
     chunk = max(1, chunk)
     ops = get_ops(impl, hidden.device, chunk)
     logp, entropy = FusedLinearLogprobsFunction.apply(flat_hidden, weight, bias, flat_targets, spec, ops, chunk)

@@ -7,12 +7,12 @@ divergence to the teacher; the loss is a scalar, so its gradients are computed i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import checks
-from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, run_chunks
+from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, resolve_shard, run_chunks
 from .divergence import divergence_spec
 from .policy_loss import (
     DISTILL_ESTIMATORS,
@@ -60,8 +60,9 @@ class VoldLossFunction(torch.autograd.Function):
         if sequence_level:
             # The sequence ratio couples all tokens of a sequence: a forward-only pre-pass gives every
             # token's logp, then the clipped term and its per-token derivative are evaluated at once.
-            logp_all = run_chunks(student, None, targets, ChunkSpec(inv_temperature=call.spec.inv_temperature),
-                                  call.ops, call.chunk_size, keep=("logp",)).stats["logp"]
+            logp_spec = replace(call.spec, need_entropy=False, divergence=None, need_teacher_logp=False)
+            logp_all = run_chunks(student, None, targets, logp_spec, call.ops, call.chunk_size,
+                                  keep=("logp",)).stats["logp"]
             loss_pg, g_policy, _, _, parts = token_objective(cfg, inputs, logp_all, None, None, include_local=False)
             total = total + loss_pg
             parts.pop("loss")
@@ -159,6 +160,7 @@ def vold_loss(
     impl: str = "auto",
     chunk_size: int | None = None,
     check_finite: bool = True,
+    process_group=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The VOLD stage-2 objective: GRPO + ref KL + distill_coef * D(student || teacher) - entropy bonus.
 
@@ -182,6 +184,8 @@ def vold_loss(
     ``old_logprobs=None`` means on-policy (ratio 1, gradient of logp). Returns ``(loss, metrics)``;
     metrics are detached scalar tensors (means over masked tokens; ``policy_loss`` normalised like
     the loss). Only ``[chunk, V]`` logits exist at a time; gradients reach the student only.
+    ``process_group``: vocab-parallel lm_heads, each rank passing its equal vocabulary shard of both
+    weights and the replicated hidden states (see ``fused_linear_logprobs``).
     """
     for name, value, choices in (
         ("loss_type", loss_type, LOSS_TYPES), ("importance_sampling_level", importance_sampling_level, IS_LEVELS),
@@ -200,6 +204,7 @@ def vold_loss(
             raise ValueError("teacher_hidden and teacher_weight must be given together")
         checks.check_linear_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, finite=check_finite)
     vocab = checks.resolve_vocab(student_weight, teacher_weight if has_teacher_head else None, vocab_size)
+    impl, shard, global_vocab = resolve_shard(process_group, vocab, student_hidden.device, impl, vocab_size)
 
     # ---- layout: flatten to N tokens with a sequence index -------------------------------------
     if cu_seqlens is None:
@@ -224,7 +229,7 @@ def vold_loss(
             raise ValueError(f"cu_seqlens must rise from 0 to N={token_shape[0]}, got {cu_seqlens.tolist()}")
         num_seqs = lengths.numel()
         seq_index = torch.arange(num_seqs, device=student_hidden.device).repeat_interleave(lengths.long())
-    checks.check_targets(targets, token_shape, vocab)
+    checks.check_targets(targets, token_shape, global_vocab)
     if mask is None:
         mask = torch.ones(token_shape, device=student_hidden.device)
     checks.check_same_shape("mask", mask, token_shape)
@@ -285,10 +290,11 @@ def vold_loss(
         t_weight = teacher_weight.detach()[:vocab]
         t_bias = None if teacher_bias is None else teacher_bias.detach()[:vocab]
     if use_full:
-        spec = divergence_spec(divergence, jsd_beta, temperature, need_entropy=True)
+        spec = divergence_spec(divergence, jsd_beta, temperature, need_entropy=True, shard=shard)
     else:
         checks.check_positive("temperature", temperature)
-        spec = ChunkSpec(inv_temperature=1.0 / temperature, need_entropy=True, need_teacher_logp=need_teacher_logp)
+        spec = ChunkSpec(inv_temperature=1.0 / temperature, need_entropy=True, need_teacher_logp=need_teacher_logp,
+                         shard=shard)
     cfg = PolicyLossConfig(
         loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, clip_ratio_c=clip_ratio_c,
         importance_sampling_level=importance_sampling_level, ref_kl_coef=ref_kl_coef,
