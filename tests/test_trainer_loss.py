@@ -11,7 +11,7 @@ from vold.data import Example, build_prompt_batch, repeat_inputs, select_rows
 from vold.kernels import vold_loss
 from vold.models import completion_hidden_states, lm_head_weight
 from vold.rewards import RewardFunctions
-from vold.rl import Experience, compute_loss, distill_weights, optimize, rollout_step, score
+from vold.rl import Experience, add_scores, compute_loss, distill_weights, optimize, rollout_step, score
 from vold.rollout.hf import HFRolloutEngine
 from vold.runs import make_scheduler
 from vold.testing import (
@@ -237,6 +237,28 @@ def test_ppo_epochs_and_minibatches_use_old_logprobs(setup):
     assert metrics["lr"] == 1.0 and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     with pytest.raises(ValueError, match="cannot fill optim.minibatches"):
         run_optimize(setup, minibatches=5, grad_accum=2)
+
+
+def test_add_scores_old_and_teacher_logprobs_at_the_sampling_temperature(setup):
+    """With several updates per rollout batch, pi_old is the policy that sampled (its log-probs are the
+    sampler's, so the first update has ratio 1); the teacher's k2 log-probs are of the same token ids after
+    its own prompt, at the same temperature T (log softmax(z / T))."""
+    student, teacher, batch = setup["student"], setup["teacher"], setup["batch"]
+    cfg = load_config(None, ["reward.functions=[accuracy, vold.testing:digit_reward]", f"rollout.num_generations={G}",
+                             "rollout.max_new_tokens=10", "rollout.temperature=0.7", "optim.ppo_epochs=2", "seed=5"])
+    engine = HFRolloutEngine(student, setup["processor"])
+    exp, _, _ = rollout_step(0, batch, engine, RewardFunctions(cfg.reward.functions), cfg, device=torch.device("cpu"))
+    sampled = engine.generate(batch, G, 10, temperature=0.7, seed=cfg.seed, return_logprobs=True)
+    assert torch.equal(sampled.completion_ids, exp.completion_ids)  # same seed: the same rollouts
+    add_scores(exp, batch, cfg, student=student, teacher=teacher, reference=None, vocab_size=None,
+               device=torch.device("cpu"))
+    torch.testing.assert_close(exp.old_logprobs, sampled.logprobs, atol=1e-5, rtol=1e-5)
+    ids, mask = exp.completion_ids, exp.completion_mask
+    with torch.no_grad():
+        log_q = (full_logits(teacher, setup["teacher_prompts"], ids, mask) / 0.7).log_softmax(-1)
+    torch.testing.assert_close(exp.teacher_logprobs, log_q.gather(-1, ids[..., None])[..., 0] * mask,
+                               atol=1e-5, rtol=1e-5)
+    assert exp.ref_logprobs is None and exp.teacher_hidden is None
 
 
 def test_select_rows_follows_images(setup):

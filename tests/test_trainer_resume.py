@@ -119,6 +119,8 @@ def test_sft_resume_from_a_middle_checkpoint_reproduces_the_run(tiny, tmp_path):
 
     assert main([*args, "--resume", "none", "sft.max_steps=1"]) == 0  # a fresh start, fresh logs
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
+    # ... and only its own checkpoints: the abandoned run's steps 2-5 would be what resume=auto picks
+    assert [p.name for p in list_checkpoints(run)] == ["step_000001"]
 
 
 def test_checkpoint_folders(tmp_path):
@@ -136,6 +138,13 @@ def test_checkpoint_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint.resume=.*no state.pt"):
         find_checkpoint(tmp_path, str(tmp_path / "nowhere"))
     assert (explicit / "model" / "tokenizer.json").is_file() and (explicit / "model" / "config.json").is_file()
+
+    # a fresh start (resume=none) or a rewind in the same folder: keep_last used to prune the new run's
+    # checkpoints (older steps) and keep the abandoned run's later ones, which resume=auto then picked
+    save_checkpoint(tmp_path, 1, model, tokenizer, {"x": "new run"}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000001"]
+    save_checkpoint(tmp_path, 2, model, tokenizer, {"x": "new run"}, keep_last=2)
+    assert find_checkpoint(tmp_path, "auto").name == "step_000002"
 
 
 def test_lr_schedule():

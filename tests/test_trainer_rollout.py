@@ -240,6 +240,25 @@ def test_vllm_sleep_level_2_needs_a_weight_sync(tiny, fake_vllm):
     assert rollout.completion_ids.shape[0] == 2 and "limit_mm_per_prompt" not in engine.llm.kwargs
 
 
+def test_vllm_sleep_level_2_train_and_eval_sync_the_weights_first(fake_vllm, tmp_path):
+    """Regression: with sleep level 2 the engine drops its weights as soon as it is built, and ``vold train``
+    synced them only when resuming (``vold eval`` never): the first rollout raised. Both sync them first now."""
+    from pathlib import Path
+
+    from vold.cli import main
+    from vold.runs import read_jsonl
+    from vold.testing import prepare_tiny_run, tiny_overrides
+
+    run = prepare_tiny_run(tmp_path / "tiny")
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
+    common = ["--config", config, *tiny_overrides(run, tmp_path / "out"), "sft.enabled=false",
+              "rollout.engine=vllm", "rollout.sleep_level=2"]
+    assert main(["train", *common, "optim.max_steps=1", "checkpoint.every=0"]) == 0
+    assert [m["step"] for m in read_jsonl(tmp_path / "out" / "rl" / "metrics.jsonl")] == [1]
+    assert main(["eval", *common, f"eval.model={run['student']}"]) == 0
+    assert len(read_jsonl(tmp_path / "out" / "eval" / "samples.jsonl")) == 4
+
+
 def test_foundations_feed_vold_loss(tiny):
     """Batch -> rollout -> rewards/advantages -> student and teacher hidden states -> vold_loss -> gradients."""
     student, processor, tokenizer = tiny["student"], tiny["processor"], tiny["tokenizer"]

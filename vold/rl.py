@@ -380,8 +380,8 @@ def train_rl(cfg: Config) -> Path:
         reset_logs(run)
     engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path, dtype=mc.dtype,
                                  seed=cfg.seed, vocab_size=vocab_size)
-    if checkpoint is not None:
-        engine.update_weights(student)
+    # always, not only on resume: vLLM's sleep level 2 drops the weights it loaded as soon as it is built
+    engine.update_weights(student)
     logger = Logger(run, cfg.logging, start_step=step, config=dataclasses.asdict(cfg))
     bar = progress_bar(oc.max_steps, initial=step, desc="train", enabled=cfg.logging.progress)
     system = {"system_prompt": data.system_prompt, "teacher_system_prompt": data.teacher_system_prompt}

@@ -137,7 +137,11 @@ def save_model(model: torch.nn.Module, processor: Any, path: Path) -> Path:
 
 def save_checkpoint(run: Path, step: int, model: torch.nn.Module, processor: Any, state: dict[str, Any], *,
                     keep_last: int = 2) -> Path:
-    """Write ``checkpoints/step_N`` atomically (``.tmp`` then rename); keep the ``keep_last`` newest."""
+    """Write ``checkpoints/step_N`` atomically (``.tmp`` then rename); keep the ``keep_last`` newest.
+
+    Checkpoints of steps after ``step`` belong to an abandoned run (a fresh start with ``resume=none``, or a
+    resume from an earlier checkpoint) and are removed: kept, ``keep_last`` would prune this run's own
+    checkpoints instead, and ``resume=auto`` would continue the abandoned run."""
     final = checkpoint_dir(run, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -145,6 +149,9 @@ def save_checkpoint(run: Path, step: int, model: torch.nn.Module, processor: Any
     torch.save({**state, "step": step, "rng": rng_state(), "logs": log_positions(run)}, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    for later in list_checkpoints(run):
+        if int(later.name.split("_")[1]) > step:
+            shutil.rmtree(later, ignore_errors=True)
     for old in list_checkpoints(run)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
