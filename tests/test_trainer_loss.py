@@ -284,3 +284,13 @@ def test_autocast_bf16_forward_with_fp32_master_weights(setup):
     grad = head_grad(student, loss16)
     assert lm_head_weight(student).dtype == grad.dtype == torch.float32 and grad.abs().sum() > 0
     assert torch.isfinite(grad).all()
+
+
+def test_optimize_refuses_several_updates_without_old_logprobs():
+    """Several updates per rollout batch with no sampling-policy log-probs would silently be on-policy."""
+    exp = Experience(prompt_inputs={}, num_images=[0] * 4, completion_ids=torch.zeros(4, 3, dtype=torch.long),
+                     completion_mask=torch.ones(4, 3), advantages=torch.zeros(4), distill_mask=torch.zeros(4))
+    cfg = load_config(overrides=["optim.ppo_epochs=2"])
+    with pytest.raises(ValueError, match="old_logprobs"):
+        optimize(torch.nn.Linear(1, 1), exp, cfg, None, None, generator=torch.Generator(), teacher_head=None,
+                 vocab_size=None)

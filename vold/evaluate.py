@@ -83,8 +83,9 @@ def evaluate(cfg: Config) -> dict[str, dict[str, float]]:
     model.eval()
     if not is_multimodal(processor) and any(e.images for ex in benchmarks.values() for e in ex):
         raise ValueError(f"the benchmark has images but {model_path} is a text-only model")
-    engine = make_rollout_engine(cfg.rollout, model, processor, model_path=model_path, dtype=cfg.model.dtype,
-                                 seed=cfg.seed, vocab_size=cfg.model.vocab_size)
+    engine = make_rollout_engine(cfg.rollout, model, processor, model_path=model_path,
+                                 dtype=cfg.model.autocast or cfg.model.dtype, seed=cfg.seed,
+                                 vocab_size=cfg.model.vocab_size)
     engine.update_weights(model)  # vLLM's sleep level 2 drops the weights it loaded as soon as it is built
     k, max_new_tokens = ec.num_samples, ec.max_new_tokens or cfg.rollout.max_new_tokens
 

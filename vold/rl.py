@@ -271,6 +271,8 @@ def optimize(student: torch.nn.Module, exp: Experience, cfg: Config, optimizer: 
     if n < oc.minibatches * oc.grad_accum:
         raise ValueError(f"{n} rollouts cannot fill optim.minibatches * optim.grad_accum = "
                          f"{oc.minibatches * oc.grad_accum} micro-batches")
+    if exp.old_logprobs is None and oc.ppo_epochs * oc.minibatches > 1:
+        raise ValueError("several updates per rollout batch need exp.old_logprobs (the sampling policy's log-probs)")
     sums: dict[str, float] = {}
     tokens: dict[str, float] = {}
     losses, grad_norms, lrs = [], [], []
@@ -378,7 +380,8 @@ def train_rl(cfg: Config) -> Path:
         print(f"train: resumed from {checkpoint} (step {step})")
     else:
         reset_logs(run)
-    engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path, dtype=mc.dtype,
+    # vLLM samples in the compute dtype (bf16 under autocast), not in the fp32 master weights' dtype
+    engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path, dtype=mc.autocast or mc.dtype,
                                  seed=cfg.seed, vocab_size=vocab_size)
     # always, not only on resume: vLLM's sleep level 2 drops the weights it loaded as soon as it is built
     engine.update_weights(student)
