@@ -1,0 +1,132 @@
+"""pytest-benchmark cases at a small shape (N=256, V=4096, H=64) and sanity checks of the harness.
+
+Benchmarks measure, tests assert: nothing here asserts on timing. What is asserted is that every
+implementation gives finite results and that vold_torch, Liger and the naive baseline compute the
+same loss (and gradients) on the harness's inputs, so that the timings compare like with like.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import kernels as bk
+
+SHAPE = bk.Shape(n=256, h=64, v=4096)
+# Four sequences of 64 tokens, the last quarter of each masked out: the masked mean is exercised.
+SETTINGS = bk.Settings(device="cpu", dtype="fp32", seq_len=64, mask_fraction=0.75, memory=False,
+                       max_foreign_cpu=None)
+REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "reference.py"
+
+
+@pytest.fixture(scope="module")
+def inputs() -> bk.Inputs:
+    return bk.make_inputs(SHAPE, SETTINGS, teacher_logprobs=True)
+
+
+def run_once(impl: str, estimator: str, inp: bk.Inputs) -> tuple[float | None, list[torch.Tensor]]:
+    """Loss and (dX, dW) of one forward + backward."""
+    inp.zero_grads()
+    out = bk.build_step(impl, estimator, inp, SETTINGS)()
+    grads = [g.detach().clone() for g in (inp.s_hidden.grad, inp.s_weight.grad) if g is not None]
+    inp.zero_grads()
+    return (None if out is None else float(out)), grads
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    """``max|a - b| <= tol * max|b|``."""
+    err = float((actual.double() - expected.double()).abs().max())
+    assert err <= tol * float(expected.double().abs().max()), f"max abs error {err:.3e}"
+
+
+@pytest.mark.parametrize("impl", ["naive", "vold_torch", "liger", "gemm_floor"])
+def test_bench_full(benchmark, inputs: bk.Inputs, impl: str) -> None:
+    step = bk.build_step(impl, "full", inputs, SETTINGS)
+    benchmark.extra_info.update(n=SHAPE.n, h=SHAPE.h, v=SHAPE.v, estimator="full")
+    out = benchmark.pedantic(step, setup=inputs.zero_grads, rounds=5, warmup_rounds=1, iterations=1)
+    if impl == "gemm_floor":
+        assert out is None
+        return
+    assert math.isfinite(float(out))
+    for grad in (inputs.s_hidden.grad, inputs.s_weight.grad):
+        assert grad is not None and bool(torch.isfinite(grad).all())
+    inputs.zero_grads()
+
+
+@pytest.mark.parametrize("estimator", ["full", "k2"])
+def test_vold_torch_loss_matches_naive(inputs: bk.Inputs, estimator: str) -> None:
+    naive_loss, naive_grads = run_once("naive", estimator, inputs)
+    vold_loss, vold_grads = run_once("vold_torch", estimator, inputs)
+    assert math.isfinite(naive_loss) and math.isfinite(vold_loss)
+    assert abs(vold_loss - naive_loss) <= 1e-4 * abs(naive_loss)
+    for got, want in zip(vold_grads, naive_grads, strict=True):
+        assert_close_rel(got, want, 1e-3)
+
+
+def test_liger_combination_matches_naive(inputs: bk.Inputs) -> None:
+    naive_loss, naive_grads = run_once("naive", "full", inputs)
+    liger_loss, liger_grads = run_once("liger", "full", inputs)
+    assert abs(liger_loss - naive_loss) <= 1e-4 * abs(naive_loss)
+    for got, want in zip(liger_grads, naive_grads, strict=True):
+        assert_close_rel(got, want, 1e-3)
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="tests/reference.py is not there")
+@pytest.mark.parametrize("estimator", ["full", "k2"])
+def test_naive_matches_the_float64_test_reference(inputs: bk.Inputs, estimator: str) -> None:
+    spec = importlib.util.spec_from_file_location("vold_tests_reference", REFERENCE)
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    teacher = (dict(teacher_hidden=inputs.t_hidden, teacher_weight=inputs.t_weight) if estimator == "full"
+               else dict(teacher_logprobs=inputs.teacher_logprobs))
+    with torch.no_grad():
+        ref, _ = reference.ref_vold_loss(
+            inputs.s_hidden, inputs.s_weight, inputs.targets, inputs.advantages, inputs.old_logprobs, inputs.mask,
+            **teacher, loss_type=bk.LOSS_TYPE, epsilon_low=bk.EPSILON_LOW, epsilon_high=bk.EPSILON_HIGH,
+            distill_coef=bk.DISTILL_COEF, distill_estimator=estimator,
+        )
+    naive_loss, _ = run_once("naive", estimator, inputs)
+    assert abs(naive_loss - float(ref)) <= 1e-5 * max(1.0, abs(float(ref)))
+
+
+def test_gemm_floor_uses_a_chunk_no_larger_than_n() -> None:
+    for n, v in ((100, 4096), (4096, 32768), (16384, 151936)):
+        chunk = bk.vold_chunk_size(n, v, torch.device("cpu"), None)
+        assert 1 <= chunk <= n
+    assert bk.vold_chunk_size(4096, 32768, torch.device("cpu"), 512) == 512
+
+
+def test_naive_is_skipped_above_the_memory_cap() -> None:
+    settings = bk.Settings(impls=("gemm_floor", "naive"), estimators=("full",), repeats=1, memory=False,
+                           naive_cap_bytes=1, seq_len=64, max_foreign_cpu=None)
+    rows = {r["impl"]: r for r in bk.run_shape(SHAPE, settings)}
+    assert rows["naive"]["status"] == "skipped (memory)"
+    assert rows["gemm_floor"]["status"] == "ok" and rows["gemm_floor"]["ratio_floor"] == 1.0
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_with_memory_children(tmp_path: Path) -> None:
+    result = bk.main(["--shapes", "256x64x4096", "--impls", "gemm_floor,vold_torch,naive", "--estimators", "full",
+                      "--repeats", "1", "--seq-len", "64", "--output", str(tmp_path), "--no-plots", "--tag", "t",
+                      "--max-foreign-cpu", "-1"])
+    saved = json.loads((tmp_path / "kernels_t.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert (tmp_path / "kernels_t.md").read_text().startswith("# vold kernel benchmark: t")
+    for row in saved["rows"]:
+        assert row["status"] == "ok" and row["mem_status"] == "ok", row
+        assert row["peak_extra_bytes"] > 0 and row["time_s"] > 0
+    assert saved["machine"]["cpu"] and saved["machine"]["torch"] == torch.__version__
+
+
+@pytest.mark.slow
+def test_help_runs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--help"], capture_output=True, text=True,
+                          cwd=bk.REPO_ROOT, timeout=120)
+    assert proc.returncode == 0 and "--preset" in proc.stdout
