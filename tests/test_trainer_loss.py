@@ -8,6 +8,7 @@ import torch
 
 from vold.config import load_config
 from vold.data import Example, build_prompt_batch, repeat_inputs, select_rows
+from vold.distributed import prompt_seeds
 from vold.kernels import vold_loss
 from vold.models import completion_hidden_states, lm_head_weight
 from vold.rewards import RewardFunctions
@@ -248,7 +249,8 @@ def test_add_scores_old_and_teacher_logprobs_at_the_sampling_temperature(setup):
                              "rollout.max_new_tokens=10", "rollout.temperature=0.7", "optim.ppo_epochs=2", "seed=5"])
     engine = HFRolloutEngine(student, setup["processor"])
     exp, _, _ = rollout_step(0, batch, engine, RewardFunctions(cfg.reward.functions), cfg, device=torch.device("cpu"))
-    sampled = engine.generate(batch, G, 10, temperature=0.7, seed=cfg.seed, return_logprobs=True)
+    sampled = engine.generate(batch, G, 10, temperature=0.7, seed=prompt_seeds(cfg.seed, 0, range(len(batch))),
+                              return_logprobs=True)
     assert torch.equal(sampled.completion_ids, exp.completion_ids)  # same seed: the same rollouts
     add_scores(exp, batch, cfg, student=student, teacher=teacher, reference=None, vocab_size=None,
                device=torch.device("cpu"))

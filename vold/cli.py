@@ -4,7 +4,9 @@
     vold sft         [--config run.yaml] [key.sub=value ...] [--resume auto|none|PATH]  stage 1
     vold train       [--config run.yaml] [key.sub=value ...] [--resume auto|none|PATH]  stage 2
     vold eval        [--config run.yaml] [key.sub=value ...]             pass@1 / mean@k
+    vold demo        [--quick] [--seeds N] [--output DIR] [key=value ...]  the ablation on a toy task (CPU)
     vold bench kernels [...]                                             kernel benchmarks (from a checkout)
+    vold bench step [--config run.yaml] [key.sub=value ...] [--steps N]  trainer step: tokens/s, time per phase
 
 Every stage reads one config (YAML, then the ``key.sub=value`` overrides) and writes its run folder
 ``{output_dir}/{traces,sft,rl,eval}`` with the resolved ``config.yaml``.
@@ -13,6 +15,7 @@ Every stage reads one config (YAML, then the ``key.sub=value`` overrides) and wr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 STAGES = {
@@ -32,6 +35,9 @@ def run_stage(command: str, config: str | None, overrides: list[str], resume: st
     if resume is not None:
         overrides = [*overrides, f"checkpoint.resume={resume}"]
     cfg = load_config(config, overrides)
+    if command in ("make-traces", "eval") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"vold {command} runs in one process (it samples; it is not data-parallel): "
+                         f"launch it with python -m vold / vold, not torchrun")
     if command == "make-traces":
         from vold.traces import make_traces
 
@@ -55,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vold", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmarks (run from a checkout: they live in benchmarks/)")
-    bench.add_argument("what", choices=["kernels"])
+    # add_help=False: `vold bench step --help` reaches the benchmark's own parser
+    bench = sub.add_parser("bench", help="benchmarks (run from a checkout: they live in benchmarks/)", add_help=False)
+    bench.add_argument("what", choices=["kernels", "step"])
     for name, help_text in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--config", default=None, help="YAML config file (default: the built-in defaults)")
@@ -64,13 +71,31 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("sft", "train"):
             stage.add_argument("--resume", default=None, metavar="auto|none|PATH",
                                help="auto: the latest checkpoint of the run folder (sets checkpoint.resume)")
+    demo = sub.add_parser("demo", help="the VOLD ablation at laptop scale on the CPU (toy task, tiny models)",
+                          description="Teacher, perception-aligned student, then arms (a)-(e) through the stages "
+                                      "above; writes a results table and figures (see docs/demo.md).")
+    demo.add_argument("--quick", action="store_true", help="a small, fast run (about 2 minutes): a smoke test")
+    demo.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: 3; 1 with --quick)")
+    demo.add_argument("--output", default=None, help="run folder (default: runs/demo, runs/demo-quick)")
+    demo.add_argument("--cache-dir", default=None, help="cached teacher/student models (default: OUTPUT/cache)")
+    demo.add_argument("--jobs", type=int, default=None, help="stages run at once in worker processes (default 1)")
+    demo.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="demo settings (vold/demo/config.py)")
+    if argv and argv[0] == "demo":
+        from vold.demo.pipeline import main as demo_main
+
+        return demo_main(parser.parse_args(argv))
     if argv and argv[0] == "bench":
         args, rest = parser.parse_known_args(argv)
         try:
-            from benchmarks.kernels import main as bench_main
+            if args.what == "step":
+                from benchmarks.step import main as bench_main
+            else:
+                from benchmarks.kernels import main as bench_main
         except ImportError as error:
             raise SystemExit(f"vold bench needs the repository's benchmarks/ directory on the path: {error}") from error
-        return int(bench_main(rest) or 0)
+        bench_main(rest)  # returns its result dictionary
+        return 0
     args, rest = parser.parse_known_args(argv)  # overrides may come before or after the options
     unknown = [a for a in rest if a.startswith("-") or "=" not in a]
     if unknown:

@@ -72,6 +72,11 @@ class RolloutConfig:
     max_new_tokens: int = 1024
     temperature: float = 1.0
     top_p: float = 1.0
+    # prompt j of a step's global batch samples with its own seed (vold.distributed.prompt_seeds), so its
+    # completions depend neither on the rest of the batch nor on the data-parallel rank that samples it. The hf
+    # engine then runs one generate call per prompt; false: one call per batch (seed + step), faster with the
+    # hf engine on a GPU, but W ranks no longer draw what one process draws. vLLM seeds requests either way.
+    seed_per_prompt: bool = True
     # vLLM only (colocated with the trainer on the same GPUs)
     gpu_memory_utilization: float = 0.3
     enable_sleep_mode: bool = True
@@ -129,6 +134,10 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     ppo_epochs: int = 1  # passes over each rollout batch
     minibatches: int = 1  # optimizer steps per pass
+    # the policy update and the frozen scoring passes run each micro-batch as ONE row of its real tokens
+    # (prompts + completions, no padding; per-sequence position ids): flash-attn varlen with
+    # model.attn_implementation=flash_attention_2, a block-diagonal mask with sdpa/eager (fine for small rows)
+    packing: bool = False
 
 
 @dataclass
@@ -172,6 +181,7 @@ class SFTConfig:
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     max_length: int = 2048  # prompt + response tokens; longer responses are cut
+    packing: bool = False  # each micro-batch as one row of real tokens (see optim.packing)
 
 
 @dataclass
@@ -208,6 +218,20 @@ class LoggingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data parallelism over the processes of a ``torchrun``/``deepspeed`` launch (see ``vold.distributed``).
+
+    Batch sizes stay global (``data.batch_size`` prompts, ``sft.batch_size * sft.grad_accum`` rows per step):
+    rank r takes every W-th one. A single process ignores this section (backend ddp)."""
+
+    backend: str = "ddp"  # ddp | deepspeed
+    process_group_backend: str = "auto"  # auto: nccl on CUDA, gloo on the CPU
+    deepspeed_config: str | None = None  # JSON (e.g. configs/deepspeed/zero2.json); default: ZeRO-2
+    find_unused_parameters: bool = True  # DDP: the vision tower gets no gradient from text-only batches
+    timeout_minutes: int = 60  # collectives wait this long (one rank may still be sampling long rollouts)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -220,6 +244,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0
     output_dir: str = "runs/vold"
     device: str = "auto"  # auto: cuda when available, else cpu
@@ -358,6 +383,8 @@ def validate(cfg: Config) -> Config:
         "loss.impl": (cfg.loss.impl, IMPLS),
         "optim.lr_scheduler": (cfg.optim.lr_scheduler, ("constant", "linear", "cosine")),
         "sft.lr_scheduler": (cfg.sft.lr_scheduler, ("constant", "linear", "cosine")),
+        "distributed.backend": (cfg.distributed.backend, ("ddp", "deepspeed")),
+        "distributed.process_group_backend": (cfg.distributed.process_group_backend, ("auto", "gloo", "nccl")),
     }
     if cfg.model.autocast is not None:
         choices["model.autocast"] = (cfg.model.autocast, ("float32", "bfloat16", "float16"))
@@ -377,6 +404,7 @@ def validate(cfg: Config) -> Config:
         "sft.grad_accum": cfg.sft.grad_accum, "sft.max_length": cfg.sft.max_length, "sft.epochs": cfg.sft.epochs,
         "eval.num_samples": cfg.eval.num_samples, "eval.temperature": cfg.eval.temperature,
         "data.eval_batch_size": cfg.data.eval_batch_size,
+        "distributed.timeout_minutes": cfg.distributed.timeout_minutes,
     }
     for key, value in positive.items():
         if not value > 0:

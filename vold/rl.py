@@ -4,7 +4,9 @@ One training step (defaults reproduce the paper: G = 5, eps 0.2/0.3, lr 6e-6, be
 no reference KL):
 
 1. B prompts from the sampler; G = ``rollout.num_generations`` completions each from the student
-   (``rollout.engine``: HF generate by default, or vLLM), sampled with seed ``seed + step``.
+   (``rollout.engine``: HF generate by default, or vLLM); prompt j of the step's batch samples with its own
+   seed ``prompt_seeds(seed, step, j)``. Data parallel (``torchrun``, ``vold.distributed``): B is global,
+   rank r samples prompts r, r + W, ... and the update is the one of a single process on all B prompts.
 2. Rewards ``r_i = sum_f w_f r_f`` (``reward.functions``) and group-normalised advantages
        A_i = (r_i - mean_g r) / (std_g r + 1e-4)     loss.scale_rewards = "group"
        A_i =  r_i - mean_g r                         loss.scale_rewards = "none"   (Dr. GRPO)
@@ -34,12 +36,19 @@ no reference KL):
 
 All log-probs use the sampling temperature (``softmax(logits / T)``), the teacher's too. The trainer
 never builds ``[N, V]`` logits: models return hidden states, the kernels take the lm_head weights.
+
+Phase timings: :func:`rollout_step`, :func:`add_scores` and :func:`optimize` take ``timings=`` (a dict)
+and add the wall seconds of each phase they run to it (:data:`PHASES`, verl's ``timing_s/*`` names;
+CUDA is synchronised around each phase); :func:`train_rl` logs them as ``time/<phase>`` beside
+``time/step`` (``python -m benchmarks.step`` reads them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +58,7 @@ import torch
 from vold.config import Config, LossConfig
 from vold.data import PromptBatch, PromptSampler, build_prompt_batch, is_multimodal, load_examples, select_rows
 from vold.data import tokenizer_of as tokenizer_of_processor
+from vold.distributed import Runtime, prompt_seeds
 from vold.kernels import fused_linear_logprobs, vold_loss
 from vold.models import (
     autocast,
@@ -58,15 +68,14 @@ from vold.models import (
     lm_head_bias,
     lm_head_weight,
     load_student,
-    resolve_device,
     student_from_config,
     teacher_from_config,
 )
+from vold.packing import pack, packed_completion_hidden_states, unpack
 from vold.rewards import RewardFunctions, group_advantages
 from vold.rollout import RolloutEngine, make_rollout_engine
 from vold.runs import (
     Logger,
-    clip_grad_norm,
     find_checkpoint,
     load_checkpoint_state,
     make_optimizer,
@@ -75,13 +84,41 @@ from vold.runs import (
     reset_logs,
     restore_run,
     run_dir,
-    save_checkpoint,
-    save_model,
     scalar_metrics,
     start_run,
 )
 
 TRAINER_ONLY = ("distill_on_wrong_only", "distill_mask_reward", "scale_rewards")  # LossConfig keys vold_loss lacks
+# the phases of one training step, in order (the keys of a ``timings`` dict; logged as ``time/<phase>``)
+PHASES = {
+    "prompts": "prompt batch: chat template, tokenizer, image processor (train_rl)",
+    "gen": "generation: the rollout engine samples G completions per prompt (rollout_step)",
+    "reward": "reward functions, group advantages, distillation weights (rollout_step)",
+    "teacher": "teacher forward over the completions, no grad, incl. offload moves (add_scores)",
+    "old_log_prob": "old-policy log-probs, only when ppo_epochs * minibatches > 1 (add_scores)",
+    "ref": "reference-policy log-probs, only when loss.ref_kl_coef != 0 (add_scores)",
+    "update_actor": "policy update: forward + backward of every micro-batch, clipping, AdamW (optimize)",
+    "update_weights": "rollout_engine.update_weights after each update: the vLLM weight sync (optimize)",
+}
+
+
+@contextlib.contextmanager
+def phase_timer(timings: dict[str, float] | None, name: str, device: torch.device | None = None) -> Iterator[None]:
+    """Add the wall seconds of the block to ``timings[name]`` (nothing when ``timings`` is None); on CUDA
+    the device is synchronised before and after, so queued kernels count in the phase that launched them."""
+    if timings is None:
+        yield
+        return
+    sync = device is not None and device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if sync:
+            torch.cuda.synchronize(device)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -124,55 +161,67 @@ def loss_options(lc: LossConfig) -> dict[str, Any]:
 def compute_loss(student: torch.nn.Module, exp: Experience, lc: LossConfig, *,
                  teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None, vocab_size: int | None = None,
                  temperature: float = 1.0, max_completion_length: int | None = None,
-                 token_normalizer: float | None = None,
-                 autocast_dtype: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 token_normalizer: float | None = None, autocast_dtype: str | None = None,
+                 packing: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The trainer's loss on one micro-batch: the student's hidden states (with grad) -> ``vold_loss``.
 
     ``teacher_head`` is the teacher's ``(lm_head weight, bias)``, needed by ``distill_estimator="full"``
-    with ``exp.teacher_hidden``; k1/k2/k3 read ``exp.teacher_logprobs``.
+    with ``exp.teacher_hidden``; k1/k2/k3 read ``exp.teacher_logprobs``. ``packing``: one packed row of
+    real tokens (``vold.packing``) and the loss in its packed layout (``cu_seqlens``): no padding anywhere.
     """
     ids, mask = exp.completion_ids, exp.completion_mask
     prompts = {k: v.to(ids.device) for k, v in exp.prompt_inputs.items()}
+    select = cu_seqlens = None
     with autocast(ids.device, autocast_dtype):
-        hidden = completion_hidden_states(student, prompts, ids, mask)
+        if packing:
+            hidden, cu_seqlens, select = packed_completion_hidden_states(student, prompts, ids, mask)
+        else:
+            hidden = completion_hidden_states(student, prompts, ids, mask)
+    tokens = (lambda x: x) if select is None else (lambda x: pack(x, select))  # [N, T, ...] -> [n, ...] packed
     hidden, weight, bias = head_for_loss(student, hidden, autocast_dtype)
     teacher: dict[str, Any] = {}
     if lc.distill_coef != 0.0 and lc.distill_estimator == "full":
         if exp.teacher_hidden is None or teacher_head is None:
             raise ValueError("distill_estimator='full' needs the teacher's hidden states and head")
-        teacher = {"teacher_hidden": exp.teacher_hidden.to(ids.device), "teacher_weight": teacher_head[0],
+        teacher = {"teacher_hidden": tokens(exp.teacher_hidden).to(ids.device), "teacher_weight": teacher_head[0],
                    "teacher_bias": teacher_head[1]}
     elif lc.distill_coef != 0.0:
-        teacher = {"teacher_logprobs": exp.teacher_logprobs}
+        teacher = {"teacher_logprobs": tokens(exp.teacher_logprobs)}
     return vold_loss(
-        hidden, weight, ids, exp.advantages, exp.old_logprobs, mask, student_bias=bias,
-        ref_logprobs=exp.ref_logprobs, distill_mask=exp.distill_mask, temperature=temperature,
+        hidden, weight, tokens(ids), exp.advantages, tokens(exp.old_logprobs), tokens(mask), student_bias=bias,
+        ref_logprobs=tokens(exp.ref_logprobs), distill_mask=exp.distill_mask, temperature=temperature,
         max_completion_length=max_completion_length, token_normalizer=token_normalizer, vocab_size=vocab_size,
-        **teacher, **loss_options(lc),
+        cu_seqlens=cu_seqlens, **teacher, **loss_options(lc),
     )
 
 
 @torch.no_grad()
 def score(model: torch.nn.Module, prompt_inputs: dict[str, torch.Tensor], num_images: list[int], ids: torch.Tensor,
           mask: torch.Tensor, *, micro_size: int, vocab_size: int | None, temperature: float = 1.0,
-          keep_hidden: bool = False, autocast_dtype: str | None = None) -> torch.Tensor:
+          keep_hidden: bool = False, autocast_dtype: str | None = None, packing: bool = False) -> torch.Tensor:
     """``log p(y_t) * m_t [N, T]`` of a frozen pass of ``model`` over the completions (micro-batched), or,
-    with ``keep_hidden``, its hidden states ``[N, T, H]`` on the CPU (for the exact divergence)."""
+    with ``keep_hidden``, its hidden states ``[N, T, H]`` on the CPU (for the exact divergence).
+    ``packing``: each micro-batch as one packed row (``vold.packing``), results scattered back to ``[N, T]``."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, ids.shape[0], micro_size):
         rows = list(range(start, min(start + micro_size, ids.shape[0])))
         inputs = {k: v.to(device) for k, v in select_rows(prompt_inputs, num_images, rows).items()}
         part_ids, part_mask = ids[rows].to(device), mask[rows].to(device)
+        select = None
         with autocast(device, autocast_dtype):
-            hidden = completion_hidden_states(model, inputs, part_ids, part_mask)
+            if packing:
+                hidden, _, select = packed_completion_hidden_states(model, inputs, part_ids, part_mask)
+            else:
+                hidden = completion_hidden_states(model, inputs, part_ids, part_mask)
         if keep_hidden:
-            out.append(hidden.cpu())
+            out.append((hidden if select is None else unpack(hidden, select)).cpu())
             continue
         hidden, weight, bias = head_for_loss(model, hidden, autocast_dtype)
-        logp = fused_linear_logprobs(hidden, weight, part_ids, bias=bias, temperature=temperature,
+        targets = part_ids if select is None else pack(part_ids, select)
+        logp = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                      vocab_size=vocab_size)
-        out.append(logp * part_mask)
+        out.append(logp * part_mask if select is None else unpack(logp, select) * part_mask)
     return torch.cat(out)
 
 
@@ -194,16 +243,26 @@ def distill_weights(per_function: dict[str, torch.Tensor], lc: LossConfig) -> to
 
 
 def rollout_step(step: int, batch: PromptBatch, engine: RolloutEngine, rewards: RewardFunctions, cfg: Config, *,
-                 device: torch.device) -> tuple[Experience, dict[str, float], list[dict[str, Any]]]:
-    """Sample G completions per prompt, reward them, make advantages and distillation weights."""
+                 device: torch.device, timings: dict[str, float] | None = None, positions: list[int] | None = None,
+                 runtime: Runtime | None = None) -> tuple[Experience, dict[str, float], list[dict[str, Any]]]:
+    """Sample G completions per prompt, reward them, make advantages and distillation weights
+    (``timings``: adds the ``gen`` and ``reward`` seconds).
+
+    Prompt j of the global batch samples with seed ``prompt_seeds(seed, step, [j])`` (``positions``: the
+    global positions of ``batch``'s prompts, default 0..B-1), so its completions do not depend on the
+    rank that samples it; the metrics are computed over every rank's rollouts (``runtime``)."""
     rc, G = cfg.rollout, cfg.rollout.num_generations
-    with autocast(device, cfg.model.autocast):
+    rt = runtime or Runtime.single()
+    seeds = (prompt_seeds(cfg.seed, step, range(len(batch)) if positions is None else positions)
+             if rc.seed_per_prompt else cfg.seed + step)
+    with phase_timer(timings, "gen", device), autocast(device, cfg.model.autocast):
         rollout = engine.generate(batch, G, rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
-                                  seed=cfg.seed + step)
+                                  seed=seeds)
     prompts = [p for p in batch.prompts for _ in range(G)]
-    total, per_function = rewards(prompts, rollout.texts, **batch.reward_columns(G))
-    advantages = group_advantages(total, G, scale=cfg.loss.scale_rewards)
-    weights = distill_weights(per_function, cfg.loss)
+    with phase_timer(timings, "reward", device):
+        total, per_function = rewards(prompts, rollout.texts, **batch.reward_columns(G))
+        advantages = group_advantages(total, G, scale=cfg.loss.scale_rewards)
+        weights = distill_weights(per_function, cfg.loss)
     rows = [i for i in range(len(batch)) for _ in range(G)]
     exp = Experience(
         prompt_inputs=select_rows(batch.student_inputs, batch.num_images, rows),
@@ -212,14 +271,19 @@ def rollout_step(step: int, batch: PromptBatch, engine: RolloutEngine, rewards: 
         distill_mask=weights.to(device),
     )
     lengths = rollout.lengths.float()
-    grouped = total.view(-1, G)
+    prompt_mask = exp.prompt_inputs.get("attention_mask", torch.ones_like(exp.prompt_inputs["input_ids"]))
+    # over all ranks' rollouts (each rank's rows are whole groups of G, so the groups survive the gather)
+    all_total, all_lengths, all_finished, all_weights = (rt.gather(x) for x in (total, lengths, rollout.finished,
+                                                                                  weights))
+    grouped = all_total.view(-1, G)
     metrics = {
-        "reward/mean": total.mean(), "reward/std": total.std() if len(total) > 1 else 0.0,
-        **{f"reward/{name}": torch.nanmean(values) for name, values in per_function.items()},
+        "reward/mean": all_total.mean(), "reward/std": all_total.std() if len(all_total) > 1 else 0.0,
+        **{f"reward/{name}": torch.nanmean(rt.gather(values)) for name, values in per_function.items()},
         "reward/frac_zero_std_groups": (grouped.amax(1) == grouped.amin(1)).float().mean(),
-        "completion/mean_length": lengths.mean(), "completion/max_length": lengths.max(),
-        "completion/truncated_frac": 1.0 - rollout.finished.float().mean(),
-        "distill/weight_mean": weights.mean(),
+        "completion/mean_length": all_lengths.mean(), "completion/max_length": all_lengths.max(),
+        "completion/tokens": all_lengths.sum(), "prompt/tokens": rt.sum([prompt_mask.sum()])[0],
+        "completion/truncated_frac": 1.0 - all_finished.float().mean(),
+        "distill/weight_mean": all_weights.mean(),
     }
     samples = [{"step": step + 1, "prompt": prompts[i], "completion": rollout.texts[i],
                 "answer": batch.examples[i // G].answer, "reward": float(total[i]),
@@ -231,43 +295,56 @@ def rollout_step(step: int, batch: PromptBatch, engine: RolloutEngine, rewards: 
 
 def add_scores(exp: Experience, batch: PromptBatch, cfg: Config, *, student: torch.nn.Module,
                teacher: torch.nn.Module | None, reference: torch.nn.Module | None, vocab_size: int | None,
-               device: torch.device) -> None:
+               device: torch.device, timings: dict[str, float] | None = None) -> None:
     """Fill ``exp`` with what the frozen passes give (no grad): the teacher's log-probs (k1/k2/k3) or hidden
     states ("full") under its own prompts, the reference's log-probs (ref KL only) and the old policy's
-    log-probs (only when the batch feeds several updates; else on-policy: ``old_logprobs=None``)."""
+    log-probs (only when the batch feeds several updates; else on-policy: ``old_logprobs=None``).
+    ``timings``: adds the ``teacher``, ``ref`` and ``old_log_prob`` seconds of the passes that ran."""
     oc, mc, lc = cfg.optim, cfg.model, cfg.loss
     n, ids, mask, temperature = len(exp), exp.completion_ids, exp.completion_mask, cfg.rollout.temperature
     micro = -(-n // (oc.minibatches * oc.grad_accum))  # the training micro-batch size
     if teacher is not None:
-        if mc.teacher_offload:
-            teacher.to(device)
-        rows = [i for i in range(len(batch)) for _ in range(cfg.rollout.num_generations)]
-        prompts = select_rows(batch.teacher_inputs, [0] * len(batch), rows)
-        full = lc.distill_estimator == "full"
-        scored = score(teacher, prompts, [0] * n, ids, mask, micro_size=micro, vocab_size=vocab_size,
-                       temperature=temperature, keep_hidden=full)
-        if full:
-            exp.teacher_hidden = scored
-        else:
-            exp.teacher_logprobs = scored
-        if mc.teacher_offload:
-            teacher.to("cpu")
-    policies = [("ref_logprobs", reference)]
+        with phase_timer(timings, "teacher", device):
+            if mc.teacher_offload:
+                teacher.to(device)
+            rows = [i for i in range(len(batch)) for _ in range(cfg.rollout.num_generations)]
+            prompts = select_rows(batch.teacher_inputs, [0] * len(batch), rows)
+            full = lc.distill_estimator == "full"
+            scored = score(teacher, prompts, [0] * n, ids, mask, micro_size=micro, vocab_size=vocab_size,
+                           temperature=temperature, keep_hidden=full, packing=oc.packing)
+            if full:
+                exp.teacher_hidden = scored
+            else:
+                exp.teacher_logprobs = scored
+            if mc.teacher_offload:
+                teacher.to("cpu")
+    policies = [("ref_logprobs", reference, "ref")]
     if oc.ppo_epochs * oc.minibatches > 1:
-        policies.append(("old_logprobs", student))
-    for name, model in policies:
+        policies.append(("old_logprobs", student, "old_log_prob"))
+    for name, model, phase in policies:
         if model is not None:
-            setattr(exp, name, score(model, exp.prompt_inputs, exp.num_images, ids, mask, micro_size=micro,
-                                     vocab_size=vocab_size, temperature=temperature, autocast_dtype=mc.autocast))
+            with phase_timer(timings, phase, device):
+                setattr(exp, name, score(model, exp.prompt_inputs, exp.num_images, ids, mask, micro_size=micro,
+                                         vocab_size=vocab_size, temperature=temperature, autocast_dtype=mc.autocast,
+                                         packing=oc.packing))
 
 
 def optimize(student: torch.nn.Module, exp: Experience, cfg: Config, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, *, generator: torch.Generator,
              teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None, vocab_size: int | None,
-             after_update: Any = None) -> dict[str, float]:
-    """ppo_epochs x minibatches optimizer updates on one rollout batch; returns the step's loss metrics."""
+             after_update: Any = None, timings: dict[str, float] | None = None,
+             runtime: Runtime | None = None) -> dict[str, float]:
+    """ppo_epochs x minibatches optimizer updates on one rollout batch; returns the step's loss metrics.
+    ``timings``: adds the ``update_actor`` seconds (forward, backward, clipping, optimizer) and the
+    ``update_weights`` seconds (``after_update``, the rollout engine's weight sync).
+
+    ``runtime`` (data parallel, ``vold.distributed``): ``exp`` is this rank's shard; the forward/backward
+    passes run through its DDP/DeepSpeed wrapper, the normalisers use the global (all-reduced) minibatch
+    token and sequence counts, and the returned metrics are over all ranks."""
     oc, lc = cfg.optim, cfg.loss
-    n = len(exp)
+    rt = runtime or Runtime.single(student)
+    world = rt.world_size
+    n, device = len(exp), exp.completion_ids.device
     if n < oc.minibatches * oc.grad_accum:
         raise ValueError(f"{n} rollouts cannot fill optim.minibatches * optim.grad_accum = "
                          f"{oc.minibatches * oc.grad_accum} micro-batches")
@@ -279,39 +356,46 @@ def optimize(student: torch.nn.Module, exp: Experience, cfg: Config, optimizer: 
     for _ in range(oc.ppo_epochs):
         order = torch.randperm(n, generator=generator) if oc.minibatches > 1 else torch.arange(n)
         for minibatch in order.tensor_split(oc.minibatches):
-            minibatch_tokens = float(exp.completion_mask[minibatch.to(exp.completion_mask.device)].sum())
-            update_loss = 0.0
-            for micro in minibatch.tensor_split(oc.grad_accum):
-                part = exp.select(micro.tolist())
-                dapo = lc.loss_type == "dapo"
-                loss, metrics = compute_loss(
-                    student, part, lc, teacher_head=teacher_head, vocab_size=vocab_size,
-                    temperature=cfg.rollout.temperature, max_completion_length=cfg.rollout.max_new_tokens,
-                    token_normalizer=max(minibatch_tokens, 1.0) if dapo else None,
-                    autocast_dtype=cfg.model.autocast,
-                )
-                scale = 1.0 if dapo else len(micro) / len(minibatch)
-                (loss * scale).backward()
-                update_loss += float(loss.detach()) * scale
-                count = float(part.completion_mask.sum())
-                for key, value in metrics.items():
-                    if key not in ("loss", "policy_loss"):
-                        sums[key] = sums.get(key, 0.0) + float(value) * count
-                        tokens[key] = tokens.get(key, 0.0) + count
-                if "policy_loss" in metrics:
-                    sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(metrics["policy_loss"]) * scale
-            grad_norms.append(clip_grad_norm(student.parameters(), oc.max_grad_norm))
-            lrs.append(scheduler.get_last_lr()[0])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(update_loss)
+            with phase_timer(timings, "update_actor", device):
+                # global counts: the gradients are averaged over the ranks, so each rank's loss is scaled by W
+                minibatch_tokens, minibatch_rows = rt.sum([
+                    float(exp.completion_mask[minibatch.to(exp.completion_mask.device)].sum()), len(minibatch)])
+                update_loss = 0.0
+                micros = minibatch.tensor_split(oc.grad_accum)
+                for index, micro in enumerate(micros):
+                    part = exp.select(micro.tolist())
+                    dapo = lc.loss_type == "dapo"
+                    with rt.accumulate(last=index == len(micros) - 1):
+                        loss, metrics = rt.forward(
+                            compute_loss, part, lc, teacher_head=teacher_head, vocab_size=vocab_size,
+                            temperature=cfg.rollout.temperature, max_completion_length=cfg.rollout.max_new_tokens,
+                            token_normalizer=max(minibatch_tokens, 1.0) / world if dapo else None,
+                            autocast_dtype=cfg.model.autocast, packing=oc.packing,
+                        )
+                        scale = 1.0 if dapo else len(micro) * world / minibatch_rows
+                        rt.backward(loss * scale)
+                    update_loss += float(loss.detach()) * scale
+                    count = float(part.completion_mask.sum())
+                    for key, value in metrics.items():
+                        if key not in ("loss", "policy_loss"):
+                            sums[key] = sums.get(key, 0.0) + float(value) * count
+                            tokens[key] = tokens.get(key, 0.0) + count
+                    if "policy_loss" in metrics:
+                        sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(metrics["policy_loss"]) * scale
+                lrs.append(scheduler.get_last_lr()[0])
+                grad_norms.append(rt.step(optimizer, scheduler, oc.max_grad_norm))
+                losses.append(update_loss)
             if after_update is not None:
-                after_update()
+                with phase_timer(timings, "update_weights", device):
+                    after_update()
     updates = len(losses)
-    out = {"loss": sum(losses) / updates, "grad_norm": sum(grad_norms) / updates, "lr": lrs[0],
-           "policy_loss": sums.pop("policy_loss", 0.0) / updates}
-    out.update({key: value / max(tokens[key], 1.0) for key, value in sums.items()})
+    # over the ranks: the losses are means of the ranks' (W-scaled) shares, the token metrics token-weighted
+    keys = sorted(tokens)
+    total_loss, policy_loss, *parts = rt.sum([sum(losses), sums.pop("policy_loss", 0.0),
+                                              *(sums[k] for k in keys), *(tokens[k] for k in keys)])
+    out = {"loss": total_loss / world / updates, "grad_norm": sum(grad_norms) / updates, "lr": lrs[0],
+           "policy_loss": policy_loss / world / updates}
+    out.update({key: parts[i] / max(parts[len(keys) + i], 1.0) for i, key in enumerate(keys)})
     return out
 
 
@@ -329,9 +413,13 @@ def student_start(cfg: Config) -> str:
 def train_rl(cfg: Config) -> Path:
     """Run stage 2; returns the folder of the final model (``{output_dir}/rl/final``)."""
     lc, mc, data = cfg.loss, cfg.model, cfg.data
-    run = start_run(cfg, "rl")
+    runtime = Runtime(cfg.distributed, cfg.device)  # data parallel under torchrun (vold.distributed)
+    run = start_run(cfg, "rl", write=runtime.is_main)
     if not data.train_files:
         raise ValueError("no training prompts: set data.train_files")
+    runtime.check_divisible(data.batch_size, "data.batch_size")
+    if runtime.distributed and cfg.rollout.engine == "vllm" and cfg.rollout.tensor_parallel_size != 1:
+        raise ValueError("data-parallel training runs one vLLM engine per rank: set rollout.tensor_parallel_size=1")
     examples = load_examples(data.train_files, image_root=data.image_root, check_images=data.check_images,
                              prompt_column=data.prompt_column, answer_column=data.answer_column)
     sampler = PromptSampler(len(examples), data.batch_size, seed=cfg.seed, shuffle=data.shuffle)
@@ -340,9 +428,9 @@ def train_rl(cfg: Config) -> Path:
         raise ValueError(f"loss.distill_mask_reward={lc.distill_mask_reward!r} is not one of reward.functions "
                          f"{rewards.names}")
 
-    device = resolve_device(cfg.device)
+    device = runtime.device
     start_path = student_start(cfg)
-    checkpoint = find_checkpoint(run, cfg.checkpoint.resume)
+    checkpoint = runtime.broadcast(find_checkpoint(run, cfg.checkpoint.resume) if runtime.is_main else None)
     student, processor = student_from_config(mc, device, path=str(checkpoint / "model") if checkpoint else start_path)
     if not is_multimodal(processor) and any(e.images for e in examples):
         raise ValueError("the training data has images but the student is a text-only model")
@@ -368,59 +456,72 @@ def train_rl(cfg: Config) -> Path:
                                eps=oc.adam_eps)
     scheduler = make_scheduler(optimizer, kind=oc.lr_scheduler, warmup=oc.warmup_steps,
                                total=oc.max_steps * updates_per_step)
+    runtime.wrap(student, optimizer, grad_accum=oc.grad_accum, max_grad_norm=oc.max_grad_norm,
+                 bf16="bfloat16" in (mc.dtype, mc.autocast),
+                 zero3="is for `vold sft` only: the rollouts and the old-policy pass of `vold train` need the "
+                       "student's whole weights on every rank (use ZeRO-2 or DDP)")
     step = 0
     if checkpoint is not None:
         state = load_checkpoint_state(checkpoint)
-        if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
-        restore_run(run, state)
-        print(f"train: resumed from {checkpoint} (step {step})")
-    else:
+        if runtime.is_main:
+            restore_run(run, state)
+            print(f"train: resumed from {checkpoint} (step {step})")
+        runtime.load_checkpoint(checkpoint, optimizer, state, scheduler)  # optimizer state, this rank's RNG
+    elif runtime.is_main:
         reset_logs(run)
     # vLLM samples in the compute dtype (bf16 under autocast), not in the fp32 master weights' dtype
     engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path, dtype=mc.autocast or mc.dtype,
                                  seed=cfg.seed, vocab_size=vocab_size)
     # always, not only on resume: vLLM's sleep level 2 drops the weights it loaded as soon as it is built
     engine.update_weights(student)
-    logger = Logger(run, cfg.logging, start_step=step, config=dataclasses.asdict(cfg))
-    bar = progress_bar(oc.max_steps, initial=step, desc="train", enabled=cfg.logging.progress)
+    logger = Logger(run, cfg.logging, start_step=step, config=dataclasses.asdict(cfg)) if runtime.is_main else None
+    bar = progress_bar(oc.max_steps, initial=step, desc="train", enabled=cfg.logging.progress and runtime.is_main)
     system = {"system_prompt": data.system_prompt, "teacher_system_prompt": data.teacher_system_prompt}
 
     student.train()
     while step < oc.max_steps:
+        timings: dict[str, float] = {}  # seconds per phase (PHASES)
         t0 = time.perf_counter()
-        batch = build_prompt_batch([examples[i] for i in sampler.next_indices()], processor, teacher_tokenizer,
-                                   **system)
-        exp, metrics, samples = rollout_step(step, batch, engine, rewards, cfg, device=device)
+        with phase_timer(timings, "prompts", device):
+            indices = sampler.next_indices()  # the global batch; this rank samples positions[r::W] of it
+            positions = runtime.shard(range(len(indices)))
+            batch = build_prompt_batch([examples[indices[j]] for j in positions], processor, teacher_tokenizer,
+                                       **system)
+        exp, metrics, samples = rollout_step(step, batch, engine, rewards, cfg, device=device, timings=timings,
+                                             positions=positions, runtime=runtime)
         t1 = time.perf_counter()
 
         add_scores(exp, batch, cfg, student=student, teacher=teacher, reference=reference, vocab_size=vocab_size,
-                   device=device)
+                   device=device, timings=timings)
         t2 = time.perf_counter()
 
         generator = torch.Generator().manual_seed(cfg.seed + step)
         metrics.update(optimize(student, exp, cfg, optimizer, scheduler, generator=generator,
                                 teacher_head=teacher_head, vocab_size=vocab_size,
-                                after_update=lambda: engine.update_weights(student)))
+                                after_update=lambda: engine.update_weights(student), timings=timings,
+                                runtime=runtime))
         step += 1
         t3 = time.perf_counter()
         metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
-                        "time/step": t3 - t0})
-        if step % cfg.logging.every == 0 or step == oc.max_steps:
+                        "time/step": t3 - t0, **{f"time/{phase}": seconds for phase, seconds in timings.items()}})
+        if logger is not None and (step % cfg.logging.every == 0 or step == oc.max_steps):
             logger.log(step, scalar_metrics(metrics))
             logger.samples(samples)
         bar.update()
         bar.set_postfix(reward=f"{float(metrics['reward/mean']):.3f}", loss=f"{metrics['loss']:.4f}")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             state = {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
-            if cfg.checkpoint.save_optimizer:
+            if cfg.checkpoint.save_optimizer and runtime.kind != "deepspeed":  # DeepSpeed: the engine saves it
                 state["optimizer"] = optimizer.state_dict()
-            save_checkpoint(run, step, student, processor, state, keep_last=cfg.checkpoint.keep_last)
+            runtime.save_checkpoint(run, step, processor, state, keep_last=cfg.checkpoint.keep_last)
     bar.close()
-    logger.close()
-    final = save_model(student, processor, run / "final")
-    print(f"train: {step} steps -> {final}")
+    if logger is not None:
+        logger.close()
+    final = runtime.save_model(processor, run / "final")
+    if runtime.is_main:
+        print(f"train: {step} steps -> {final}")
+    runtime.close()
     return final

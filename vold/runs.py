@@ -65,11 +65,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def start_run(cfg: Config, stage: str) -> Path:
-    """Create the run folder, save the resolved config beside it, seed python/numpy/torch."""
+def start_run(cfg: Config, stage: str, *, write: bool = True) -> Path:
+    """Create the run folder, save the resolved config beside it (``write``: rank 0 only), seed python/numpy/torch."""
     path = run_dir(cfg, stage)
     path.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, path / "config.yaml")
+    if write:
+        save_config(cfg, path / "config.yaml")
     seed_everything(cfg.seed)
     return path
 
@@ -136,15 +137,17 @@ def save_model(model: torch.nn.Module, processor: Any, path: Path) -> Path:
 
 
 def save_checkpoint(run: Path, step: int, model: torch.nn.Module, processor: Any, state: dict[str, Any], *,
-                    keep_last: int = 2) -> Path:
+                    keep_last: int = 2, clear_tmp: bool = True) -> Path:
     """Write ``checkpoints/step_N`` atomically (``.tmp`` then rename); keep the ``keep_last`` newest.
 
     Checkpoints of steps after ``step`` belong to an abandoned run (a fresh start with ``resume=none``, or a
     resume from an earlier checkpoint) and are removed: kept, ``keep_last`` would prune this run's own
-    checkpoints instead, and ``resume=auto`` would continue the abandoned run."""
+    checkpoints instead, and ``resume=auto`` would continue the abandoned run. ``clear_tmp=False`` keeps
+    what is already in the ``.tmp`` folder (DeepSpeed's partitioned optimizer state, written by every rank)."""
     final = checkpoint_dir(run, step)
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if clear_tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, processor, tmp / "model")
     torch.save({**state, "step": step, "rng": rng_state(), "logs": log_positions(run)}, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)

@@ -9,8 +9,10 @@ is the masked NLL of the response tokens only, from ``fused_linear_logprobs`` (n
 
 where the sums run over every micro-batch of the optimizer step, so gradient accumulation gives
 the same update as one big batch. A response is cut so that prompt + response <= sft.max_length
-(a row without room contributes nothing). Rows are padded, not packed: packing VLM rows needs
-per-sequence M-RoPE positions and varlen attention kernels, which this CPU-testable loop avoids.
+(a row without room contributes nothing). Rows are padded, or with ``sft.packing`` each micro-batch is one
+row of its real tokens (``vold.packing``: per-sequence positions, M-RoPE for image rows, flash-attn varlen
+or a block-diagonal mask). Under ``torchrun`` each rank takes every W-th row of the step's global batch
+and the normaliser is the all-reduced token count / W (the gradients are averaged): ``vold.distributed``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import torch
 
 from vold.config import Config
 from vold.data import Example, PromptSampler, build_prompt_batch, load_examples, tokenizer_of
+from vold.distributed import Runtime
 from vold.kernels import fused_linear_logprobs
-from vold.models import autocast, completion_hidden_states, head_for_loss, resolve_device, student_from_config
+from vold.models import autocast, completion_hidden_states, head_for_loss, student_from_config
+from vold.packing import pack, packed_completion_hidden_states
 from vold.runs import (
     Logger,
-    clip_grad_norm,
     find_checkpoint,
     load_checkpoint_state,
     make_optimizer,
@@ -35,8 +38,6 @@ from vold.runs import (
     progress_bar,
     reset_logs,
     restore_run,
-    save_checkpoint,
-    save_model,
     scalar_metrics,
     start_run,
 )
@@ -63,13 +64,18 @@ def sft_batch(examples: list[Example], processor: Any, responses: list[str], *, 
 
 
 def sft_loss(model: torch.nn.Module, batch: dict[str, Any], *, normalizer: float,
-             autocast_dtype: str | None = None) -> torch.Tensor:
-    """``- sum(m * log p(y)) / normalizer`` for one micro-batch (on the model's device)."""
+             autocast_dtype: str | None = None, packing: bool = False) -> torch.Tensor:
+    """``- sum(m * log p(y)) / normalizer`` for one micro-batch (on the model's device); ``packing``: one packed
+    row of real tokens (``vold.packing``), the loss over the response tokens only."""
     device = next(model.parameters()).device
     prompts = {k: v.to(device) for k, v in batch["prompt_inputs"].items()}
     ids, mask = batch["ids"].to(device), batch["mask"].to(device)
     with autocast(device, autocast_dtype):
-        hidden = completion_hidden_states(model, prompts, ids, mask)
+        if packing:
+            hidden, _, select = packed_completion_hidden_states(model, prompts, ids, mask)
+            ids, mask = pack(ids, select), pack(mask, select)
+        else:
+            hidden = completion_hidden_states(model, prompts, ids, mask)
     hidden, weight, bias = head_for_loss(model, hidden, autocast_dtype)
     logp = fused_linear_logprobs(hidden, weight, ids, bias=bias)
     return -(logp * mask).sum() / normalizer
@@ -78,7 +84,8 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, Any], *, normalizer: float
 def train_sft(cfg: Config) -> Path:
     """Run stage 1; returns the folder of the final model (``{output_dir}/sft/final``)."""
     sc, data = cfg.sft, cfg.data
-    run = start_run(cfg, "sft")
+    runtime = Runtime(cfg.distributed, cfg.device)  # data parallel under torchrun (vold.distributed)
+    run = start_run(cfg, "sft", write=runtime.is_main)
     files = sc.train_files or [str(traces_file(cfg))]
     examples = load_examples(files, image_root=data.image_root, check_images=data.check_images,
                              prompt_column=data.prompt_column, answer_column=data.answer_column,
@@ -90,65 +97,77 @@ def train_sft(cfg: Config) -> Path:
                          f"(sft.batch_size * sft.grad_accum = {step_size})")
     max_steps = sc.max_steps if sc.max_steps is not None else sc.epochs * (len(examples) // step_size)
     sampler = PromptSampler(len(examples), step_size, seed=cfg.seed, shuffle=data.shuffle)
+    runtime.check_divisible(step_size, "sft.batch_size * sft.grad_accum")
+    if step_size // runtime.world_size < sc.grad_accum:
+        raise ValueError(f"sft: {step_size // runtime.world_size} rows per rank cannot fill sft.grad_accum = "
+                         f"{sc.grad_accum} micro-batches")
 
-    device = resolve_device(cfg.device)
-    checkpoint = find_checkpoint(run, cfg.checkpoint.resume)
+    device = runtime.device
+    checkpoint = runtime.broadcast(find_checkpoint(run, cfg.checkpoint.resume) if runtime.is_main else None)
     model, processor = student_from_config(cfg.model, device, path=str(checkpoint / "model") if checkpoint else None)
     oc = cfg.optim
     optimizer = make_optimizer(model, sc.lr, weight_decay=oc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2),
                                eps=oc.adam_eps)
     scheduler = make_scheduler(optimizer, kind=sc.lr_scheduler, warmup=sc.warmup_steps, total=max_steps,
                                min_ratio=sc.min_lr_ratio)
+    runtime.wrap(model, optimizer, grad_accum=sc.grad_accum, max_grad_norm=oc.max_grad_norm,
+                 bf16="bfloat16" in (cfg.model.dtype, cfg.model.autocast))
     step = 0
     if checkpoint is not None:
         state = load_checkpoint_state(checkpoint)
-        if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
-        restore_run(run, state)
-        print(f"sft: resumed from {checkpoint} (step {step})")
-    else:
+        if runtime.is_main:
+            restore_run(run, state)
+            print(f"sft: resumed from {checkpoint} (step {step})")
+        runtime.load_checkpoint(checkpoint, optimizer, state, scheduler)  # optimizer state, this rank's RNG
+    elif runtime.is_main:
         reset_logs(run)
-    logger = Logger(run, cfg.logging, start_step=step)
-    bar = progress_bar(max_steps, initial=step, desc="sft", enabled=cfg.logging.progress)
+    logger = Logger(run, cfg.logging, start_step=step) if runtime.is_main else None
+    bar = progress_bar(max_steps, initial=step, desc="sft", enabled=cfg.logging.progress and runtime.is_main)
 
     model.train()
     while step < max_steps:
         t0 = time.perf_counter()
-        indices = sampler.next_indices()
+        indices = runtime.shard(sampler.next_indices())  # this rank's rows of the global batch: [r::W]
         micro = [
             sft_batch([examples[i] for i in chunk], processor, [responses[i] for i in chunk],
                       max_length=sc.max_length, system_prompt=data.system_prompt)
             for chunk in torch.tensor(indices).tensor_split(sc.grad_accum) if len(chunk)
         ]
-        tokens = sum(int(b["mask"].sum()) for b in micro)
+        # the global token count; the gradients are averaged over the W ranks, so each divides by tokens / W
+        tokens, truncated = (int(x) for x in runtime.sum([sum(int(b["mask"].sum()) for b in micro),
+                                                          sum(b["truncated"] for b in micro)]))
+        world = runtime.world_size
         total = 0.0
-        for batch in micro:
-            loss = sft_loss(model, batch, normalizer=max(tokens, 1), autocast_dtype=cfg.model.autocast)
-            loss.backward()
+        for index, batch in enumerate(micro):
+            with runtime.accumulate(last=index == len(micro) - 1):
+                loss = runtime.forward(sft_loss, batch, normalizer=max(tokens, 1) / world,
+                                       autocast_dtype=cfg.model.autocast, packing=sc.packing)
+                runtime.backward(loss)
             total += float(loss.detach())
-        grad_norm = clip_grad_norm(model.parameters(), oc.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = runtime.step(optimizer, scheduler, oc.max_grad_norm)
+        total = runtime.sum([total])[0] / world
         step += 1
 
         metrics = {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                   "truncated": sum(b["truncated"] for b in micro), "time/step": time.perf_counter() - t0}
-        if step % cfg.logging.every == 0 or step == max_steps:
+                   "truncated": truncated, "time/step": time.perf_counter() - t0}
+        if logger is not None and (step % cfg.logging.every == 0 or step == max_steps):
             logger.log(step, scalar_metrics(metrics))
         bar.update()
         bar.set_postfix(loss=f"{total:.4f}")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             state = {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
-            if cfg.checkpoint.save_optimizer:
+            if cfg.checkpoint.save_optimizer and runtime.kind != "deepspeed":  # DeepSpeed: the engine saves it
                 state["optimizer"] = optimizer.state_dict()
-            save_checkpoint(run, step, model, processor, state, keep_last=cfg.checkpoint.keep_last)
+            runtime.save_checkpoint(run, step, processor, state, keep_last=cfg.checkpoint.keep_last)
     bar.close()
-    logger.close()
-    final = save_model(model, processor, run / "final")
-    print(f"sft: {step} steps -> {final}")
+    if logger is not None:
+        logger.close()
+    final = runtime.save_model(processor, run / "final")
+    if runtime.is_main:
+        print(f"sft: {step} steps -> {final}")
+    runtime.close()
     return final

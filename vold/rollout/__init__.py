@@ -49,8 +49,12 @@ class RolloutEngine:
     """Samples completions; ``update_weights`` after each optimizer step, ``sleep``/``wake_up`` between phases."""
 
     def generate(self, batch: PromptBatch, num_generations: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, return_logprobs: bool = False) -> Rollout:
-        """``G = num_generations`` completions for each prompt of ``batch`` (its student inputs)."""
+                 top_p: float = 1.0, seed: int | Sequence[int] | None = None, return_logprobs: bool = False) -> Rollout:
+        """``G = num_generations`` completions for each prompt of ``batch`` (its student inputs).
+
+        ``seed``: one seed for the call, or one per prompt (a list): then each prompt's completions depend
+        on its own seed only, not on the other prompts of the batch (the trainer's data-parallel ranks
+        sample different prompt subsets and must draw what one process would)."""
         raise NotImplementedError
 
     def update_weights(self, model: torch.nn.Module) -> None:

@@ -12,7 +12,7 @@ imports without it, and building the engine without it raises an ImportError tha
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -148,18 +148,25 @@ class VLLMRolloutEngine(RolloutEngine):
         return prompts
 
     def generate(self, batch: PromptBatch, num_generations: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, return_logprobs: bool = False) -> Rollout:
+                 top_p: float = 1.0, seed: int | Sequence[int] | None = None, return_logprobs: bool = False) -> Rollout:
         """Note: vLLM's logprobs are of ``softmax(logits)`` before temperature ("raw" mode): equal to the
-        trainer's ``softmax(logits / temperature)`` only at temperature 1."""
+        trainer's ``softmax(logits / temperature)`` only at temperature 1. An int ``seed`` gives prompt i
+        the seed ``seed + i``; a list gives each prompt its own."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        if seed is None or isinstance(seed, int):
+            seeds = [None if seed is None else seed + i for i in range(len(batch))]
+        else:
+            seeds = [int(s) for s in seed]
+            if len(seeds) != len(batch):
+                raise ValueError(f"{len(seeds)} seeds for {len(batch)} prompts")
         self.wake_up()
         if not self._weights_valid:
             raise RuntimeError("the vLLM weights were dropped by sleep level 2: call update_weights(model) first")
         params = [
             self._sampling_params_cls(
                 n=num_generations, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                seed=None if seed is None else seed + i, logprobs=0 if return_logprobs else None,
+                seed=seeds[i], logprobs=0 if return_logprobs else None,
                 stop_token_ids=self.eos_token_ids, allowed_token_ids=self.allowed_token_ids,
                 detokenize=False,  # decoded here, from the same ids the trainer uses
             )
