@@ -160,6 +160,7 @@ class Settings:
     liger_jsd_chunk: int = 1024
     naive_cap_bytes: int | None = None  # None: never skip naive
     memory: bool = True
+    timing: bool = True
     mem_warmup: int = 1
     child_timeout: float = 3600.0
     seed: int = 0
@@ -208,6 +209,12 @@ def layout(n: int, seq_len: int) -> tuple[int, int]:
     return (n // t, t) if n % t == 0 else (1, n)
 
 
+def active_tokens(n: int, s: Settings) -> int:
+    """Unmasked tokens of the ``layout``: the first ``mask_fraction`` of each sequence."""
+    b, t = layout(n, s.seq_len)
+    return b * max(1, round(t * s.mask_fraction))
+
+
 def make_inputs(shape: Shape, s: Settings, *, teacher_logprobs: bool) -> Inputs:
     """Deterministic inputs (same ``seed`` -> same tensors in every process); logits have std ~2."""
     device, dtype = torch.device(s.device), s.torch_dtype
@@ -225,7 +232,7 @@ def make_inputs(shape: Shape, s: Settings, *, teacher_logprobs: bool) -> Inputs:
     targets = torch.randint(0, v, (b, t), generator=g, device=device)
     advantages = torch.randn(b, generator=g, device=device)
     noise = 0.2 * torch.randn(b, t, generator=g, device=device)
-    active_len = max(1, round(t * s.mask_fraction))
+    active_len = active_tokens(shape.n, s) // b
     mask = (torch.arange(t, device=device) < active_len).float().expand(b, t).contiguous()
     chunk = max(1, (1 << 23) // v)
     logp = chunked_logprobs(s_hidden.view(-1, h), s_weight, targets.view(-1), chunk).view(b, t)
@@ -235,7 +242,7 @@ def make_inputs(shape: Shape, s: Settings, *, teacher_logprobs: bool) -> Inputs:
     return Inputs(
         s_hidden=s_hidden.requires_grad_(True), s_weight=s_weight.requires_grad_(True), t_hidden=t_hidden,
         t_weight=t_weight, targets=targets, mask=mask, advantages=advantages, old_logprobs=logp + noise,
-        teacher_logprobs=t_logp, n_active=b * active_len,
+        teacher_logprobs=t_logp, n_active=active_tokens(shape.n, s),
     )
 
 
@@ -658,21 +665,24 @@ def run_shape(shape: Shape, s: Settings) -> list[dict[str, Any]]:
             rows[impl, est]["naive_estimate_bytes"] = naive_estimate_bytes(shape, est)
     if any(impl in COMPILED for impl, _ in keys):
         torch._dynamo.reset()  # every shape compiles afresh (and never hits the recompile limit)
-    inp = make_inputs(shape, s, teacher_logprobs="k2" in s.estimators)
-    floor_chunk = vold_chunk_size(inp.n_active, shape.v, device, s.chunk_size)
+    n_active = active_tokens(shape.n, s)
+    floor_chunk = vold_chunk_size(n_active, shape.v, device, s.chunk_size)
+    grad_bytes = (shape.n * shape.h + shape.v * shape.h) * torch.empty((), dtype=s.torch_dtype).element_size()
+    for row in rows.values():
+        row.update(n_active=n_active, grad_bytes=grad_bytes, chunk_rows=floor_chunk)
     load_before = os.getloadavg()[0]
+    inp = make_inputs(shape, s, teacher_logprobs="k2" in s.estimators) if s.timing else None
     steps: dict[tuple[str, str], Step] = {}
     for key in keys:
-        row = rows[key]
-        row.update(n_active=inp.n_active, grad_bytes=inp.grad_bytes(), chunk_rows=floor_chunk)
-        if row["status"] != "ok":
+        if rows[key]["status"] != "ok" or inp is None:
             continue
         try:
             steps[key] = build_step(*key, inp, s)
         except Exception as exc:  # noqa: BLE001
-            row["status"] = _failure(exc)
-    for key, timing in time_rows(steps, inp, s).items():
-        rows[key].update(timing)
+            rows[key]["status"] = _failure(exc)
+    if inp is not None:
+        for key, timing in time_rows(steps, inp, s).items():
+            rows[key].update(timing)
     load = [load_before, os.getloadavg()[0]]
     if device.type == "cuda" and s.memory:
         for key, step in steps.items():
@@ -686,7 +696,7 @@ def run_shape(shape: Shape, s: Settings) -> list[dict[str, Any]]:
         row = rows[key]
         row["load_avg_1m"] = load
         msg = f"{row['time_s']:.3f} s (min {row.get('time_min_s', row['time_s']):.3f}, first call " \
-              f"{row['first_call_s']:.2f})" if row["status"] == "ok" else ""
+              f"{row['first_call_s']:.2f})" if row["status"] == "ok" and "time_s" in row else ""
         _log(f"  {shape} {key[0]:<15} {key[1]:<4} {row['status']:<6} {msg}")
     del steps
     del inp
@@ -921,6 +931,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--naive-cap-gb", type=float,
                    help="skip naive when its estimated [N,V] buffers exceed this (default: 60%% of RAM / GPU memory)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--no-timing", action="store_true", help="only the peak-memory measurements (CPU: children)")
     p.add_argument("--mem-warmup", type=int, default=1,
                    help="calls in the memory child before the measured one (compiled rows: at least 1)")
     p.add_argument("--child-timeout", type=float, default=3600.0, help="seconds per memory child (default 3600)")
@@ -974,7 +985,8 @@ def settings_and_shapes(args: argparse.Namespace) -> tuple[Settings, list[Shape]
         repeats=args.repeats if args.repeats is not None else preset.get("repeats", 3), warmup=max(1, args.warmup),
         seq_len=args.seq_len, mask_fraction=args.mask_fraction, chunk_size=args.chunk_size,
         liger_grpo_chunk=args.liger_grpo_chunk, liger_jsd_chunk=args.liger_jsd_chunk, naive_cap_bytes=cap,
-        memory=not args.no_memory, mem_warmup=args.mem_warmup, child_timeout=args.child_timeout, seed=args.seed,
+        memory=not args.no_memory, timing=not args.no_timing, mem_warmup=args.mem_warmup,
+        child_timeout=args.child_timeout, seed=args.seed,
         max_foreign_cpu=None if args.max_foreign_cpu < 0 else args.max_foreign_cpu,
         quiet_timeout=args.quiet_timeout, retries=args.retries,
         wait_budget=args.wait_budget if args.wait_budget is not None else preset.get("wait_budget", 600.0),
