@@ -1,0 +1,113 @@
+"""The demo's settings: one dataclass, two presets (``full`` and ``--quick``), ``key=value`` overrides.
+
+Everything that changes a cached model (the teacher, the perception-aligned student) is part of
+that model's cache key (:func:`cache_key`), so changing e.g. ``teacher_steps`` trains a new teacher
+and changing ``rl_steps`` does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from vold.config import _coerce
+
+CACHE_VERSION = 1  # bump when the task, the models or their training change in a way the fields do not show
+
+
+@dataclass
+class DemoConfig:
+    seeds: int = 3  # replicates of everything but the teacher: perception student, traces, SFT, RL, eval
+    jobs: int = 1  # worker processes running independent stages at once
+    threads: int = 1  # torch threads per worker
+    data_seed: int = 0  # the problem split (shared by all seeds)
+
+    # problems (of the 5647 valid expressions; eval is disjoint from all others, perception from train)
+    eval_problems: int = 300  # held out: evaluated as images and as text
+    perception_problems: int = 2000  # the student's perception stage (images + text, direct answers)
+    train_problems: int = 2000  # the ablation's training prompts: text only (traces for SFT, GRPO prompts)
+    teacher_problems: int = 3000  # the teacher's own training set (gold step-by-step solutions)
+
+    # teacher: Qwen3 causal LM trained from scratch with `vold sft` on gold solutions
+    teacher_hidden: int = 96
+    teacher_layers: int = 3
+    teacher_steps: int = 800
+    teacher_lr: float = 3e-3
+    teacher_batch: int = 32
+
+    # student: Qwen2.5-VL, perception stage with `vold sft` on (image | text) -> "3+4*2=\boxed{11}"
+    student_hidden: int = 64
+    student_layers: int = 2
+    vision_hidden: int = 32
+    vision_depth: int = 2
+    perception_steps: int = 1000
+    perception_lr: float = 3e-3
+    perception_batch: int = 32
+
+    # (b) cold start: `vold make-traces` (teacher, text prompts) then `vold sft`
+    trace_temperature: float = 0.6
+    trace_top_p: float = 0.95
+    sft_steps: int = 500
+    sft_lr: float = 1e-3
+    sft_batch: int = 16
+
+    # (c)-(e) `vold train`: GRPO (+ beta * reverse KL to the teacher on wrong rollouts)
+    rl_steps: int = 300
+    rl_lr: float = 1e-4
+    rl_batch: int = 8  # prompts per step
+    num_generations: int = 5  # G (the paper's)
+    distill_coef: float = 0.1  # beta (the paper's)
+    max_new_tokens: int = 48  # a solution is ~30 characters
+    curve_points: int = 4  # held-out evaluations along each RL run (checkpoints), for the accuracy curves
+
+    # `vold eval`
+    eval_samples: int = 4  # k: accuracy = mean@k
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+
+
+QUICK = dict(
+    seeds=1, teacher_problems=2000, perception_problems=800, train_problems=120, eval_problems=40,
+    teacher_steps=250, perception_steps=200, sft_steps=40, rl_steps=6, rl_batch=4, curve_points=2, eval_samples=2,
+)
+
+TEACHER_KEYS = ("data_seed", "eval_problems", "teacher_problems", "teacher_hidden", "teacher_layers",
+                "teacher_steps", "teacher_lr", "teacher_batch")
+PERCEPTION_KEYS = ("data_seed", "eval_problems", "perception_problems", "student_hidden", "student_layers",
+                   "vision_hidden", "vision_depth", "perception_steps", "perception_lr", "perception_batch")
+
+
+def make_config(quick: bool = False, overrides: list[str] | None = None, **values: Any) -> DemoConfig:
+    """The preset (``quick`` or full), then ``key=value`` strings, then keyword values."""
+    cfg = DemoConfig(**(QUICK if quick else {}))
+    hints = typing.get_type_hints(DemoConfig)
+    names = [f.name for f in dataclasses.fields(DemoConfig)]
+    for override in overrides or []:
+        if "=" not in override:
+            raise ValueError(f"demo override {override!r} must look like key=value")
+        key, raw = (part.strip() for part in override.split("=", 1))
+        if key not in names:
+            raise ValueError(f"unknown demo setting {key!r} (settings: {', '.join(names)})")
+        setattr(cfg, key, _coerce(raw, hints[key], key))
+    for key, value in values.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    for key in ("seeds", "jobs", "threads", "rl_steps", "sft_steps", "eval_samples", "curve_points", "rl_batch",
+                "num_generations", "teacher_steps", "perception_steps"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"demo setting {key} must be >= 1, got {getattr(cfg, key)}")
+    return cfg
+
+
+def cache_key(cfg: DemoConfig, keys: tuple[str, ...]) -> str:
+    """A short hash of the settings ``keys`` (and the cache version): the name of a cached model's folder."""
+    spec = {"version": CACHE_VERSION, **{k: getattr(cfg, k) for k in keys}}
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def as_dict(cfg: DemoConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

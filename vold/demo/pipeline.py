@@ -1,0 +1,425 @@
+"""``vold demo``: the VOLD ablation at laptop scale, through the trainer's own stages.
+
+Stages (every one is a call of the trainer's public function on a :class:`vold.config.Config`, so
+each run folder has its ``config.yaml``, ``metrics.jsonl`` and models exactly as ``vold sft`` /
+``vold make-traces`` / ``vold train`` / ``vold eval`` write them):
+
+    data                      problems -> JSONL (+ PNGs): teacher / perception / train (text) / eval (image, text)
+    teacher        [cached]   `vold sft` of a random Qwen3 on gold step-by-step solutions
+    perception     [cached]   `vold sft` of a random Qwen2.5-VL on (image | text) -> direct answers
+    teacher eval              `vold eval` of the teacher on the held-out problems, as text
+    per seed s:
+      traces                  `vold make-traces`: the teacher solves the train prompts (text; correct ones kept)
+      sft             (b)     `vold sft` of the perception student on those traces (the cold start)
+      rl/<arm>        (c-e)   `vold train`: (c) SFT + GRPO, (d) GRPO + distillation from the perception student,
+                              (e) SFT + GRPO + distillation, k2 and full
+      eval/<arm>      (a-e)   `vold eval` on the held-out problems as images and as text (+ RL checkpoints)
+
+Independent stages run in ``jobs`` worker processes (``threads`` torch threads each). The teacher and the
+perception student are cached under ``cache_dir`` by a hash of the settings that make them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vold.demo.config import PERCEPTION_KEYS, TEACHER_KEYS, DemoConfig, as_dict, cache_key
+from vold.demo.models import MAX_PIXELS, MIN_PIXELS
+
+# (key, label, starts from, distillation estimator or None); (a) and (b) are not RL runs
+ARMS = [
+    ("a_base", "(a) student, perception only", None, None),
+    ("b_sft", "(b) + cold-start SFT on teacher traces", None, None),
+    ("c_sft_grpo", "(c) SFT + GRPO", "sft", None),
+    ("d_grpo_distill", "(d) GRPO + distillation (k2), no cold start", "base", "k2"),
+    ("e_vold_k2", "(e) VOLD: SFT + GRPO + distillation (k2)", "sft", "k2"),
+    ("e_vold_full", "(e) VOLD: SFT + GRPO + distillation (full KL)", "sft", "full"),
+]
+RL_ARMS = [arm for arm in ARMS if arm[2] is not None]
+BENCHMARKS = ("image", "text")
+
+
+# ---- configs of the trainer's stages ------------------------------------------------------------------
+
+def base_config(dc: DemoConfig) -> dict[str, Any]:
+    """What every stage shares: tiny float32 models on the CPU, no progress bars."""
+    return {
+        "model": {"dtype": "float32", "gradient_checkpointing": False, "attn_implementation": "sdpa",
+                  "local_files_only": True, "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS},
+        "data": {"eval_batch_size": 64},
+        # one generate call per rollout batch (seed + step): per-prompt calls are ~2x slower for these tiny models
+        "rollout": {"num_generations": dc.num_generations, "max_new_tokens": dc.max_new_tokens,
+                    "seed_per_prompt": False},
+        "checkpoint": {"every": 0, "resume": "none"},  # a rerun into the same folder starts over
+        "logging": {"progress": False},
+        "device": "cpu",
+    }
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def sft_config(dc: DemoConfig, *, model: str, files: list[str], output_dir: Path, steps: int, lr: float,
+               batch: int, seed: int, response: str) -> dict[str, Any]:
+    return merge(base_config(dc), {
+        "model": {"student": model},
+        "sft": {"train_files": files, "response_column": response, "lr": lr, "batch_size": batch,
+                "max_steps": steps, "warmup_steps": min(20, steps // 10), "lr_scheduler": "cosine",
+                "min_lr_ratio": 0.1, "max_length": 160},
+        "seed": seed, "output_dir": str(output_dir),
+    })
+
+
+def eval_config(dc: DemoConfig, *, model: str, files: list[str], output_dir: Path, seed: int) -> dict[str, Any]:
+    return merge(base_config(dc), {
+        "model": {"student": model},
+        "eval": {"model": model, "files": files, "num_samples": dc.eval_samples, "temperature": dc.eval_temperature,
+                 "top_p": dc.eval_top_p, "max_new_tokens": dc.max_new_tokens, "output_dir": str(output_dir)},
+        "seed": seed, "output_dir": str(output_dir.parent),
+    })
+
+
+# ---- the stages (run in worker processes: module-level functions of plain arguments) -------------------
+
+def stage_train_model(kind: str, folder: str, size: dict[str, int], config: dict[str, Any]) -> str:
+    """``teacher`` / ``perception``: write a random model to ``folder/init``, then ``vold sft`` it."""
+    from vold.config import config_from_dict
+    from vold.demo.models import save_student, save_teacher
+    from vold.sft import train_sft
+
+    folder = Path(folder)
+    if kind == "teacher":
+        save_teacher(folder / "init", **size)
+    else:
+        save_student(folder / "init", **size)
+    config = merge(config, {"model": {"student": str(folder / "init")}, "output_dir": str(folder)})
+    return str(train_sft(config_from_dict(config)))
+
+
+def stage_traces(config: dict[str, Any]) -> str:
+    from vold.config import config_from_dict
+    from vold.traces import make_traces
+
+    return str(make_traces(config_from_dict(config)))
+
+
+def stage_sft(config: dict[str, Any]) -> str:
+    from vold.config import config_from_dict
+    from vold.sft import train_sft
+
+    return str(train_sft(config_from_dict(config)))
+
+
+def stage_rl(config: dict[str, Any]) -> str:
+    from vold.config import config_from_dict
+    from vold.rl import train_rl
+
+    return str(train_rl(config_from_dict(config)))
+
+
+def stage_eval(config: dict[str, Any], problems: dict[str, list[str]]) -> dict[str, Any]:
+    """``vold eval``, plus how often the first line of an image completion is the problem read correctly."""
+    from vold.config import config_from_dict
+    from vold.evaluate import evaluate
+    from vold.runs import read_jsonl
+
+    cfg = config_from_dict(config)
+    summary = evaluate(cfg)
+    out = Path(cfg.eval.output_dir)
+    reads: dict[str, list[float]] = {}
+    for record in read_jsonl(out / "samples.jsonl"):
+        truth = problems[record["benchmark"]][record["index"]]
+        first = [c.split("\n")[0].split("=")[0].strip() == truth for c in record["completions"]]
+        reads.setdefault(record["benchmark"], []).append(sum(first) / len(first))
+    result = {"summary": summary, "reads": {name: sum(v) / len(v) for name, v in reads.items()}}
+    (out / "demo_eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+STAGES: dict[str, Callable[..., Any]] = {"train_model": stage_train_model, "traces": stage_traces, "sft": stage_sft,
+                                         "rl": stage_rl, "eval": stage_eval}
+
+
+def run_stage(kind: str, kwargs: dict[str, Any], log_file: str, threads: int) -> tuple[Any, float]:
+    """One stage, its prints and warnings to ``log_file``; returns (result, seconds)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    start = time.perf_counter()
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = STAGES[kind](**kwargs)
+    return result, time.perf_counter() - start
+
+
+def _worker_init(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# ---- a small DAG scheduler -------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    name: str
+    kind: str
+    kwargs: dict[str, Any]
+    deps: list[str] = field(default_factory=list)
+    after: Callable[[Any], None] | None = None  # run in the main process with the result
+
+
+class Scheduler:
+    """Runs tasks once their dependencies are done: in this process (``jobs=1``) or in a process pool."""
+
+    def __init__(self, jobs: int, threads: int, log_dir: Path, say: Callable[[str], None]):
+        self.jobs, self.threads, self.log_dir, self.say = jobs, threads, log_dir, say
+        self.tasks: dict[str, Task] = {}
+        self.results: dict[str, Any] = {}
+        self.seconds: dict[str, float] = {}
+
+    def add(self, task: Task) -> None:
+        missing = [d for d in task.deps if d not in self.tasks and d not in self.results]
+        if missing:
+            raise ValueError(f"task {task.name} depends on unknown tasks {missing}")
+        self.tasks[task.name] = task
+
+    def _log(self, task: Task) -> str:
+        return str(self.log_dir / (task.name.replace("/", "__") + ".log"))
+
+    def _finish(self, task: Task, result: Any, seconds: float) -> None:
+        self.results[task.name], self.seconds[task.name] = result, seconds
+        self.say(f"done  {task.name} ({seconds:.1f} s)")
+        if task.after is not None:
+            task.after(result)
+
+    def run(self) -> None:
+        pending = dict(self.tasks)
+        ready = lambda: [t for t in pending.values() if all(d in self.results for d in t.deps)]  # noqa: E731
+        if self.jobs == 1:
+            while pending:
+                task = ready()[0]
+                del pending[task.name]
+                self.say(f"start {task.name}")
+                try:
+                    result, seconds = run_stage(task.kind, task.kwargs, self._log(task), self.threads)
+                except Exception as error:
+                    raise RuntimeError(f"demo stage {task.name} failed (log: {self._log(task)}): {error}") from error
+                self._finish(task, result, seconds)
+            return
+        running: dict[Future, Task] = {}
+        with ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                                 initargs=(self.threads,)) as pool:
+            while pending or running:
+                for task in ready():
+                    if len(running) >= self.jobs:
+                        break
+                    del pending[task.name]
+                    self.say(f"start {task.name}")
+                    running[pool.submit(run_stage, task.kind, task.kwargs, self._log(task), self.threads)] = task
+                if not running:
+                    raise RuntimeError(f"demo: tasks {sorted(pending)} can never start (a dependency cycle)")
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task = running.pop(future)
+                    try:
+                        result, seconds = future.result()
+                    except Exception as error:
+                        for other in running:
+                            other.cancel()
+                        raise RuntimeError(f"demo stage {task.name} failed (log: {self._log(task)}): "
+                                           f"{error}") from error
+                    self._finish(task, result, seconds)
+
+
+# ---- the demo -------------------------------------------------------------------------------------------
+
+def prepare_data(dc: DemoConfig, data: Path) -> dict[str, Any]:
+    """Write the problem sets; returns the file paths and, per eval benchmark, the problems' texts."""
+    from vold.demo.task import image_rows, split_problems, text_rows, write_rows
+
+    sets = split_problems(dc.data_seed, eval=dc.eval_problems, perception=dc.perception_problems,
+                          train=dc.train_problems, teacher=dc.teacher_problems)
+    images = data / "images"
+    files = {
+        "teacher": write_rows(data / "teacher_solutions.jsonl", text_rows(sets["teacher"], "solution")),
+        "perception": write_rows(data / "perception.jsonl",
+                                 image_rows(sets["perception"], images, data, "direct")
+                                 + text_rows(sets["perception"], "direct")),
+        "train": write_rows(data / "train_text.jsonl", text_rows(sets["train"])),
+        "image": write_rows(data / "image.jsonl", image_rows(sets["eval"], images, data)),
+        "text": write_rows(data / "text.jsonl", text_rows(sets["eval"])),
+    }
+    return {"files": {k: str(v) for k, v in files.items()},
+            "problems": {name: [p.text for p in sets["eval"]] for name in BENCHMARKS}}
+
+
+def cached_model(cache_dir: Path, kind: str, dc: DemoConfig, keys: tuple[str, ...],
+                 seed: int | None = None) -> tuple[Path, bool]:
+    """``(folder, hit)``: the cache folder of a model and whether a complete one is there."""
+    folder = cache_dir / f"{kind}-{cache_key(dc, keys)}" if seed is None else \
+        cache_dir / f"{kind}-{cache_key(dc, keys)}-seed{seed}"
+    done = folder / "demo_cache.json"
+    if done.is_file() and (folder / "sft" / "final" / "config.json").is_file():
+        return folder, True
+    if folder.exists():  # an interrupted earlier attempt
+        shutil.rmtree(folder)
+    return folder, False
+
+
+def run_demo(dc: DemoConfig, output: str | Path, *, cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run the whole ablation into ``output``; returns the results (also in ``results.json``)."""
+    from vold.demo.report import write_report
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    t0 = time.perf_counter()
+    log_path = out / "log.txt"
+    log_path.write_text("", encoding="utf-8")
+
+    def say(message: str) -> None:
+        line = f"[{time.perf_counter() - t0:7.1f}s] {message}"
+        print(line, flush=True)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    (out / "demo.yaml").write_text(yaml.safe_dump(as_dict(dc), sort_keys=False), encoding="utf-8")
+    say(f"vold demo -> {out} (seeds={dc.seeds}, jobs={dc.jobs}, threads={dc.threads})")
+    for stale in [*out.glob("seed_*"), out / "teacher", out / "logs"]:  # an earlier run's stages
+        shutil.rmtree(stale, ignore_errors=True)
+    data = prepare_data(dc, out / "data")
+    files, problems = data["files"], data["problems"]
+    eval_files = [files[name] for name in BENCHMARKS]
+    sched = Scheduler(dc.jobs, dc.threads, out / "logs", say)
+
+    # cached models: the teacher (one) and the perception-aligned students (one per seed: how well a tiny
+    # student's reading survives text-only post-training varies a lot from one perception model to the next)
+    cached: dict[str, Any] = {}
+    models: dict[str, tuple[str, list[str]]] = {}  # name -> (final model folder, task names to wait for)
+    specs = [("teacher", "teacher", TEACHER_KEYS, None, files["teacher"],
+              {"hidden_size": dc.teacher_hidden, "layers": dc.teacher_layers},
+              (dc.teacher_steps, dc.teacher_lr, dc.teacher_batch))]
+    specs += [(f"seed_{seed}/perception", "perception", PERCEPTION_KEYS, seed, files["perception"],
+               {"hidden_size": dc.student_hidden, "layers": dc.student_layers, "vision_hidden": dc.vision_hidden,
+                "vision_depth": dc.vision_depth}, (dc.perception_steps, dc.perception_lr, dc.perception_batch))
+              for seed in range(dc.seeds)]
+    for name, kind, keys, seed, train_file, size, (steps, lr, batch) in specs:
+        folder, hit = cached_model(cache, kind, dc, keys, seed)
+        final = str(folder / "sft" / "final")
+        cached[name] = {"path": final, "cache_hit": hit}
+        models[name] = (final, [] if hit else [name])
+        if hit:
+            say(f"cache {name}: {folder}")
+            continue
+        # the training file is copied into the cache folder, so the cached model does not point into a run
+        folder.mkdir(parents=True, exist_ok=True)
+        local = shutil.copy(train_file, folder / Path(train_file).name)
+        if kind == "perception":
+            shutil.copytree(Path(train_file).parent / "images", folder / "images", dirs_exist_ok=True)
+        config = sft_config(dc, model="", files=[str(local)], output_dir=folder, steps=steps, lr=lr, batch=batch,
+                            seed=seed or 0, response="response")
+        spec = {"seed": seed, **{k: getattr(dc, k) for k in keys}}
+
+        def mark(_result: Any, folder: Path = folder, spec: dict = spec) -> None:
+            (folder / "demo_cache.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+
+        sched.add(Task(name, "train_model", {"kind": kind, "folder": str(folder),
+                                             "size": {**size, "seed": seed or 0}, "config": config}, after=mark))
+    teacher, teacher_deps = models["teacher"]
+
+    sched.add(Task("teacher/eval", "eval", {
+        "config": eval_config(dc, model=teacher, files=[files["text"]], output_dir=out / "teacher" / "eval",
+                              seed=0),
+        "problems": problems}, deps=teacher_deps))
+
+    rl_every = max(1, dc.rl_steps // dc.curve_points)
+    for seed in range(dc.seeds):
+        root = out / f"seed_{seed}"
+        student, student_deps = models[f"seed_{seed}/perception"]
+        sched.add(Task(f"seed_{seed}/a_base/eval", "eval", {
+            "config": eval_config(dc, model=student, files=eval_files, output_dir=root / "a_base" / "eval",
+                                  seed=seed),
+            "problems": problems}, deps=student_deps))
+        traces = merge(base_config(dc), {
+            "model": {"teacher": teacher},
+            "traces": {"input_files": [files["train"]], "num_samples": 1, "keep_per_prompt": 1,
+                       "max_new_tokens": dc.max_new_tokens, "temperature": dc.trace_temperature,
+                       "top_p": dc.trace_top_p, "batch_size": 64, "filter_correct": True},
+            "seed": seed, "output_dir": str(root),
+        })
+        sched.add(Task(f"seed_{seed}/traces", "traces", {"config": traces}, deps=teacher_deps))
+        sft = sft_config(dc, model=student, files=[str(root / "traces" / "traces.jsonl")], output_dir=root,
+                         steps=dc.sft_steps, lr=dc.sft_lr, batch=dc.sft_batch, seed=seed, response="trace")
+        sched.add(Task(f"seed_{seed}/sft", "sft", {"config": sft}, deps=[f"seed_{seed}/traces", *student_deps]))
+        sft_model = str(root / "sft" / "final")
+        sched.add(Task(f"seed_{seed}/b_sft/eval", "eval", {
+            "config": eval_config(dc, model=sft_model, files=eval_files, output_dir=root / "b_sft" / "eval",
+                                  seed=seed),
+            "problems": problems}, deps=[f"seed_{seed}/sft"]))
+        for key, _label, start, estimator in RL_ARMS:
+            deps = [*teacher_deps, *student_deps] + ([f"seed_{seed}/sft"] if start == "sft" else [])
+            rl = merge(base_config(dc), {
+                "model": {"student": sft_model if start == "sft" else student, "teacher": teacher},
+                "data": {"train_files": [files["train"]], "batch_size": dc.rl_batch},
+                "optim": {"lr": dc.rl_lr, "max_steps": dc.rl_steps},
+                "loss": {"distill_coef": dc.distill_coef if estimator else 0.0,
+                         "distill_estimator": estimator or "k2"},
+                "checkpoint": {"every": rl_every, "keep_last": dc.curve_points + 1, "save_optimizer": False},
+                "seed": seed, "output_dir": str(root / key),
+            })
+            sched.add(Task(f"seed_{seed}/{key}/rl", "rl", {"config": rl}, deps=deps))
+            points = sorted({min(dc.rl_steps, rl_every * i) for i in range(1, dc.curve_points + 1)})
+            for step in points:
+                final = step == dc.rl_steps
+                model = root / key / "rl" / ("final" if final else f"checkpoints/step_{step:06d}/model")
+                where = root / key / ("eval" if final else f"curve/step_{step:06d}")
+                name = f"seed_{seed}/{key}/eval" if final else f"seed_{seed}/{key}/eval@{step}"
+                sched.add(Task(name, "eval", {
+                    "config": eval_config(dc, model=str(model), files=eval_files, output_dir=where, seed=seed),
+                    "problems": problems}, deps=[f"seed_{seed}/{key}/rl"]))
+    sched.run()
+    elapsed = time.perf_counter() - t0
+    results = write_report(out, dc, cached=cached, seconds=sched.seconds, elapsed=elapsed)
+    say(f"results: {out / 'results.md'}, figure: {out / 'figure.png'} ({elapsed:.0f} s in all)")
+    print(results["table"], flush=True)
+    return results
+
+
+def main(args: Any) -> int:
+    """Entry from ``vold demo`` (parsed arguments)."""
+    from vold.demo.config import make_config
+
+    dc = make_config(args.quick, args.overrides, seeds=args.seeds, jobs=args.jobs, threads=args.threads)
+    output = args.output or ("runs/demo-quick" if args.quick else "runs/demo")
+    run_demo(dc, output, cache_dir=args.cache_dir)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(None))

@@ -1,0 +1,250 @@
+"""The demo's results: a markdown table in the paper's style, ``results.json`` and the plots.
+
+Accuracy is ``mean@k`` of ``vold eval`` (the k-sample estimate of pass@1) on the held-out problems,
+shown as mean ± standard deviation over the seeds. "reads image" is the share of image completions
+whose first line is the problem read correctly (the restatement), a perception check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from vold.demo.config import DemoConfig, as_dict
+from vold.demo.pipeline import ARMS, BENCHMARKS, RL_ARMS
+from vold.runs import read_jsonl
+
+COLORS = {"a_base": "#7f7f7f", "b_sft": "#bcbd22", "c_sft_grpo": "#1f77b4", "d_grpo_distill": "#9467bd",
+          "e_vold_k2": "#d62728", "e_vold_full": "#ff7f0e"}
+SHORT = {"a_base": "(a) base", "b_sft": "(b) SFT", "c_sft_grpo": "(c) SFT+GRPO", "d_grpo_distill": "(d) GRPO+KD (k2)",
+         "e_vold_k2": "(e) VOLD k2", "e_vold_full": "(e) VOLD full"}
+MARKS = {"a_base": ("", "", ""), "b_sft": ("✓", "", ""), "c_sft_grpo": ("✓", "✓", ""),
+         "d_grpo_distill": ("", "✓", "k2"), "e_vold_k2": ("✓", "✓", "k2"), "e_vold_full": ("✓", "✓", "full")}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def fmt(values: list[float], scale: float = 100.0) -> str:
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "–"
+    return f"{scale * mean:.1f} ± {scale * std:.1f}" if len(values) > 1 else f"{scale * mean:.1f}"
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def accuracy(result: dict[str, Any], benchmark: str) -> float:
+    return float(result["summary"][benchmark]["mean@k"])
+
+
+def collect(out: Path, dc: DemoConfig) -> dict[str, Any]:
+    """Every number of the run, read back from the stages' output folders."""
+    arms: dict[str, Any] = {}
+    for key, label, _start, _est in ARMS:
+        per_seed = [_load(out / f"seed_{s}" / key / "eval" / "demo_eval.json") for s in range(dc.seeds)]
+        per_seed = [r for r in per_seed if r is not None]
+        arms[key] = {
+            "label": label,
+            **{b: [accuracy(r, b) for r in per_seed] for b in BENCHMARKS},
+            "reads_image": [r["reads"]["image"] for r in per_seed],
+            "pass@k_image": [float(r["summary"]["image"]["pass@k"]) for r in per_seed],
+            "mean_length_image": [float(r["summary"]["image"]["mean_length"]) for r in per_seed],
+        }
+    teacher = _load(out / "teacher" / "eval" / "demo_eval.json")
+    curves: dict[str, Any] = {}
+    for key, _label, start, _est in RL_ARMS:
+        runs = []
+        for s in range(dc.seeds):
+            root = out / f"seed_{s}"
+            metrics_file = root / key / "rl" / "metrics.jsonl"
+            metrics = read_jsonl(metrics_file) if metrics_file.is_file() else []
+            start_eval = _load(root / ("b_sft" if start == "sft" else "a_base") / "eval" / "demo_eval.json")
+            points = [(0, start_eval)] if start_eval else []
+            for folder in sorted((root / key / "curve").glob("step_*")):
+                result = _load(folder / "demo_eval.json")
+                if result:
+                    points.append((int(folder.name.split("_")[1]), result))
+            final = _load(root / key / "eval" / "demo_eval.json")
+            if final:
+                points.append((dc.rl_steps, final))
+            runs.append({
+                "step": [m["step"] for m in metrics],
+                "reward": [m["reward/mean"] for m in metrics],
+                "distill_kl": [m.get("distill_kl", math.nan) for m in metrics],
+                "eval_step": [p[0] for p in points],
+                **{f"eval_{b}": [accuracy(p[1], b) for p in points] for b in BENCHMARKS},
+            })
+        curves[key] = runs
+    traces = [_load(out / f"seed_{s}" / "traces" / "stats.json") for s in range(dc.seeds)]
+    eval_answers = [row["answer"] for row in read_jsonl(out / "data" / "text.jsonl")]
+    majority = Counter(eval_answers).most_common(1)[0][1] / len(eval_answers)
+    return {"arms": arms, "teacher_text": [accuracy(teacher, "text")] if teacher else [], "curves": curves,
+            "traces": [t for t in traces if t], "majority_answer": majority}
+
+
+def markdown(data: dict[str, Any], dc: DemoConfig) -> str:
+    header = ["arm", "cold start", "GRPO", "distillation", "image acc. (%)", "text acc. (%)", "reads image (%)"]
+    lines = ["| " + " | ".join(header) + " |", "|---|:-:|:-:|:-:|--:|--:|--:|"]
+    for key, label, _start, _est in ARMS:
+        row = data["arms"][key]
+        lines.append("| " + " | ".join([label, *MARKS[key], fmt(row["image"]), fmt(row["text"]),
+                                         fmt(row["reads_image"])]) + " |")
+    lines.append("| teacher (text-only LLM), for reference | | | | n/a | " + fmt(data["teacher_text"]) + " | n/a |")
+    kept = [t["kept"] / max(t["prompts"], 1) for t in data["traces"]]
+    notes = (f"\nAccuracy: mean@{dc.eval_samples} (temperature {dc.eval_temperature}, top-p {dc.eval_top_p}) on "
+             f"{dc.eval_problems} held-out problems, shown as images and as text; mean ± std over {dc.seeds} "
+             f"seed{'s' if dc.seeds > 1 else ''}. Every arm trains on text only. Always answering the most frequent "
+             f"answer scores {100 * data['majority_answer']:.1f}%. Cold start: {dc.sft_steps} SFT steps on teacher "
+             f"traces of {dc.train_problems} text prompts ({100 * mean_std(kept)[0]:.0f}% of them solved by the "
+             f"teacher and kept); RL: {dc.rl_steps} steps x {dc.rl_batch} prompts x {dc.num_generations} rollouts, "
+             f"lr {dc.rl_lr:g}, beta {dc.distill_coef:g} on wrong rollouts (1 - r). \"reads image\": first line of an "
+             f"image completion = the problem.\n")
+    return "\n".join(lines) + "\n" + notes
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        if len(acc) > window:
+            acc.pop(0)
+        finite = [a for a in acc if not math.isnan(a)]
+        out.append(sum(finite) / len(finite) if finite else math.nan)
+    return out
+
+
+def _band(runs: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    n = min((len(r) for r in runs), default=0)
+    means, lows, highs = [], [], []
+    for i in range(n):
+        mean, std = mean_std([r[i] for r in runs])
+        means.append(mean)
+        lows.append(mean - std)
+        highs.append(mean + std)
+    return means, lows, highs
+
+
+def plot_bars(ax, data: dict[str, Any]) -> None:
+    keys = [a[0] for a in ARMS]
+    width = 0.38
+    for j, bench in enumerate(BENCHMARKS):
+        xs = [i + (j - 0.5) * width for i in range(len(keys))]
+        stats = [mean_std(data["arms"][k][bench]) for k in keys]
+        ax.bar(xs, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats], capsize=3,
+               color=[COLORS[k] for k in keys], alpha=1.0 if bench == "image" else 0.45,
+               edgecolor="black", linewidth=0.6, label=f"{bench} problems")
+    if data["teacher_text"]:
+        ax.axhline(100 * mean_std(data["teacher_text"])[0], color="black", linestyle="--", linewidth=1,
+                   label="teacher (text)")
+    ax.axhline(100 * data["majority_answer"], color="gray", linestyle=":", linewidth=1, label="majority answer")
+    ax.set_xticks(range(len(keys)), [SHORT[k] for k in keys], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("accuracy: images (solid) and text (light)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def plot_reward(ax, data: dict[str, Any], window: int) -> None:
+    for key, runs in data["curves"].items():
+        runs = [r for r in runs if r["reward"]]
+        if not runs:
+            continue
+        mean, low, high = _band([_smooth(r["reward"], window) for r in runs])
+        steps = runs[0]["step"][:len(mean)]
+        ax.plot(steps, [100 * v for v in mean], color=COLORS[key], label=SHORT[key])
+        ax.fill_between(steps, [100 * v for v in low], [100 * v for v in high], color=COLORS[key], alpha=0.15)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel(f"training reward (%, moving avg {window})")
+    ax.set_title("GRPO reward on the (text) training prompts")
+    ax.legend(fontsize=7)
+
+
+def plot_curves(ax, data: dict[str, Any]) -> None:
+    for key, runs in data["curves"].items():
+        runs = [r for r in runs if r["eval_step"]]
+        if not runs:
+            continue
+        for bench, style in (("image", "-"), ("text", ":")):
+            mean, low, high = _band([r[f"eval_{bench}"] for r in runs])
+            steps = runs[0]["eval_step"][:len(mean)]
+            ax.plot(steps, [100 * v for v in mean], style, marker="o", markersize=3, color=COLORS[key],
+                    label=SHORT[key] if bench == "image" else None)
+            if bench == "image":
+                ax.fill_between(steps, [100 * v for v in low], [100 * v for v in high], color=COLORS[key], alpha=0.12)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("held-out accuracy: images (solid), text (dotted)")
+    ax.legend(fontsize=7)
+
+
+def plot_distill(ax, data: dict[str, Any], window: int) -> None:
+    for key, runs in data["curves"].items():
+        runs = [r for r in runs if r["distill_kl"] and not all(math.isnan(v) for v in r["distill_kl"])]
+        if not runs or key == "c_sft_grpo":
+            continue
+        mean, low, high = _band([_smooth(r["distill_kl"], window) for r in runs])
+        steps = runs[0]["step"][:len(mean)]
+        ax.plot(steps, mean, color=COLORS[key], label=SHORT[key])
+        ax.fill_between(steps, low, high, color=COLORS[key], alpha=0.15)
+    ax.set_yscale("log")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("distillation term D_t (nats/token)")
+    ax.set_title("D_t: k2 = ½(log p − log q)² of the sampled token,\nfull = exact KL(p‖q)", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def write_plots(out: Path, data: dict[str, Any], dc: DemoConfig) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = max(1, dc.rl_steps // 15)
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    written = []
+    for name, draw, size in (("accuracy", lambda ax: plot_bars(ax, data), (7, 4.5)),
+                             ("accuracy_vs_step", lambda ax: plot_curves(ax, data), (6, 4.5)),
+                             ("reward_vs_step", lambda ax: plot_reward(ax, data, window), (6, 4.5)),
+                             ("distill_kl_vs_step", lambda ax: plot_distill(ax, data, window), (6, 4.5))):
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax)
+        fig.tight_layout()
+        fig.savefig(plots / f"{name}.png", dpi=110)
+        plt.close(fig)
+        written.append(plots / f"{name}.png")
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+    plot_bars(axes[0, 0], data)
+    plot_curves(axes[0, 1], data)
+    plot_reward(axes[1, 0], data, window)
+    plot_distill(axes[1, 1], data, window)
+    fig.suptitle(f"vold demo: VOLD ablation on a toy task (text-trained, image-evaluated), {dc.seeds} seed(s)")
+    fig.tight_layout()
+    fig.savefig(out / "figure.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "figure.png")
+    return written
+
+
+def write_report(out: Path, dc: DemoConfig, *, cached: dict[str, Any], seconds: dict[str, float],
+                 elapsed: float) -> dict[str, Any]:
+    data = collect(out, dc)
+    table = markdown(data, dc)
+    (out / "results.md").write_text("# vold demo: results\n\n" + table, encoding="utf-8")
+    write_plots(out, data, dc)
+    results = {"table": table, "config": as_dict(dc), "cached_models": cached, "seconds": seconds,
+               "elapsed_s": elapsed, **data}
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return results
