@@ -394,6 +394,27 @@ class Runtime:
                                 clear_tmp=self.kind != "deepspeed")
         self.barrier()
 
+    def save_training_checkpoint(self, run: Path, step: int, processor: Any, *, scheduler: Any, sampler: Any,
+                                 optimizer: torch.optim.Optimizer, checkpoint_cfg: Any) -> None:
+        """Every ``checkpoint_cfg.every`` steps: scheduler, sampler position and (unless DeepSpeed saves its own
+        partitions) optimizer state, through :meth:`save_checkpoint`. Shared by ``vold sft`` and ``vold train``."""
+        if not checkpoint_cfg.every or step % checkpoint_cfg.every:
+            return
+        state = {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
+        if checkpoint_cfg.save_optimizer and self.kind != "deepspeed":  # DeepSpeed: the engine saves it
+            state["optimizer"] = optimizer.state_dict()
+        self.save_checkpoint(run, step, processor, state, keep_last=checkpoint_cfg.keep_last)
+
+    def finish(self, processor: Any, run: Path, logger: Any, stage: str, step: int) -> Path:
+        """Close the logger, save the final model to ``run/final`` and release the process group."""
+        if logger is not None:
+            logger.close()
+        final = self.save_model(processor, run / "final")
+        if self.is_main:
+            print(f"{stage}: {step} steps -> {final}")
+        self.close()
+        return final
+
     def load_checkpoint(self, checkpoint: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                         scheduler: Any = None) -> None:
         """Optimizer state (DDP/single: ``state["optimizer"]``; DeepSpeed: the engine's partitions) and this

@@ -512,16 +512,7 @@ def train_rl(cfg: Config) -> Path:
             logger.samples(samples)
         bar.update()
         bar.set_postfix(reward=f"{float(metrics['reward/mean']):.3f}", loss=f"{metrics['loss']:.4f}")
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            state = {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
-            if cfg.checkpoint.save_optimizer and runtime.kind != "deepspeed":  # DeepSpeed: the engine saves it
-                state["optimizer"] = optimizer.state_dict()
-            runtime.save_checkpoint(run, step, processor, state, keep_last=cfg.checkpoint.keep_last)
+        runtime.save_training_checkpoint(run, step, processor, scheduler=scheduler, sampler=sampler,
+                                         optimizer=optimizer, checkpoint_cfg=cfg.checkpoint)
     bar.close()
-    if logger is not None:
-        logger.close()
-    final = runtime.save_model(processor, run / "final")
-    if runtime.is_main:
-        print(f"train: {step} steps -> {final}")
-    runtime.close()
-    return final
+    return runtime.finish(processor, run, logger, "train", step)

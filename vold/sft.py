@@ -158,16 +158,7 @@ def train_sft(cfg: Config) -> Path:
             logger.log(step, scalar_metrics(metrics))
         bar.update()
         bar.set_postfix(loss=f"{total:.4f}")
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            state = {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
-            if cfg.checkpoint.save_optimizer and runtime.kind != "deepspeed":  # DeepSpeed: the engine saves it
-                state["optimizer"] = optimizer.state_dict()
-            runtime.save_checkpoint(run, step, processor, state, keep_last=cfg.checkpoint.keep_last)
+        runtime.save_training_checkpoint(run, step, processor, scheduler=scheduler, sampler=sampler,
+                                         optimizer=optimizer, checkpoint_cfg=cfg.checkpoint)
     bar.close()
-    if logger is not None:
-        logger.close()
-    final = runtime.save_model(processor, run / "final")
-    if runtime.is_main:
-        print(f"sft: {step} steps -> {final}")
-    runtime.close()
-    return final
+    return runtime.finish(processor, run, logger, "sft", step)
