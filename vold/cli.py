@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--cache-dir", default=None, help="cached teacher/student models (default: OUTPUT/cache)")
     demo.add_argument("--jobs", type=int, default=None, help="stages run at once in worker processes (default 1)")
     demo.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
+    demo.add_argument("--report-only", action="store_true", help="rewrite the table and figures of a finished run")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="demo settings (vold/demo/config.py)")
     if argv and argv[0] == "demo":
         from vold.demo.pipeline import main as demo_main

@@ -10,9 +10,10 @@ The student's M-RoPE puts every rotary frequency on the image *width* axis (``mr
 [0, 0, head_dim / 2]``; Qwen's own split is t/h/w). For text tokens the three axes are equal, so this
 is plain RoPE; for a one-row image it gives the k-th image token (the k-th character) the position
 the k-th character of the text would have. That is the toy's stand-in for the image/text alignment a
-real VLM gets from pre-training: with Qwen's split, text-only post-training of these tiny models
-erodes their reading of images far more (the restated problem is right ~50% of the time after the
-cold start instead of ~90%), so almost nothing learnt on text reaches the images.
+real VLM gets from pre-training. With Qwen's split, text-only post-training of these tiny models
+eroded their reading of images more (in a paired trial, the problem was restated right 55% of the
+time after the cold start instead of 90%); it erodes it with this one too, by an amount that varies
+a lot from one perception model to the next (docs/demo.md).
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -415,11 +414,12 @@ def main(args: Any) -> int:
     """Entry from ``vold demo`` (parsed arguments)."""
     from vold.demo.config import make_config
 
-    dc = make_config(args.quick, args.overrides, seeds=args.seeds, jobs=args.jobs, threads=args.threads)
     output = args.output or ("runs/demo-quick" if args.quick else "runs/demo")
+    if args.report_only:
+        from vold.demo.report import rebuild_report
+
+        print(rebuild_report(output)["table"], end="")
+        return 0
+    dc = make_config(args.quick, args.overrides, seeds=args.seeds, jobs=args.jobs, threads=args.threads)
     run_demo(dc, output, cache_dir=args.cache_dir)
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(None))

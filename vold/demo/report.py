@@ -111,7 +111,31 @@ def markdown(data: dict[str, Any], dc: DemoConfig) -> str:
              f"teacher and kept); RL: {dc.rl_steps} steps x {dc.rl_batch} prompts x {dc.num_generations} rollouts, "
              f"lr {dc.rl_lr:g}, beta {dc.distill_coef:g} on wrong rollouts (1 - r). \"reads image\": first line of an "
              f"image completion = the problem.\n")
-    return "\n".join(lines) + "\n" + notes
+    return "\n".join(lines) + "\n" + notes + paired(data)
+
+
+PAIRS = [("e_vold_full", "c_sft_grpo", "distillation (full) on top of SFT + GRPO"),
+         ("e_vold_k2", "c_sft_grpo", "distillation (k2) on top of SFT + GRPO"),
+         ("e_vold_full", "e_vold_k2", "full reverse KL instead of k2"),
+         ("c_sft_grpo", "b_sft", "GRPO after the cold start"),
+         ("b_sft", "a_base", "the cold start"),
+         ("d_grpo_distill", "a_base", "GRPO + distillation without cold start")]
+
+
+def paired(data: dict[str, Any]) -> str:
+    """Within-seed differences (arms of one seed share the perception student, traces and SFT model)."""
+    arms = data["arms"]
+    if min(len(arms[k]["text"]) for k in arms) < 2:
+        return ""
+    lines = ["\nWithin-seed differences (percentage points, mean ± std over seeds; per seed in brackets):\n",
+             "| comparison | what it isolates | image | text |", "|---|---|--:|--:|"]
+    for a, b, what in PAIRS:
+        cells = []
+        for bench in BENCHMARKS:
+            diffs = [x - y for x, y in zip(arms[a][bench], arms[b][bench], strict=True)]
+            cells.append(f"{fmt(diffs)} [{', '.join(f'{100 * d:+.1f}' for d in diffs)}]")
+        lines.append(f"| {SHORT[a]} − {SHORT[b]} | {what} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -186,7 +210,7 @@ def plot_curves(ax, data: dict[str, Any]) -> None:
     ax.set_xlabel("RL step")
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("held-out accuracy: images (solid), text (dotted)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, framealpha=0.6)
 
 
 def plot_distill(ax, data: dict[str, Any], window: int) -> None:
@@ -248,3 +272,14 @@ def write_report(out: Path, dc: DemoConfig, *, cached: dict[str, Any], seconds: 
                "elapsed_s": elapsed, **data}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return results
+
+
+def rebuild_report(out: str | Path) -> dict[str, Any]:
+    """Re-read a finished run folder and rewrite its table, ``results.json`` and figures (no training)."""
+    import yaml
+
+    out = Path(out)
+    dc = DemoConfig(**yaml.safe_load((out / "demo.yaml").read_text(encoding="utf-8")))
+    old = _load(out / "results.json") or {}
+    return write_report(out, dc, cached=old.get("cached_models", {}), seconds=old.get("seconds", {}),
+                        elapsed=old.get("elapsed_s", math.nan))
