@@ -3,13 +3,14 @@
     vold make-traces [--config run.yaml] [key.sub=value ...]             stage 0: teacher traces
     vold sft         [--config run.yaml] [key.sub=value ...] [--resume auto|none|PATH]  stage 1
     vold train       [--config run.yaml] [key.sub=value ...] [--resume auto|none|PATH]  stage 2
+    vold sophia      [--config run.yaml] [key.sub=value ...] [--resume auto|none|PATH]  semi-off-policy RL
     vold eval        [--config run.yaml] [key.sub=value ...]             pass@1 / mean@k
     vold demo        [--quick] [--seeds N] [--output DIR] [key=value ...]  the ablation on a toy task (CPU)
     vold bench kernels [...]                                             kernel benchmarks (from a checkout)
     vold bench step [--config run.yaml] [key.sub=value ...] [--steps N]  trainer step: tokens/s, time per phase
 
 Every stage reads one config (YAML, then the ``key.sub=value`` overrides) and writes its run folder
-``{output_dir}/{traces,sft,rl,eval}`` with the resolved ``config.yaml``.
+``{output_dir}/{traces,sft,rl,sophia,eval}`` with the resolved ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ STAGES = {
     "make-traces": "the teacher writes reasoning traces for text-only prompts (JSONL in, JSONL out)",
     "sft": "cold-start SFT of the student on the traces",
     "train": "GRPO + reverse-KL distillation from the teacher on the student's rollouts",
+    "sophia": "semi-off-policy RL (SOPHIA): student captions, teacher traces, reward-weighted update",
     "eval": "pass@1 and mean@k accuracy on JSONL benchmarks",
 }
 
@@ -50,6 +52,10 @@ def run_stage(command: str, config: str | None, overrides: list[str], resume: st
         from vold.rl import train_rl
 
         train_rl(cfg)
+    elif command == "sophia":
+        from vold.sophia import train_sophia
+
+        train_sophia(cfg)
     elif command == "eval":
         from vold.evaluate import evaluate
 
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--config", default=None, help="YAML config file (default: the built-in defaults)")
         stage.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")  # for --help
-        if name in ("sft", "train"):
+        if name in ("sft", "train", "sophia"):
             stage.add_argument("--resume", default=None, metavar="auto|none|PATH",
                                help="auto: the latest checkpoint of the run folder (sets checkpoint.resume)")
     demo = sub.add_parser("demo", help="the VOLD ablation at laptop scale on the CPU (toy task, tiny models)",

@@ -185,6 +185,46 @@ class SFTConfig:
 
 
 @dataclass
+class SophiaConfig:
+    """``vold sophia``: semi-off-policy RL (SOPHIA, Shen et al. 2025), see ``vold/sophia.py`` and docs/sophia.md.
+
+    Per step: ``batch_size`` items (image + question); the student writes K captions of each image (the
+    caption prompt, no question); the teacher writes N traces from caption + question; trace reward R
+    (``reward.functions``), caption reward = mean R of its traces; kept per item: the shortest correct
+    trace among captions whose reward exceeds alpha; the student learns (image, question) -> caption +
+    trace with weight R (ratio 1, the paper) or R times a truncated importance weight (``clipped``).
+    AdamW betas/eps, weight decay and gradient clipping come from ``optim``; the rest is here.
+    """
+
+    num_captions: int = 8  # K captions per image (the paper: 8)
+    traces_per_caption: int = 8  # N teacher traces per caption (the paper: 8)
+    caption_reward_threshold: float = 0.75  # alpha: a caption qualifies when its mean trace reward is > alpha
+    correct_threshold: float = 1.0  # a trace is correct when its reward R >= this (accuracy: R in {0, 1})
+    caption_prompt: str = ("Describe this image in detail: every object, number, label, symbol and relation in it "
+                           "that a question about the image could need.")
+    caption_max_new_tokens: int = 512
+    caption_temperature: float = 1.0
+    caption_top_p: float = 1.0
+    # the teacher's user message (through its chat template); {caption} and {question} are filled in
+    teacher_prompt_template: str = ("An image is described as follows.\n{caption}\n\nUsing this description, "
+                                    "answer the question.\n{question}")
+    trace_max_new_tokens: int = 4096
+    trace_temperature: float = 0.6  # the teacher's thinking-mode sampling (as traces.*)
+    trace_top_p: float = 0.95
+    response_separator: str = "\n\n"  # the student's target: caption tokens + this text + trace tokens + EOS
+    importance_weighting: str = "none"  # none: ratio 1 (the paper; reward-weighted SFT) | clipped: min(pi/mu, c)
+    is_level: str = "token"  # clipped only: token (per-token truncated IS) | sequence (length-normalised ratio)
+    is_clip: float = 1.0  # c: the truncation of the importance weight (V-trace's rho-bar = 1)
+    batch_size: int = 8  # items (image + question) per step
+    grad_accum: int = 1  # micro-batches per optimizer step (of the kept items)
+    max_steps: int = 100  # training steps (one sampling round and one optimizer update each)
+    lr: float = 1e-6
+    lr_scheduler: str = "constant"  # constant | linear | cosine (after warmup)
+    warmup_steps: int = 0
+    max_length: int = 8192  # prompt + response tokens of the update; longer responses are cut
+
+
+@dataclass
 class EvalConfig:
     """``vold eval``: pass@1 and mean@k accuracy on a JSONL benchmark (image path or text, question, answer)."""
 
@@ -241,6 +281,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     traces: TracesConfig = field(default_factory=TracesConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    sophia: SophiaConfig = field(default_factory=SophiaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -383,6 +424,9 @@ def validate(cfg: Config) -> Config:
         "loss.impl": (cfg.loss.impl, IMPLS),
         "optim.lr_scheduler": (cfg.optim.lr_scheduler, ("constant", "linear", "cosine")),
         "sft.lr_scheduler": (cfg.sft.lr_scheduler, ("constant", "linear", "cosine")),
+        "sophia.lr_scheduler": (cfg.sophia.lr_scheduler, ("constant", "linear", "cosine")),
+        "sophia.importance_weighting": (cfg.sophia.importance_weighting, ("none", "clipped")),
+        "sophia.is_level": (cfg.sophia.is_level, ("token", "sequence")),
         "distributed.backend": (cfg.distributed.backend, ("ddp", "deepspeed")),
         "distributed.process_group_backend": (cfg.distributed.process_group_backend, ("auto", "gloo", "nccl")),
     }
@@ -405,6 +449,14 @@ def validate(cfg: Config) -> Config:
         "eval.num_samples": cfg.eval.num_samples, "eval.temperature": cfg.eval.temperature,
         "data.eval_batch_size": cfg.data.eval_batch_size,
         "distributed.timeout_minutes": cfg.distributed.timeout_minutes,
+        "sophia.num_captions": cfg.sophia.num_captions, "sophia.traces_per_caption": cfg.sophia.traces_per_caption,
+        "sophia.caption_max_new_tokens": cfg.sophia.caption_max_new_tokens,
+        "sophia.caption_temperature": cfg.sophia.caption_temperature,
+        "sophia.trace_max_new_tokens": cfg.sophia.trace_max_new_tokens,
+        "sophia.trace_temperature": cfg.sophia.trace_temperature, "sophia.is_clip": cfg.sophia.is_clip,
+        "sophia.batch_size": cfg.sophia.batch_size, "sophia.grad_accum": cfg.sophia.grad_accum,
+        "sophia.max_steps": cfg.sophia.max_steps, "sophia.lr": cfg.sophia.lr,
+        "sophia.max_length": cfg.sophia.max_length,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -418,15 +470,23 @@ def validate(cfg: Config) -> Config:
     if cfg.reward.weights is not None and len(cfg.reward.weights) != len(cfg.reward.functions):
         raise ValueError(f"reward.weights has {len(cfg.reward.weights)} values for "
                          f"{len(cfg.reward.functions)} reward.functions")
-    for key, value in (("traces.top_p", cfg.traces.top_p), ("eval.top_p", cfg.eval.top_p)):
+    for key, value in (("traces.top_p", cfg.traces.top_p), ("eval.top_p", cfg.eval.top_p),
+                       ("sophia.caption_top_p", cfg.sophia.caption_top_p),
+                       ("sophia.trace_top_p", cfg.sophia.trace_top_p)):
         if not 0.0 < value <= 1.0:
             raise ValueError(f"config key '{key}' must be in (0, 1], got {value}")
     if not 0.0 <= cfg.sft.min_lr_ratio <= 1.0:
         raise ValueError(f"config key 'sft.min_lr_ratio' must be in [0, 1], got {cfg.sft.min_lr_ratio}")
     for key, value in (("optim.warmup_steps", cfg.optim.warmup_steps), ("sft.warmup_steps", cfg.sft.warmup_steps),
-                       ("traces.min_tokens", cfg.traces.min_tokens)):
+                       ("traces.min_tokens", cfg.traces.min_tokens), ("sophia.warmup_steps", cfg.sophia.warmup_steps)):
         if value < 0:
             raise ValueError(f"config key '{key}' must be >= 0, got {value}")
+    for placeholder in ("{caption}", "{question}"):
+        if placeholder not in cfg.sophia.teacher_prompt_template:
+            raise ValueError(f"config key 'sophia.teacher_prompt_template' must contain {placeholder} "
+                             f"(the teacher reads the student's caption and the question)")
+    if not cfg.sophia.caption_prompt.strip():
+        raise ValueError("config key 'sophia.caption_prompt' must be a non-empty string")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     return cfg

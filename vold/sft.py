@@ -63,10 +63,11 @@ def sft_batch(examples: list[Example], processor: Any, responses: list[str], *, 
     return {"prompt_inputs": prompts, "ids": ids, "mask": mask, "truncated": cut}
 
 
-def sft_loss(model: torch.nn.Module, batch: dict[str, Any], *, normalizer: float,
-             autocast_dtype: str | None = None, packing: bool = False) -> torch.Tensor:
-    """``- sum(m * log p(y)) / normalizer`` for one micro-batch (on the model's device); ``packing``: one packed
-    row of real tokens (``vold.packing``), the loss over the response tokens only."""
+def response_logprobs(model: torch.nn.Module, batch: dict[str, Any], *, autocast_dtype: str | None = None,
+                      packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(y_t), m_t)`` of the responses of one micro-batch (``batch``: ``prompt_inputs``, ``ids``, ``mask``;
+    on the model's device), from ``fused_linear_logprobs`` on the hidden states (differentiable, no [N, V]
+    logits): ``[B, T]``, or ``[n]`` over the real tokens of one packed row with ``packing`` (``vold.packing``)."""
     device = next(model.parameters()).device
     prompts = {k: v.to(device) for k, v in batch["prompt_inputs"].items()}
     ids, mask = batch["ids"].to(device), batch["mask"].to(device)
@@ -77,7 +78,14 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, Any], *, normalizer: float
         else:
             hidden = completion_hidden_states(model, prompts, ids, mask)
     hidden, weight, bias = head_for_loss(model, hidden, autocast_dtype)
-    logp = fused_linear_logprobs(hidden, weight, ids, bias=bias)
+    return fused_linear_logprobs(hidden, weight, ids, bias=bias), mask
+
+
+def sft_loss(model: torch.nn.Module, batch: dict[str, Any], *, normalizer: float,
+             autocast_dtype: str | None = None, packing: bool = False) -> torch.Tensor:
+    """``- sum(m * log p(y)) / normalizer`` for one micro-batch (on the model's device); ``packing``: one packed
+    row of real tokens (``vold.packing``), the loss over the response tokens only."""
+    logp, mask = response_logprobs(model, batch, autocast_dtype=autocast_dtype, packing=packing)
     return -(logp * mask).sum() / normalizer
 
 

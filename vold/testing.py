@@ -170,6 +170,13 @@ def digit_reward(completions: list[str], **_: object) -> list[float]:
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
 
 
+def even_length_reward(completions: list[str], **_: object) -> list[float]:
+    """1.0 when a completion has an even number of characters, else 0.0: a 0/1 "verifier" that random tiny
+    models pass about half the time, so SOPHIA's selection (correct traces of good captions) has something to
+    keep. Use it as ``reward.functions=[vold.testing:even_length_reward]``."""
+    return [float(len(text) % 2 == 0) for text in completions]
+
+
 def prepare_tiny_run(root: str | Path = "runs/tiny") -> dict[str, Path]:
     """Everything ``configs/tiny_cpu.yaml`` expects under ``root``: ``models/{student,teacher}`` and
     ``data/{prompts,train,bench}.jsonl`` (text-only prompts for the traces, image rows for training and eval).
