@@ -57,6 +57,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -118,12 +119,13 @@ def _grid(ns: Sequence[int], hs: Sequence[int], vs: Sequence[int]) -> list[Shape
 # preset -> device type -> options (shapes, and optionally impls / estimators / dtype / repeats).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
-        "cpu": {"shapes": _grid((512, 1024), (64,), (8192,)), "repeats": 2, "wait_budget": 30.0,
+        "cpu": {"shapes": _grid((512, 1024), (64,), (8192,)), "repeats": 2, "wait_budget": 20.0, "mem_jobs": 2,
                 "impls": ("gemm_floor", "vold_torch", "liger", "naive")},
         "cuda": {"shapes": _grid((1024, 4096), (896,), (32768,)), "repeats": 3},
     },
     "default": {
-        "cpu": {"shapes": _grid((1024, 2048, 4096), (256,), (32768,)) + _grid((1024, 2048), (256,), (151936,))},
+        "cpu": {"shapes": _grid((512, 1024, 2048), (256,), (32768,)) + _grid((256, 512), (256,), (151936,)),
+                "repeats": 2},
         "cuda": {"shapes": _grid((1024, 4096, 16384, 65536), (896, 3584), (32768, 151936))},
     },
     "full": {
@@ -162,6 +164,8 @@ class Settings:
     memory: bool = True
     timing: bool = True
     mem_warmup: int = 1
+    mem_jobs: int = 1  # memory children run at once (each measures only itself; mind the RAM)
+    cold_compile: bool = False  # disable torch.compile's on-disk caches: first calls include a full compile
     child_timeout: float = 3600.0
     seed: int = 0
     max_foreign_cpu: float | None = 0.3  # cores used by other processes that spoil a timing (None: ignore)
@@ -418,6 +422,7 @@ class CpuMonitor:
     def __init__(self) -> None:
         self.tick = os.sysconf("SC_CLK_TCK")
         self.ok = self._read() is not None
+        self.last = 0.0  # foreign cores during the last timed call (waits only follow a disturbed one)
 
     @staticmethod
     def _read() -> tuple[int, int] | None:
@@ -444,16 +449,24 @@ class CpuMonitor:
         """Wait (0.5 s samples) until other processes use <= ``s.max_foreign_cpu`` cores, at most
         ``s.quiet_timeout`` and within what is left of ``s.wait_budget``; returns the time waited."""
         waited = 0.0
-        if s.max_foreign_cpu is None or not self.ok:
+        if s.max_foreign_cpu is None or not self.ok or self.last <= s.max_foreign_cpu:
             return waited
         while waited < min(s.quiet_timeout, s.wait_budget - _WAIT_SPENT[0]):
             a = self.snapshot()
             time.sleep(0.5)
             waited += 0.5
             _WAIT_SPENT[0] += 0.5
-            if self.foreign(a, self.snapshot()) <= s.max_foreign_cpu:
+            self.last = self.foreign(a, self.snapshot())
+            if self.last <= s.max_foreign_cpu:
                 break
         return waited
+
+    def timed(self, step: Step, device: torch.device) -> tuple[float, torch.Tensor | None, float]:
+        """``_timed`` plus the foreign CPU use meanwhile (also kept as ``last``)."""
+        before = self.snapshot()
+        elapsed, out = _timed(step, device)
+        self.last = self.foreign(before, self.snapshot())
+        return elapsed, out, self.last
 
 
 def time_rows(steps: dict[tuple[str, str], Step], inp: Inputs, s: Settings) -> dict[tuple[str, str], dict]:
@@ -472,7 +485,7 @@ def time_rows(steps: dict[tuple[str, str], Step], inp: Inputs, s: Settings) -> d
                 inp.zero_grads()
                 gc.collect()
                 r["waited_s"] += mon.wait_quiet(s)
-                elapsed, out = _timed(step, device)
+                elapsed, out, _ = mon.timed(step, device)
                 if i == 0:
                     grads = [g for g in (inp.s_hidden.grad, inp.s_weight.grad) if g is not None]
                     norm = math.sqrt(sum(float(g.float().square().sum()) for g in grads)) if grads else None
@@ -493,9 +506,7 @@ def time_rows(steps: dict[tuple[str, str], Step], inp: Inputs, s: Settings) -> d
                     inp.zero_grads()
                     gc.collect()
                     r["waited_s"] += mon.wait_quiet(s)
-                    before = mon.snapshot()
-                    elapsed, _ = _timed(step, device)
-                    foreign = mon.foreign(before, mon.snapshot())
+                    elapsed, _, foreign = mon.timed(step, device)
                     out_of_wait = _WAIT_SPENT[0] >= s.wait_budget  # a busy machine stays busy: stop re-timing
                     if s.max_foreign_cpu is None or foreign <= s.max_foreign_cpu or attempt == s.retries or out_of_wait:
                         r["times_s"].append(elapsed)
@@ -508,14 +519,14 @@ def time_rows(steps: dict[tuple[str, str], Step], inp: Inputs, s: Settings) -> d
             except Exception as exc:  # noqa: BLE001
                 r["status"] = _failure(exc)
             inp.zero_grads()
-    for r in res.values():
+    for key, r in res.items():
         if r["times_s"]:
             r.update(time_s=statistics.median(r["times_s"]), time_min_s=min(r["times_s"]),
                      foreign_cpu_max=max(r["foreign_cpu"]))
         elif "first_call_s" in r and "status" not in r:
             r["time_s"] = r["first_call_s"]
-        if r.get("time_s") is not None and "first_call_s" in r:
-            r["compile_s"] = max(0.0, r["first_call_s"] - r["time_s"])
+        if key[0] in COMPILED and r.get("time_s") is not None and "first_call_s" in r:
+            r["compile_s"] = max(0.0, r["first_call_s"] - r["time_s"])  # compile (+ first-call overheads)
     return res
 
 
@@ -702,14 +713,13 @@ def run_shape(shape: Shape, s: Settings) -> list[dict[str, Any]]:
     del inp
     _malloc_trim()
     if device.type == "cpu" and s.memory:
-        for key in keys:
-            row = rows[key]
-            if row["status"] != "ok":
-                continue
-            row.update(run_child(shape, *key, s))
-            peak = row.get("peak_extra_bytes")
-            _log(f"  {shape} {key[0]:<15} {key[1]:<4} memory {row['mem_status']}"
-                 + ("" if peak is None else f" {peak / MIB:.1f} MiB"))
+        todo = [key for key in keys if rows[key]["status"] == "ok"]
+        with ThreadPoolExecutor(max_workers=max(1, s.mem_jobs)) as pool:
+            for key, mem in zip(todo, pool.map(lambda k: run_child(shape, *k, s), todo), strict=True):
+                rows[key].update(mem)
+                peak = mem.get("peak_extra_bytes")
+                _log(f"  {shape} {key[0]:<15} {key[1]:<4} memory {mem['mem_status']}"
+                     + ("" if peak is None else f" {peak / MIB:.1f} MiB"))
     for row in rows.values():
         if row.get("peak_extra_bytes") is not None:
             row["peak_extra_over_nv"] = row["peak_extra_bytes"] / shape.nv_fp32_bytes
@@ -794,27 +804,31 @@ def markdown(result: dict[str, Any]) -> str:
         "forward + backward, median of "
         f"{result['settings']['repeats']} after {result['settings']['warmup']} warm-up. "
         "Peak extra = peak memory above the inputs, including the gradients dX, dW. "
-        "Foreign CPU = most cores other processes used during a kept timed call (> 0.3: disturbed).",
+        "Foreign CPU = most cores other processes used during a kept timed call (> 0.3: disturbed). "
+        "Compile = first call - median, compiled rows only.",
         "",
-        "| impl | est | N | H | V | dtype | time (s) | min (s) | x floor | x naive | first call (s) "
+        "| impl | est | N | H | V | dtype | time (s) | min (s) | x floor | x naive | first call (s) | compile (s) "
         "| peak extra (MiB) | / [N,V] fp32 | loss | foreign CPU | status |",
-        "|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
         status = r["status"] if r.get("mem_status") in ("ok", "off") else f"{r['status']}; memory {r['mem_status']}"
         out.append(
             f"| {r['impl']} | {r['estimator']} | {r['n']} | {r['h']} | {r['v']} | {r['dtype']} "
             f"| {_fmt(r.get('time_s'), '.3f')} | {_fmt(r.get('time_min_s'), '.3f')} | {_fmt(r.get('ratio_floor'))} "
-            f"| {_fmt(r.get('ratio_naive'))} | {_fmt(r.get('first_call_s'))} | {_mib(r.get('peak_extra_bytes'))} "
+            f"| {_fmt(r.get('ratio_naive'))} | {_fmt(r.get('first_call_s'))} | {_fmt(r.get('compile_s'), '.1f')} "
+            f"| {_mib(r.get('peak_extra_bytes'))} "
             f"| {_fmt(r.get('peak_extra_over_nv'), '.3f')} | {_fmt(r.get('loss'), '.6g')} "
             f"| {_fmt(r.get('foreign_cpu_max'))} | {status} |"
         )
     out += ["", "## Summary against the targets", "",
             "Targets: engine <= 1.1 x gemm_floor; >= 2x faster than Liger (best of eager and compiled); "
-            "peak extra <= 1/8 of one [N, V] fp32 tensor (target set at N=16384, V=32768).", "",
-            "| engine | est | N | H | V | engine / floor | liger best / engine | naive / floor | peak extra MiB: "
-            "engine / liger / liger_c / naive / floor | engine extra / [N,V] fp32 |",
-            "|---|---|--:|--:|--:|--:|--:|--:|---|--:|"]
+            "peak extra <= 1/8 of one [N, V] fp32 tensor (target set at N=16384, V=32768). "
+            "'liger best / floor' bounds the speed-up over Liger of any implementation that runs at the floor: "
+            "Liger's GRPO and JSD losses compute the student logits and their gradients twice (7 GEMMs vs 4).", "",
+            "| engine | est | N | H | V | engine / floor | liger best / engine | liger best / floor | naive / floor "
+            "| peak extra MiB: engine / liger / liger_c / naive / floor | engine extra / [N,V] fp32 |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|---|--:|"]
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["estimator"], r["n"], r["h"], r["v"], r["dtype"]), {})[r["impl"]] = r
@@ -825,8 +839,9 @@ def markdown(result: dict[str, Any]) -> str:
 
         liger_times = [x for x in (t("liger"), t("liger_compiled")) if x]
         naive_floor = t("naive") / t("gemm_floor") if t("naive") and t("gemm_floor") else None
+        liger_floor = min(liger_times) / t("gemm_floor") if liger_times and t("gemm_floor") else None
         for engine in VOLD_ENGINE:
-            if not t(engine):
+            if engine not in by or by[engine]["status"] != "ok":
                 continue
             e = by[engine]
             speedup = min(liger_times) / t(engine) if liger_times else None
@@ -835,7 +850,8 @@ def markdown(result: dict[str, Any]) -> str:
             out.append(
                 f"| {engine} | {est} | {n} | {h} | {v} "
                 f"| {_fmt(e.get('ratio_floor'))} {_mark(e.get('ratio_floor'), 1.1)} "
-                f"| {_fmt(speedup)} {_mark(speedup, 2.0, low=True)} | {_fmt(naive_floor)} | {mems} "
+                f"| {_fmt(speedup)} {_mark(speedup, 2.0, low=True)} | {_fmt(liger_floor)} | {_fmt(naive_floor)} "
+                f"| {mems} "
                 f"| {_fmt(e.get('peak_extra_over_nv'), '.3f')} {_mark(e.get('peak_extra_over_nv'), 0.125)} |"
             )
     return "\n".join(out) + "\n"
@@ -873,15 +889,19 @@ def plot(result: dict[str, Any], out_dir: Path, tag: str) -> list[Path]:
             if pts:
                 ax_m.plot(*zip(*pts, strict=True), **style)
         ns = sorted({r["n"] for r in sel})
-        ax_m.plot(ns, [n * v * 4 / MIB for n in ns], "k:", label="one [N, V] fp32")
-        ax_m.plot(ns, [n * v * 4 / MIB / 8 for n in ns], color="grey", linestyle=":", label="1/8 [N, V] fp32")
+        ax_m.plot(ns, [n * v * 4 / MIB for n in ns], "k:", marker="_", markersize=16, label="one [N, V] fp32")
+        ax_m.plot(ns, [n * v * 4 / MIB / 8 for n in ns], color="grey", linestyle=":", marker="_", markersize=16,
+                  label="1/8 [N, V] fp32")
         for ax, ylabel in ((ax_t, "forward + backward time (s)"), (ax_m, "peak extra memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("N (tokens)")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not measured in this run", ha="center", transform=ax.transAxes)
         fig.suptitle(f"vold kernel benchmark ({tag}): V={v}, H={h}, {dtype}, {result['machine']['gpu'] or 'CPU'}")
         fig.tight_layout()
         path = out_dir / f"kernels_{tag}_V{v}_H{h}_{dtype}.png"
@@ -920,7 +940,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--estimators", type=_csv(str, ESTIMATORS), help="full,k2 (default: preset's, else both)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--repeats", type=int, help="timed calls per row (default 3; quick preset 2)")
+    p.add_argument("--repeats", type=int, help="timed calls per row (default 3; CPU quick/default presets 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing, >= 1 (default 1)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence, B = N / seq_len (default 512)")
     p.add_argument("--mask-fraction", type=float, default=1.0,
@@ -934,6 +954,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-timing", action="store_true", help="only the peak-memory measurements (CPU: children)")
     p.add_argument("--mem-warmup", type=int, default=1,
                    help="calls in the memory child before the measured one (compiled rows: at least 1)")
+    p.add_argument("--mem-jobs", type=int,
+                   help="memory children run at once (default 1; quick preset 2): peaks are per process, RAM adds up")
     p.add_argument("--child-timeout", type=float, default=3600.0, help="seconds per memory child (default 3600)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-foreign-cpu", type=float, default=0.3,
@@ -942,13 +964,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-timeout", type=float, default=30.0,
                    help="longest wait (s) for a quiet machine before each timed call (default 30)")
     p.add_argument("--wait-budget", type=float,
-                   help="longest total wait (s) for a quiet machine in this run (default 600; quick preset 30)")
+                   help="longest total wait (s) for a quiet machine in this run (default 600; quick preset 20)")
     p.add_argument("--retries", type=int, default=2,
                    help="re-timings of a disturbed call, while the wait budget lasts (default 2)")
     p.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results",
                    help="output directory (default: benchmarks/results/)")
     p.add_argument("--tag", help="file name tag (default: the preset's name, or 'custom' with --shapes)")
+    p.add_argument("--cold-compile", action="store_true",
+                   help="disable torch.compile's caches, so compiled rows' first calls include a full compile "
+                        "(by default a warm on-disk inductor cache can make them fast)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only re-write the markdown and plots of a saved kernels_<tag>.json (into --output)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -986,6 +1013,7 @@ def settings_and_shapes(args: argparse.Namespace) -> tuple[Settings, list[Shape]
         seq_len=args.seq_len, mask_fraction=args.mask_fraction, chunk_size=args.chunk_size,
         liger_grpo_chunk=args.liger_grpo_chunk, liger_jsd_chunk=args.liger_jsd_chunk, naive_cap_bytes=cap,
         memory=not args.no_memory, timing=not args.no_timing, mem_warmup=args.mem_warmup,
+        mem_jobs=args.mem_jobs or preset.get("mem_jobs", 1), cold_compile=args.cold_compile,
         child_timeout=args.child_timeout, seed=args.seed,
         max_foreign_cpu=None if args.max_foreign_cpu < 0 else args.max_foreign_cpu,
         quiet_timeout=args.quiet_timeout, retries=args.retries,
@@ -1013,8 +1041,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             result = {"mem_status": _failure(exc)}
         print(RESULT_MARK + json.dumps(result), flush=True)
         return None
+    if args.render:
+        result = json.loads(args.render.read_text())
+        args.output.mkdir(parents=True, exist_ok=True)
+        (args.output / f"kernels_{result['tag']}.md").write_text(markdown(result))
+        plot(result, args.output, result["tag"])
+        print(markdown(result))
+        return result
     s, shapes, tag = settings_and_shapes(args)
     device = torch.device(s.device)
+    if s.cold_compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.force_disable_caches = True
     started = time.perf_counter()
     _WAIT_SPENT[0] = 0.0
     _log(f"vold kernel benchmark [{tag}]: {len(shapes)} shape(s) on {device} ({s.dtype}), "

@@ -43,11 +43,12 @@ class Head:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
 
-    def logits(self, start: int, end: int) -> torch.Tensor:
+    def logits(self, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden[start:end] @ weight^T (+ bias)``, written into ``out`` (``[end - start, V]``) when given."""
         h = self.hidden[start:end]
         if self.bias is None:
-            return h @ self.weight.t()
-        return torch.addmm(self.bias, h, self.weight.t())
+            return torch.mm(h, self.weight.t(), out=out)
+        return torch.addmm(self.bias, h, self.weight.t(), out=out)
 
 
 @dataclass(frozen=True)
@@ -144,11 +145,15 @@ def default_chunk_size(vocab_size: int, device: torch.device) -> int:
     return max(_MIN_CHUNK, min(_MAX_CHUNK, rows))
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor, shard: VocabShard | None = None, *, consume_b: bool = False):
+def _rowdot(
+    a: torch.Tensor, b: torch.Tensor, shard: VocabShard | None = None, *, consume_b: bool = False,
+    out: torch.Tensor | None = None,
+):
     """sum_j a_ij b_ij per row with torch's pairwise summation (a BLAS dot over V accumulates
     sequentially and loses ~1e-5 relative at V = 32k). ``consume_b``: b is a temporary that may be
-    overwritten, so no [chunk, V] buffer is allocated. Summed over the vocabulary shards."""
-    return _reduce_sum((b.mul_(a) if consume_b else a * b).sum(-1), shard)
+    overwritten, so no [chunk, V] buffer is allocated; else the product goes to ``out`` when given.
+    Summed over the vocabulary shards."""
+    return _reduce_sum((b.mul_(a) if consume_b else torch.mul(a, b, out=out)).sum(-1), shard)
 
 
 _DIVERGENCE_CODE = {None: 0, "reverse_kl": 1, "forward_kl": 2, "jsd": 3}
@@ -159,13 +164,42 @@ def _scaled(logits: torch.Tensor, inv_t: float) -> torch.Tensor:
     return x * inv_t if inv_t != 1.0 else x
 
 
-def _log_softmax(logits: torch.Tensor, inv_t: float, *, want_probs: bool, shard: VocabShard | None = None):
-    """``(log_softmax(logits * inv_t), logsumexp)``, plus ``softmax`` when ``want_probs``: fp32, at most
-    two new ``[chunk, V]`` buffers (the logits are never modified: the backward pass rereads them)."""
+class Workspace:
+    """Reusable fp32 ``[rows, V]`` scratch buffers for the eager engine, owned by one ``run_chunks`` call:
+    buffer ``i`` is allocated once and lent chunk after chunk (a ragged last chunk gets a row slice)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def get(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(index)
+        rows, cols = like.shape
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.device != like.device:
+            buf = self._buffers[index] = torch.empty(rows, cols, dtype=torch.float32, device=like.device)
+        return buf[:rows]
+
+
+def _new(workspace: Workspace | None, index: int, like: torch.Tensor) -> torch.Tensor | None:
+    """An ``out=`` buffer for a ``[chunk, V]`` result: the workspace's, or None (allocate)."""
+    return None if workspace is None else workspace.get(index, like)
+
+
+def _log_softmax(
+    logits: torch.Tensor,
+    inv_t: float,
+    *,
+    want_probs: bool,
+    shard: VocabShard | None = None,
+    workspace: Workspace | None = None,
+    slots: tuple[int, int] = (0, 1),
+):
+    """``(log_softmax(logits * inv_t), logsumexp)``, plus ``softmax`` when ``want_probs``: fp32, two
+    ``[chunk, V]`` buffers (the workspace's ``slots`` when given; the logits are never modified: the
+    backward pass rereads them)."""
     x = _scaled(logits, inv_t)
     row_max = _reduce_max(x.amax(dim=-1, keepdim=True), shard)
-    logp = x - row_max
-    probs = logp.exp()
+    logp = torch.sub(x, row_max, out=_new(workspace, slots[0], x))
+    probs = torch.exp(logp, out=_new(workspace, slots[1], x))
     log_total = _reduce_sum(probs.sum(dim=-1, keepdim=True), shard).log()
     logp.sub_(log_total)
     lse = (row_max + log_total).view(-1)
@@ -190,21 +224,24 @@ def chunk_statistics(
     code: int,
     beta: float,
     shard: VocabShard | None = None,
+    workspace: Workspace | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-row statistics of one chunk (pure function: eager, or compiled by torch.compile).
 
     Returns fp32 ``[chunk]`` tensors: lse_z, logp, entropy and, with a teacher, lse_u, teacher_logp,
     divergence (code 1 reverse KL, 2 forward KL, 3 JSD) and aux (KL(p||m) for JSD). Differences of
     log-probabilities are formed before each reduction (no cancellation of two ~log V sums).
+    ``workspace`` (eager): its buffers hold the ``[chunk, V]`` intermediates instead of new tensors.
     """
-    logp_all, lse_z, p = _log_softmax(z, inv_t, want_probs=True, shard=shard)
-    out = {"lse_z": lse_z, "logp": _gather_rows(logp_all, targets, shard), "entropy": -_rowdot(p, logp_all, shard)}
+    logp_all, lse_z, p = _log_softmax(z, inv_t, want_probs=True, shard=shard, workspace=workspace, slots=(0, 1))
+    entropy = -_rowdot(p, logp_all, shard, out=_new(workspace, 3, p))  # slot 3 is free until the teacher
+    out = {"lse_z": lse_z, "logp": _gather_rows(logp_all, targets, shard), "entropy": entropy}
     if u is None:
         return out
     if code >= 2:
-        logq_all, lse_u, q = _log_softmax(u, inv_t, want_probs=True, shard=shard)
+        logq_all, lse_u, q = _log_softmax(u, inv_t, want_probs=True, shard=shard, workspace=workspace, slots=(2, 3))
     else:
-        logq_all, lse_u = _log_softmax(u, inv_t, want_probs=False, shard=shard)
+        logq_all, lse_u = _log_softmax(u, inv_t, want_probs=False, shard=shard, workspace=workspace, slots=(2, 3))
     out["lse_u"] = lse_u
     out["teacher_logp"] = _gather_rows(logq_all, targets, shard)
     if code == 1:
@@ -221,6 +258,31 @@ def chunk_statistics(
     return out
 
 
+def _shifted(logits: torch.Tensor, inv_t: float, lse: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``logits * inv_t - lse[:, None]`` in fp32; over the logits' own buffer when ``in_place`` and fp32."""
+    if not (in_place and logits.dtype == torch.float32):
+        return _scaled(logits, inv_t) - lse[:, None]
+    if inv_t != 1.0:
+        logits.mul_(inv_t)
+    return logits.sub_(lse[:, None])
+
+
+def _add_at_targets(
+    dz: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, shard: VocabShard | None, pointwise: bool
+):
+    """dz[i, targets[i]] += g[i] (targets on this vocabulary shard only). ``pointwise``: as a select that
+    torch.compile fuses into the pass writing dz (a scatter would make it write dz out first)."""
+    if shard is None:
+        local, g_here = targets, g
+    else:
+        local, inside = shard.local_targets(targets)
+        g_here = g * inside
+    if not pointwise:
+        return dz.scatter_add_(1, local[:, None], g_here[:, None])
+    cols = torch.arange(dz.shape[1], device=dz.device)
+    return torch.where(cols[None, :] == local[:, None], dz + g_here[:, None], dz)
+
+
 def chunk_logit_grad(
     z: torch.Tensor,
     u: torch.Tensor | None,
@@ -233,18 +295,22 @@ def chunk_logit_grad(
     code: int,
     beta: float,
     shard: VocabShard | None = None,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """dL/dz (fp32 ``[chunk, V]``) from the row coefficients; recomputes p, log p (and log q) from the
-    logits and the saved log-normalisers. Pure function (eager or compiled)::
+    logits and the saved log-normalisers::
 
         dz' = p * (-g_logp - g_ent (log p + H) + g_div [c=1] (log p - log q - D)
                    + g_div (1-b) [c=3] (log p - log m - KL(p||m))) + g_div [c=2] (p - q) + g_logp onehot
+
+    ``in_place=False``: a pure function (what torch.compile traces; see ``_logit_grad_into``).
+    ``in_place=True`` (eager): fp32 logits ``z`` and ``u`` are used as scratch and dz is returned in z's
+    buffer, so a chunk allocates no new ``[chunk, V]`` buffer (each is a fresh, page-faulted mmap on the CPU).
     """
-    logp = _scaled(z, inv_t) - stats["lse_z"][:, None]
-    p = logp.exp()
+    logp = _shifted(z, inv_t, stats["lse_z"], in_place)
     inner, q, const = None, None, -g_logp
     if g_div is not None and code:
-        logq = _scaled(u, inv_t) - stats["lse_u"][:, None]
+        logq = _shifted(u, inv_t, stats["lse_u"], in_place)
         if code == 1:
             inner = logq.neg_().add_(logp).sub_(stats["divergence"][:, None]).mul_(g_div[:, None])
         elif code == 2:
@@ -252,18 +318,23 @@ def chunk_logit_grad(
         else:
             w = g_div * (1.0 - beta)
             inner = _log_p_over_mixture(logq.sub_(logp), beta).sub_(stats["aux"][:, None]).mul_(w[:, None])
-    if g_ent is not None:
-        ent_term = (logp + stats["entropy"][:, None]).mul_(g_ent[:, None])
-        inner = ent_term.neg_() if inner is None else inner.sub_(ent_term)
-    dz = p.mul_(const[:, None]) if inner is None else inner.add_(const[:, None]).mul_(p)
+    if g_ent is not None:  # inner -= g_ent (log p + H)
+        if inner is None:
+            inner = (logp + stats["entropy"][:, None]).mul_(-g_ent[:, None])
+        else:
+            inner.addcmul_(logp, g_ent[:, None], value=-1.0).sub_((g_ent * stats["entropy"])[:, None])
+    p = logp.exp_()  # log p is not needed any more
+    dz = p.mul_(const[:, None]) if inner is None else p.mul_(inner.add_(const[:, None]))
     if q is not None:
         dz.addcmul_(q, g_div[:, None], value=-1.0)
-    if shard is None:
-        dz = dz.scatter_add(1, targets[:, None], g_logp[:, None])
-    else:
-        local, inside = shard.local_targets(targets)
-        dz = dz.scatter_add(1, local[:, None], (g_logp * inside)[:, None])
-    return dz * inv_t if inv_t != 1.0 else dz
+    dz = _add_at_targets(dz, targets, g_logp, shard, pointwise=not in_place)
+    return dz.mul_(inv_t) if inv_t != 1.0 else dz
+
+
+def _logit_grad_into(z: torch.Tensor, *args) -> None:
+    """``z <- chunk_logit_grad(z, *args)``: the compiled backward writes dz over the fp32 logits in the
+    same pass that computes it (no ``[chunk, V]`` output buffer)."""
+    z.copy_(chunk_logit_grad(z, *args))
 
 
 class TorchChunkOps:
@@ -281,10 +352,16 @@ class TorchChunkOps:
         compiled = self.compiled and rows == self.chunk_rows and spec.shard is None  # collectives run eagerly
         return _compiled(eager) if compiled else eager
 
-    def forward(self, z: torch.Tensor, u: torch.Tensor | None, targets: torch.Tensor, spec: ChunkSpec):
+    def forward(
+        self, z: torch.Tensor, u: torch.Tensor | None, targets: torch.Tensor, spec: ChunkSpec,
+        workspace: Workspace | None = None,
+    ):
         code = _DIVERGENCE_CODE[spec.divergence] if u is not None else 0
         fn = self._fn(chunk_statistics, z.shape[0], spec)
-        stats = fn(z, u, targets, spec.inv_temperature, code, spec.beta, spec.shard)
+        if fn is chunk_statistics:
+            stats = fn(z, u, targets, spec.inv_temperature, code, spec.beta, spec.shard, workspace)
+        else:
+            stats = fn(z, u, targets, spec.inv_temperature, code, spec.beta, spec.shard)
         cache = {"z": z, "u": u, "targets": targets, "stats": stats, "code": code}
         public = {"logp": stats["logp"]}
         if spec.need_entropy:
@@ -296,10 +373,16 @@ class TorchChunkOps:
         return public, cache
 
     def backward(self, cache: dict, g_logp, g_ent, g_div, spec: ChunkSpec) -> torch.Tensor:
+        """dL/dz of the chunk. Consumes the chunk's logits: dz is written over ``z`` when z is fp32."""
         z = cache["z"]
-        fn = self._fn(chunk_logit_grad, z.shape[0], spec)
-        return fn(z, cache["u"], cache["targets"], cache["stats"], g_logp.float(), g_ent, g_div,
-                  spec.inv_temperature, cache["code"], spec.beta, spec.shard)
+        args = (cache["u"], cache["targets"], cache["stats"], g_logp.float(), g_ent, g_div,
+                spec.inv_temperature, cache["code"], spec.beta, spec.shard)
+        if self.compiled and z.shape[0] == self.chunk_rows and spec.shard is None:
+            if z.dtype == torch.float32 and z.is_contiguous():
+                _compiled(_logit_grad_into)(z, *args)
+                return z
+            return _compiled(chunk_logit_grad)(z, *args)
+        return chunk_logit_grad(z, *args, in_place=True)
 
 
 _COMPILED: dict = {}
@@ -352,11 +435,20 @@ def run_chunks(
     gw = torch.zeros(student.weight.shape, dtype=torch.float32, device=device) if want_grads and grad_weight else None
     gb = torch.zeros(student.weight.shape[0], dtype=torch.float32, device=device) if want_grads and grad_bias else None
     pieces: dict[str, list[torch.Tensor]] = {}
+    # One logits buffer per model for the whole call, reused chunk after chunk (the backward overwrites
+    # it with dz): a new [chunk, V] tensor per chunk would be a fresh, page-faulted allocation each time.
+    use_teacher = teacher is not None and spec.needs_teacher
+    workspace = Workspace()  # the eager engine's intermediates, freed when this call returns
+    rows = min(chunk_size, n)
+    z_buf = torch.empty(rows, student.weight.shape[0], dtype=student.weight.dtype, device=device)
+    u_buf = None
+    if use_teacher:
+        u_buf = torch.empty(rows, teacher.weight.shape[0], dtype=teacher.weight.dtype, device=device)
     for start in range(0, n, chunk_size):
         end = min(n, start + chunk_size)
-        z = student.logits(start, end)
-        u = teacher.logits(start, end) if (teacher is not None and spec.needs_teacher) else None
-        stats, cache = ops.forward(z, u, targets[start:end], spec)
+        z = student.logits(start, end, out=z_buf[: end - start])
+        u = teacher.logits(start, end, out=u_buf[: end - start]) if use_teacher else None
+        stats, cache = ops.forward(z, u, targets[start:end], spec, workspace)
         del z, u
         for key in keep:
             if key in stats:

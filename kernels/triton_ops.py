@@ -168,7 +168,7 @@ class TritonChunkOps:
 
     name = "triton"
 
-    def forward(self, z: torch.Tensor, u: torch.Tensor | None, targets: torch.Tensor, spec: ChunkSpec):
+    def forward(self, z: torch.Tensor, u: torch.Tensor | None, targets: torch.Tensor, spec: ChunkSpec, workspace=None):
         rows, vocab = z.shape
         z = z.contiguous()
         f32 = dict(dtype=torch.float32, device=z.device)
