@@ -54,7 +54,17 @@ import torch.distributed as dist
 
 from vold.config import DistributedConfig
 from vold.models import is_vision_config, lm_head_bias, lm_head_weight, resolve_device
-from vold.runs import checkpoint_dir, clip_grad_norm, rng_state, save_checkpoint, save_model, set_rng_state
+from vold.runs import (
+    checkpoint_dir,
+    clip_grad_norm,
+    load_checkpoint_state,
+    reset_logs,
+    restore_run,
+    rng_state,
+    save_checkpoint,
+    save_model,
+    set_rng_state,
+)
 
 DEEPSPEED_DIR = "deepspeed"  # inside a checkpoint folder: the engine's own checkpoint (ZeRO partitions)
 DEEPSPEED_TAG = "zero"
@@ -414,6 +424,24 @@ class Runtime:
             print(f"{stage}: {step} steps -> {final}")
         self.close()
         return final
+
+    def resume(self, run: Path, checkpoint: Path | None, optimizer: torch.optim.Optimizer, scheduler: Any,
+               sampler: Any, stage: str) -> int:
+        """Continue a run from ``checkpoint`` (scheduler, sampler position, logs cut back to its step, optimizer
+        state and this rank's RNG; call after :meth:`wrap`), or start its logs afresh when it is None.
+        Returns the step to continue from (0 for a fresh run)."""
+        if checkpoint is None:
+            if self.is_main:
+                reset_logs(run)
+            return 0
+        state = load_checkpoint_state(checkpoint)
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        if self.is_main:
+            restore_run(run, state)
+            print(f"{stage}: resumed from {checkpoint} (step {state['step']})")
+        self.load_checkpoint(checkpoint, optimizer, state, scheduler)
+        return state["step"]
 
     def load_checkpoint(self, checkpoint: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                         scheduler: Any = None) -> None:

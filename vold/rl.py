@@ -77,12 +77,9 @@ from vold.rollout import RolloutEngine, make_rollout_engine
 from vold.runs import (
     Logger,
     find_checkpoint,
-    load_checkpoint_state,
     make_optimizer,
     make_scheduler,
     progress_bar,
-    reset_logs,
-    restore_run,
     run_dir,
     scalar_metrics,
     start_run,
@@ -460,18 +457,7 @@ def train_rl(cfg: Config) -> Path:
                  bf16="bfloat16" in (mc.dtype, mc.autocast),
                  zero3="is for `vold sft` only: the rollouts and the old-policy pass of `vold train` need the "
                        "student's whole weights on every rank (use ZeRO-2 or DDP)")
-    step = 0
-    if checkpoint is not None:
-        state = load_checkpoint_state(checkpoint)
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        step = state["step"]
-        if runtime.is_main:
-            restore_run(run, state)
-            print(f"train: resumed from {checkpoint} (step {step})")
-        runtime.load_checkpoint(checkpoint, optimizer, state, scheduler)  # optimizer state, this rank's RNG
-    elif runtime.is_main:
-        reset_logs(run)
+    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "train")
     # vLLM samples in the compute dtype (bf16 under autocast), not in the fp32 master weights' dtype
     engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path, dtype=mc.autocast or mc.dtype,
                                  seed=cfg.seed, vocab_size=vocab_size)

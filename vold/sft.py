@@ -32,12 +32,9 @@ from vold.packing import pack, packed_completion_hidden_states
 from vold.runs import (
     Logger,
     find_checkpoint,
-    load_checkpoint_state,
     make_optimizer,
     make_scheduler,
     progress_bar,
-    reset_logs,
-    restore_run,
     scalar_metrics,
     start_run,
 )
@@ -120,18 +117,7 @@ def train_sft(cfg: Config) -> Path:
                                min_ratio=sc.min_lr_ratio)
     runtime.wrap(model, optimizer, grad_accum=sc.grad_accum, max_grad_norm=oc.max_grad_norm,
                  bf16="bfloat16" in (cfg.model.dtype, cfg.model.autocast))
-    step = 0
-    if checkpoint is not None:
-        state = load_checkpoint_state(checkpoint)
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        step = state["step"]
-        if runtime.is_main:
-            restore_run(run, state)
-            print(f"sft: resumed from {checkpoint} (step {step})")
-        runtime.load_checkpoint(checkpoint, optimizer, state, scheduler)  # optimizer state, this rank's RNG
-    elif runtime.is_main:
-        reset_logs(run)
+    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "sft")
     logger = Logger(run, cfg.logging, start_step=step) if runtime.is_main else None
     bar = progress_bar(max_steps, initial=step, desc="sft", enabled=cfg.logging.progress and runtime.is_main)
 

@@ -73,12 +73,9 @@ from vold.rollout.hf import HFRolloutEngine
 from vold.runs import (
     Logger,
     find_checkpoint,
-    load_checkpoint_state,
     make_optimizer,
     make_scheduler,
     progress_bar,
-    reset_logs,
-    restore_run,
     scalar_metrics,
     start_run,
 )
@@ -366,17 +363,7 @@ def train_sophia(cfg: Config) -> Path:
                                eps=oc.adam_eps)
     scheduler = make_scheduler(optimizer, kind=sc.lr_scheduler, warmup=sc.warmup_steps, total=sc.max_steps)
     runtime.wrap(student, optimizer, grad_accum=sc.grad_accum, max_grad_norm=oc.max_grad_norm)
-    step = 0
-    if checkpoint is not None:
-        state = load_checkpoint_state(checkpoint)
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        step = state["step"]
-        restore_run(run, state)
-        print(f"sophia: resumed from {checkpoint} (step {step})")
-        runtime.load_checkpoint(checkpoint, optimizer, state, scheduler)
-    else:
-        reset_logs(run)
+    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "sophia")
     caption_engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path,
                                          dtype=mc.autocast or mc.dtype, seed=cfg.seed, vocab_size=vocab_size)
     caption_engine.update_weights(student)
