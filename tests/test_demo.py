@@ -1,5 +1,5 @@
 """``vold demo``: the toy task, and ``vold demo --quick`` end to end through the CLI (teacher, perception
-student, traces, SFT, the four RL arms, evals, table, figures), then a second run that takes both models
+student, traces, SFT, the five RL arms and SOPHIA, evals, table, figures), then a second run that takes both models
 from the cache. The numbers are only checked for sanity (accuracies in [0, 1], a teacher clearly above
 the majority answer), never for a ranking of the arms."""
 
@@ -12,7 +12,7 @@ import torch
 
 from vold.cli import main
 from vold.demo.config import PERCEPTION_KEYS, TEACHER_KEYS, cache_key, make_config
-from vold.demo.pipeline import ARMS, RL_ARMS
+from vold.demo.pipeline import ARMS, TRAINED_ARMS
 from vold.demo.task import Problem, all_problems, render, split_problems
 from vold.rewards import accuracy_reward
 
@@ -54,9 +54,12 @@ def test_config_overrides_and_cache_keys():
     with pytest.raises(ValueError, match="unknown demo setting 'rl_step'"):
         make_config(False, ["rl_step=3"])
     # RL settings do not touch the cached models; the teacher's do
-    assert cache_key(full, TEACHER_KEYS) == cache_key(make_config(False, ["rl_steps=1"]), TEACHER_KEYS)
-    assert cache_key(full, TEACHER_KEYS) != cache_key(make_config(False, ["teacher_steps=1"]), TEACHER_KEYS)
-    assert cache_key(full, PERCEPTION_KEYS) == cache_key(make_config(False, ["teacher_steps=1"]), PERCEPTION_KEYS)
+    assert cache_key(full, TEACHER_KEYS, "teacher") == cache_key(make_config(False, ["rl_steps=1"]), TEACHER_KEYS,
+                                                                 "teacher")
+    assert cache_key(full, TEACHER_KEYS, "teacher") != cache_key(make_config(False, ["teacher_steps=1"]),
+                                                                 TEACHER_KEYS, "teacher")
+    assert cache_key(full, PERCEPTION_KEYS, "perception") == cache_key(make_config(False, ["teacher_steps=1"]),
+                                                                       PERCEPTION_KEYS, "perception")
 
 
 @pytest.mark.slow
@@ -68,7 +71,7 @@ def test_demo_quick_end_to_end_then_cached(tmp_path, capsys):
     assert "| (e) VOLD: SFT + GRPO + distillation (full KL) |" in printed
 
     results = json.loads((out / "results.json").read_text())
-    for key, *_ in ARMS:
+    for key in (arm.key for arm in ARMS):
         for bench in ("image", "text"):
             values = results["arms"][key][bench]
             assert len(values) == 1 and all(0.0 <= v <= 1.0 for v in values), (key, bench, values)
@@ -84,13 +87,24 @@ def test_demo_quick_end_to_end_then_cached(tmp_path, capsys):
     assert (out / "demo.yaml").is_file() and (out / "log.txt").read_text().count("done") > 10
     seed = out / "seed_0"
     assert (seed / "traces" / "traces.jsonl").is_file() and (seed / "sft" / "final" / "config.json").is_file()
-    for key, _label, _start, estimator in RL_ARMS:
-        metrics = [json.loads(line) for line in (seed / key / "rl" / "metrics.jsonl").read_text().splitlines()]
-        assert len(metrics) == results["config"]["rl_steps"]
-        assert all(0.0 <= m["reward/mean"] <= 1.0 for m in metrics)
-        if estimator:
+    for arm in TRAINED_ARMS:
+        run = seed / arm.key / arm.run
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert len(metrics) == results["config"]["sophia_steps" if arm.trainer == "sophia" else "rl_steps"]
+        if arm.trainer == "rl":
+            assert all(0.0 <= m["reward/mean"] <= 1.0 for m in metrics)
+            assert all(("ref_kl" in m) == arm.images for m in metrics), arm.key  # (f): the k3 reference KL
+        else:  # SOPHIA: captions rewarded by the teacher's traces, kept items counted
+            assert all(0.0 <= m["caption/reward_mean"] <= 1.0 and 0 <= m["sophia/kept"] <= m["sophia/items"]
+                       for m in metrics)
+        if arm.estimator:
             assert all(math.isfinite(m["distill_kl"]) and m["distill_kl"] >= 0 for m in metrics)
-        assert (seed / key / "rl" / "config.yaml").is_file() and (seed / key / "eval" / "summary.json").is_file()
+        assert (run / "config.yaml").is_file() and (seed / arm.key / "eval" / "summary.json").is_file()
+    train_images = [json.loads(line) for line in (out / "data" / "train_image.jsonl").read_text().splitlines()]
+    assert all("image" in row and row["prompt"] == "\nSolve." for row in train_images)
+    perception = [json.loads(line) for line in (out / "data" / "perception.jsonl").read_text().splitlines()]
+    assert any(row["prompt"] == "\nRead." and row["response"] == row["teacher_prompt"].split("\n")[0]
+               for row in perception)  # the read prompt: image -> the problem's characters
     image_rows = [json.loads(line) for line in (out / "data" / "image.jsonl").read_text().splitlines()]
     assert all("image" in row and row["teacher_prompt"].endswith("Solve.") for row in image_rows)
 

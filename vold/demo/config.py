@@ -10,26 +10,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass
 from typing import Any
 
 from vold.config import _coerce
 
-CACHE_VERSION = 1  # bump when the task, the models or their training change in a way the fields do not show
+# bump when the task, a model or its training change in a way the fields do not show
+CACHE_VERSIONS = {"teacher": 1, "perception": 2}  # perception 2: + the read prompt (image -> transcription)
 
 
 @dataclass
 class DemoConfig:
     seeds: int = 3  # replicates of everything but the teacher: perception student, traces, SFT, RL, eval
-    jobs: int = 1  # worker processes running independent stages at once
+    jobs: int = 0  # worker processes running independent stages at once (0: one per CPU core, at most 4)
     threads: int = 1  # torch threads per worker
     data_seed: int = 0  # the problem split (shared by all seeds)
 
     # problems (of the 5647 valid expressions; eval is disjoint from all others, perception from train)
     eval_problems: int = 300  # held out: evaluated as images and as text
-    perception_problems: int = 2000  # the student's perception stage (images + text, direct answers)
-    train_problems: int = 2000  # the ablation's training prompts: text only (traces for SFT, GRPO prompts)
+    perception_problems: int = 2000  # the student's perception stage (images: read + direct answers; text: direct)
+    train_problems: int = 2000  # the ablation's training prompts: text (arms b-e), images (arms f, g)
     teacher_problems: int = 3000  # the teacher's own training set (gold step-by-step solutions)
 
     # teacher: Qwen3 causal LM trained from scratch with `vold sft` on gold solutions
@@ -55,14 +57,24 @@ class DemoConfig:
     sft_lr: float = 1e-3
     sft_batch: int = 16
 
-    # (c)-(e) `vold train`: GRPO (+ beta * reverse KL to the teacher on wrong rollouts)
-    rl_steps: int = 300
+    # (c)-(f) `vold train`: GRPO (+ beta * reverse KL to the teacher on wrong rollouts)
+    rl_steps: int = 200
     rl_lr: float = 1e-4
     rl_batch: int = 8  # prompts per step
     num_generations: int = 5  # G (the paper's)
     distill_coef: float = 0.1  # beta (the paper's)
     max_new_tokens: int = 48  # a solution is ~30 characters
-    curve_points: int = 4  # held-out evaluations along each RL run (checkpoints), for the accuracy curves
+    curve_points: int = 3  # held-out evaluations along each RL run (checkpoints), for the accuracy curves
+    # (f) RL with cold start on images (Wei et al.'s recipe): SFT, then GRPO on image prompts, k3 reference KL
+    images_ref_kl_coef: float = 1e-2
+    # (g) `vold sophia` from the perception student: K captions (read prompt), N teacher traces each,
+    # keep the shortest correct trace of a caption with mean reward > alpha, ratio-1 update (the paper's)
+    sophia_steps: int = 100
+    sophia_batch: int = 8  # images per step
+    sophia_captions: int = 4  # K (the paper: 8)
+    sophia_traces: int = 4  # N (the paper: 8)
+    sophia_alpha: float = 0.75  # the paper's
+    sophia_lr: float = 1e-4  # the RL lr: at the SFT lr (1e-3) the update overwrote the read prompt (see docs)
 
     # `vold eval`
     eval_samples: int = 4  # k: accuracy = mean@k
@@ -73,6 +85,7 @@ class DemoConfig:
 QUICK = dict(
     seeds=1, teacher_problems=2000, perception_problems=800, train_problems=120, eval_problems=40,
     teacher_steps=250, perception_steps=200, sft_steps=40, rl_steps=6, rl_batch=4, curve_points=2, eval_samples=2,
+    sophia_steps=4, sophia_batch=4, sophia_captions=2, sophia_traces=2,
 )
 
 TEACHER_KEYS = ("data_seed", "eval_problems", "teacher_problems", "teacher_hidden", "teacher_layers",
@@ -96,16 +109,19 @@ def make_config(quick: bool = False, overrides: list[str] | None = None, **value
     for key, value in values.items():
         if value is not None:
             setattr(cfg, key, value)
+    if cfg.jobs == 0:
+        cfg.jobs = max(1, min(4, os.cpu_count() or 1))
     for key in ("seeds", "jobs", "threads", "rl_steps", "sft_steps", "eval_samples", "curve_points", "rl_batch",
-                "num_generations", "teacher_steps", "perception_steps"):
+                "num_generations", "teacher_steps", "perception_steps", "sophia_steps", "sophia_batch",
+                "sophia_captions", "sophia_traces"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"demo setting {key} must be >= 1, got {getattr(cfg, key)}")
     return cfg
 
 
-def cache_key(cfg: DemoConfig, keys: tuple[str, ...]) -> str:
-    """A short hash of the settings ``keys`` (and the cache version): the name of a cached model's folder."""
-    spec = {"version": CACHE_VERSION, **{k: getattr(cfg, k) for k in keys}}
+def cache_key(cfg: DemoConfig, keys: tuple[str, ...], kind: str) -> str:
+    """A short hash of the settings ``keys`` (and ``kind``'s cache version): the name of a cached model's folder."""
+    spec = {"version": CACHE_VERSIONS[kind], **{k: getattr(cfg, k) for k in keys}}
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 

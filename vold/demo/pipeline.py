@@ -4,16 +4,19 @@ Stages (every one is a call of the trainer's public function on a :class:`vold.c
 each run folder has its ``config.yaml``, ``metrics.jsonl`` and models exactly as ``vold sft`` /
 ``vold make-traces`` / ``vold train`` / ``vold eval`` write them):
 
-    data                      problems -> JSONL (+ PNGs): teacher / perception / train (text) / eval (image, text)
+    data                      problems -> JSONL (+ PNGs): teacher / perception / train (text, images) / eval
     teacher        [cached]   `vold sft` of a random Qwen3 on gold step-by-step solutions
-    perception     [cached]   `vold sft` of a random Qwen2.5-VL on (image | text) -> direct answers
+    perception     [cached]   `vold sft` of a random Qwen2.5-VL on (image | text) -> direct answers, image -> read
     teacher eval              `vold eval` of the teacher on the held-out problems, as text
     per seed s:
       traces                  `vold make-traces`: the teacher solves the train prompts (text; correct ones kept)
       sft             (b)     `vold sft` of the perception student on those traces (the cold start)
-      rl/<arm>        (c-e)   `vold train`: (c) SFT + GRPO, (d) GRPO + distillation from the perception student,
-                              (e) SFT + GRPO + distillation, k2 and full
-      eval/<arm>      (a-e)   `vold eval` on the held-out problems as images and as text (+ RL checkpoints)
+      rl/<arm>        (c-f)   `vold train`: (c) SFT + GRPO, (d) GRPO + distillation from the perception student,
+                              (e) SFT + GRPO + distillation, k2 and full (all on text prompts),
+                              (f) SFT + GRPO on image prompts with a k3 reference KL (Wei et al.'s recipe)
+      sophia/<arm>    (g)     `vold sophia` from the perception student on image prompts: its captions (the read
+                              prompt), the teacher's traces from caption + question, ratio-1 update
+      eval/<arm>      (a-g)   `vold eval` on the held-out problems as images and as text (+ checkpoints)
 
 Independent stages run in ``jobs`` worker processes (``threads`` torch threads each). The teacher and the
 perception student are cached under ``cache_dir`` by a hash of the settings that make them.
@@ -39,17 +42,50 @@ import yaml
 from vold.demo.config import PERCEPTION_KEYS, TEACHER_KEYS, DemoConfig, as_dict, cache_key
 from vold.demo.models import MAX_PIXELS, MIN_PIXELS
 
-# (key, label, starts from, distillation estimator or None); (a) and (b) are not RL runs
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the ablation: how its model is made, and how the report shows it."""
+
+    key: str
+    label: str
+    short: str  # legend of the plots
+    color: str
+    marks: tuple[str, str, str]  # the table's columns: cold start, GRPO, distillation
+    start: str | None = None  # "base" (perception student) | "sft" (cold start) | None: not a training run
+    trainer: str = "rl"  # "rl" (`vold train`) | "sophia" (`vold sophia`)
+    estimator: str | None = None  # distillation estimator of an RL arm (None: no distillation)
+    images: bool = False  # trains on the train problems as images (else as text)
+
+    @property
+    def run(self) -> str:
+        """The stage's run folder under the arm (``vold train`` -> rl, ``vold sophia`` -> sophia)."""
+        return self.trainer
+
+
 ARMS = [
-    ("a_base", "(a) student, perception only", None, None),
-    ("b_sft", "(b) + cold-start SFT on teacher traces", None, None),
-    ("c_sft_grpo", "(c) SFT + GRPO", "sft", None),
-    ("d_grpo_distill", "(d) GRPO + distillation (k2), no cold start", "base", "k2"),
-    ("e_vold_k2", "(e) VOLD: SFT + GRPO + distillation (k2)", "sft", "k2"),
-    ("e_vold_full", "(e) VOLD: SFT + GRPO + distillation (full KL)", "sft", "full"),
+    Arm("a_base", "(a) student, perception only", "(a) base", "#7f7f7f", ("", "", "")),
+    Arm("b_sft", "(b) + cold-start SFT on teacher traces", "(b) SFT", "#bcbd22", ("✓", "", "")),
+    Arm("c_sft_grpo", "(c) SFT + GRPO", "(c) SFT+GRPO", "#1f77b4", ("✓", "✓", ""), start="sft"),
+    Arm("d_grpo_distill", "(d) GRPO + distillation (k2), no cold start", "(d) GRPO+KD (k2)", "#9467bd",
+        ("", "✓", "k2"), start="base", estimator="k2"),
+    Arm("e_vold_k2", "(e) VOLD: SFT + GRPO + distillation (k2)", "(e) VOLD k2", "#d62728", ("✓", "✓", "k2"),
+        start="sft", estimator="k2"),
+    Arm("e_vold_full", "(e) VOLD: SFT + GRPO + distillation (full KL)", "(e) VOLD full", "#ff7f0e",
+        ("✓", "✓", "full"), start="sft", estimator="full"),
+    Arm("f_sft_grpo_images", "(f) RL with cold start: SFT + GRPO on images (k3 ref. KL)", "(f) SFT+GRPO images",
+        "#17becf", ("✓", "✓ images", ""), start="sft", images=True),
+    Arm("g_sophia", "(g) SOPHIA: student captions + teacher traces, on images", "(g) SOPHIA", "#2ca02c",
+        ("", "", "teacher traces"), start="base", trainer="sophia", images=True),
 ]
-RL_ARMS = [arm for arm in ARMS if arm[2] is not None]
+TRAINED_ARMS = [arm for arm in ARMS if arm.start is not None]
+RL_ARMS = [arm for arm in TRAINED_ARMS if arm.trainer == "rl"]
 BENCHMARKS = ("image", "text")
+
+
+def steps_of(dc: DemoConfig, arm: Arm) -> int:
+    """Optimizer steps of a trained arm."""
+    return dc.sophia_steps if arm.trainer == "sophia" else dc.rl_steps
 
 
 # ---- configs of the trainer's stages ------------------------------------------------------------------
@@ -134,6 +170,13 @@ def stage_rl(config: dict[str, Any]) -> str:
     return str(train_rl(config_from_dict(config)))
 
 
+def stage_sophia(config: dict[str, Any]) -> str:
+    from vold.config import config_from_dict
+    from vold.sophia import train_sophia
+
+    return str(train_sophia(config_from_dict(config)))
+
+
 def stage_eval(config: dict[str, Any], problems: dict[str, list[str]]) -> dict[str, Any]:
     """``vold eval``, plus how often the first line of an image completion is the problem read correctly."""
     from vold.config import config_from_dict
@@ -154,7 +197,7 @@ def stage_eval(config: dict[str, Any], problems: dict[str, list[str]]) -> dict[s
 
 
 STAGES: dict[str, Callable[..., Any]] = {"train_model": stage_train_model, "traces": stage_traces, "sft": stage_sft,
-                                         "rl": stage_rl, "eval": stage_eval}
+                                         "rl": stage_rl, "sophia": stage_sophia, "eval": stage_eval}
 
 
 def run_stage(kind: str, kwargs: dict[str, Any], log_file: str, threads: int) -> tuple[Any, float]:
@@ -260,7 +303,7 @@ class Scheduler:
 
 def prepare_data(dc: DemoConfig, data: Path) -> dict[str, Any]:
     """Write the problem sets; returns the file paths and, per eval benchmark, the problems' texts."""
-    from vold.demo.task import image_rows, split_problems, text_rows, write_rows
+    from vold.demo.task import READ_INSTRUCTION, image_rows, split_problems, text_rows, write_rows
 
     sets = split_problems(dc.data_seed, eval=dc.eval_problems, perception=dc.perception_problems,
                           train=dc.train_problems, teacher=dc.teacher_problems)
@@ -269,8 +312,10 @@ def prepare_data(dc: DemoConfig, data: Path) -> dict[str, Any]:
         "teacher": write_rows(data / "teacher_solutions.jsonl", text_rows(sets["teacher"], "solution")),
         "perception": write_rows(data / "perception.jsonl",
                                  image_rows(sets["perception"], images, data, "direct")
+                                 + image_rows(sets["perception"], images, data, "transcription", READ_INSTRUCTION)
                                  + text_rows(sets["perception"], "direct")),
         "train": write_rows(data / "train_text.jsonl", text_rows(sets["train"])),
+        "train_image": write_rows(data / "train_image.jsonl", image_rows(sets["train"], images, data)),
         "image": write_rows(data / "image.jsonl", image_rows(sets["eval"], images, data)),
         "text": write_rows(data / "text.jsonl", text_rows(sets["eval"])),
     }
@@ -281,8 +326,8 @@ def prepare_data(dc: DemoConfig, data: Path) -> dict[str, Any]:
 def cached_model(cache_dir: Path, kind: str, dc: DemoConfig, keys: tuple[str, ...],
                  seed: int | None = None) -> tuple[Path, bool]:
     """``(folder, hit)``: the cache folder of a model and whether a complete one is there."""
-    folder = cache_dir / f"{kind}-{cache_key(dc, keys)}" if seed is None else \
-        cache_dir / f"{kind}-{cache_key(dc, keys)}-seed{seed}"
+    folder = cache_dir / f"{kind}-{cache_key(dc, keys, kind)}" if seed is None else \
+        cache_dir / f"{kind}-{cache_key(dc, keys, kind)}-seed{seed}"
     done = folder / "demo_cache.json"
     if done.is_file() and (folder / "sft" / "final" / "config.json").is_file():
         return folder, True
@@ -357,7 +402,6 @@ def run_demo(dc: DemoConfig, output: str | Path, *, cache_dir: str | Path | None
                               seed=0),
         "problems": problems}, deps=teacher_deps))
 
-    rl_every = max(1, dc.rl_steps // dc.curve_points)
     for seed in range(dc.seeds):
         root = out / f"seed_{seed}"
         student, student_deps = models[f"seed_{seed}/perception"]
@@ -381,27 +425,52 @@ def run_demo(dc: DemoConfig, output: str | Path, *, cache_dir: str | Path | None
             "config": eval_config(dc, model=sft_model, files=eval_files, output_dir=root / "b_sft" / "eval",
                                   seed=seed),
             "problems": problems}, deps=[f"seed_{seed}/sft"]))
-        for key, _label, start, estimator in RL_ARMS:
-            deps = [*teacher_deps, *student_deps] + ([f"seed_{seed}/sft"] if start == "sft" else [])
-            rl = merge(base_config(dc), {
-                "model": {"student": sft_model if start == "sft" else student, "teacher": teacher},
-                "data": {"train_files": [files["train"]], "batch_size": dc.rl_batch},
-                "optim": {"lr": dc.rl_lr, "max_steps": dc.rl_steps},
-                "loss": {"distill_coef": dc.distill_coef if estimator else 0.0,
-                         "distill_estimator": estimator or "k2"},
-                "checkpoint": {"every": rl_every, "keep_last": dc.curve_points + 1, "save_optimizer": False},
+        for arm in TRAINED_ARMS:
+            key = arm.key
+            deps = [*teacher_deps, *student_deps] + ([f"seed_{seed}/sft"] if arm.start == "sft" else [])
+            start_model = sft_model if arm.start == "sft" else student
+            train_file = files["train_image" if arm.images else "train"]
+            total = steps_of(dc, arm)
+            every = max(1, total // dc.curve_points)  # checkpoints evaluated for the accuracy-vs-step curves
+            common = merge(base_config(dc), {
+                "model": {"student": start_model, "teacher": teacher},
+                "checkpoint": {"every": every, "keep_last": dc.curve_points + 1, "save_optimizer": False},
                 "seed": seed, "output_dir": str(root / key),
             })
-            sched.add(Task(f"seed_{seed}/{key}/rl", "rl", {"config": rl}, deps=deps))
-            points = sorted({min(dc.rl_steps, rl_every * i) for i in range(1, dc.curve_points + 1)})
+            if arm.trainer == "sophia":
+                from vold.demo.task import READ_INSTRUCTION, image_prompt
+
+                config = merge(common, {
+                    "data": {"train_files": [train_file]},
+                    "sophia": {"num_captions": dc.sophia_captions, "traces_per_caption": dc.sophia_traces,
+                               "caption_reward_threshold": dc.sophia_alpha,
+                               "caption_prompt": image_prompt(READ_INSTRUCTION),
+                               "caption_max_new_tokens": 12, "caption_temperature": 1.0,  # ~6 characters
+                               "teacher_prompt_template": "{caption}{question}",
+                               "trace_max_new_tokens": dc.max_new_tokens, "trace_temperature": dc.trace_temperature,
+                               "trace_top_p": dc.trace_top_p, "response_separator": "\n",
+                               "importance_weighting": "none", "batch_size": dc.sophia_batch,
+                               "max_steps": dc.sophia_steps, "lr": dc.sophia_lr, "max_length": 160},
+                })
+            else:
+                config = merge(common, {
+                    "data": {"train_files": [train_file], "batch_size": dc.rl_batch},
+                    "optim": {"lr": dc.rl_lr, "max_steps": dc.rl_steps},
+                    "loss": {"distill_coef": dc.distill_coef if arm.estimator else 0.0,
+                             "distill_estimator": arm.estimator or "k2",
+                             "ref_kl_coef": dc.images_ref_kl_coef if arm.images else 0.0, "ref_kl_estimator": "k3"},
+                })
+            sched.add(Task(f"seed_{seed}/{key}/{arm.run}", arm.trainer, {"config": config}, deps=deps))
+            # the checkpoints at every, 2 every, ... before the end, and the final model
+            points = sorted({every * i for i in range(1, dc.curve_points) if every * i < total} | {total})
             for step in points:
-                final = step == dc.rl_steps
-                model = root / key / "rl" / ("final" if final else f"checkpoints/step_{step:06d}/model")
+                final = step == total
+                model = root / key / arm.run / ("final" if final else f"checkpoints/step_{step:06d}/model")
                 where = root / key / ("eval" if final else f"curve/step_{step:06d}")
                 name = f"seed_{seed}/{key}/eval" if final else f"seed_{seed}/{key}/eval@{step}"
                 sched.add(Task(name, "eval", {
                     "config": eval_config(dc, model=str(model), files=eval_files, output_dir=where, seed=seed),
-                    "problems": problems}, deps=[f"seed_{seed}/{key}/rl"]))
+                    "problems": problems}, deps=[f"seed_{seed}/{key}/{arm.run}"]))
     sched.run()
     elapsed = time.perf_counter() - t0
     results = write_report(out, dc, cached=cached, seconds=sched.seconds, elapsed=elapsed)

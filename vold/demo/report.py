@@ -14,15 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from vold.demo.config import DemoConfig, as_dict
-from vold.demo.pipeline import ARMS, BENCHMARKS, RL_ARMS
+from vold.demo.pipeline import ARMS, BENCHMARKS, TRAINED_ARMS, steps_of
 from vold.runs import read_jsonl
 
-COLORS = {"a_base": "#7f7f7f", "b_sft": "#bcbd22", "c_sft_grpo": "#1f77b4", "d_grpo_distill": "#9467bd",
-          "e_vold_k2": "#d62728", "e_vold_full": "#ff7f0e"}
-SHORT = {"a_base": "(a) base", "b_sft": "(b) SFT", "c_sft_grpo": "(c) SFT+GRPO", "d_grpo_distill": "(d) GRPO+KD (k2)",
-         "e_vold_k2": "(e) VOLD k2", "e_vold_full": "(e) VOLD full"}
-MARKS = {"a_base": ("", "", ""), "b_sft": ("✓", "", ""), "c_sft_grpo": ("✓", "✓", ""),
-         "d_grpo_distill": ("", "✓", "k2"), "e_vold_k2": ("✓", "✓", "k2"), "e_vold_full": ("✓", "✓", "full")}
+ARM = {arm.key: arm for arm in ARMS}
+# the training reward plotted per trainer: GRPO's mean rollout reward; SOPHIA's mean reward of the teacher's
+# traces written from the student's captions (the caption reward, averaged over the step's captions)
+REWARD_METRIC = {"rl": "reward/mean", "sophia": "caption/reward_mean"}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -52,7 +50,8 @@ def accuracy(result: dict[str, Any], benchmark: str) -> float:
 def collect(out: Path, dc: DemoConfig) -> dict[str, Any]:
     """Every number of the run, read back from the stages' output folders."""
     arms: dict[str, Any] = {}
-    for key, label, _start, _est in ARMS:
+    for arm in ARMS:
+        key, label = arm.key, arm.label
         per_seed = [_load(out / f"seed_{s}" / key / "eval" / "demo_eval.json") for s in range(dc.seeds)]
         per_seed = [r for r in per_seed if r is not None]
         arms[key] = {
@@ -64,13 +63,13 @@ def collect(out: Path, dc: DemoConfig) -> dict[str, Any]:
         }
     teacher = _load(out / "teacher" / "eval" / "demo_eval.json")
     curves: dict[str, Any] = {}
-    for key, _label, start, _est in RL_ARMS:
-        runs = []
+    for arm in TRAINED_ARMS:
+        key, runs = arm.key, []
         for s in range(dc.seeds):
             root = out / f"seed_{s}"
-            metrics_file = root / key / "rl" / "metrics.jsonl"
+            metrics_file = root / key / arm.run / "metrics.jsonl"
             metrics = read_jsonl(metrics_file) if metrics_file.is_file() else []
-            start_eval = _load(root / ("b_sft" if start == "sft" else "a_base") / "eval" / "demo_eval.json")
+            start_eval = _load(root / ("b_sft" if arm.start == "sft" else "a_base") / "eval" / "demo_eval.json")
             points = [(0, start_eval)] if start_eval else []
             for folder in sorted((root / key / "curve").glob("step_*")):
                 result = _load(folder / "demo_eval.json")
@@ -78,10 +77,10 @@ def collect(out: Path, dc: DemoConfig) -> dict[str, Any]:
                     points.append((int(folder.name.split("_")[1]), result))
             final = _load(root / key / "eval" / "demo_eval.json")
             if final:
-                points.append((dc.rl_steps, final))
+                points.append((steps_of(dc, arm), final))
             runs.append({
                 "step": [m["step"] for m in metrics],
-                "reward": [m["reward/mean"] for m in metrics],
+                "reward": [m[REWARD_METRIC[arm.trainer]] for m in metrics],
                 "distill_kl": [m.get("distill_kl", math.nan) for m in metrics],
                 "eval_step": [p[0] for p in points],
                 **{f"eval_{b}": [accuracy(p[1], b) for p in points] for b in BENCHMARKS},
@@ -95,22 +94,26 @@ def collect(out: Path, dc: DemoConfig) -> dict[str, Any]:
 
 
 def markdown(data: dict[str, Any], dc: DemoConfig) -> str:
-    header = ["arm", "cold start", "GRPO", "distillation", "image acc. (%)", "text acc. (%)", "reads image (%)"]
+    header = ["arm", "cold start", "GRPO", "from the teacher", "image acc. (%)", "text acc. (%)", "reads image (%)"]
     lines = ["| " + " | ".join(header) + " |", "|---|:-:|:-:|:-:|--:|--:|--:|"]
-    for key, label, _start, _est in ARMS:
-        row = data["arms"][key]
-        lines.append("| " + " | ".join([label, *MARKS[key], fmt(row["image"]), fmt(row["text"]),
+    for arm in ARMS:
+        row = data["arms"][arm.key]
+        lines.append("| " + " | ".join([arm.label, *arm.marks, fmt(row["image"]), fmt(row["text"]),
                                          fmt(row["reads_image"])]) + " |")
     lines.append("| teacher (text-only LLM), for reference | | | | n/a | " + fmt(data["teacher_text"]) + " | n/a |")
     kept = [t["kept"] / max(t["prompts"], 1) for t in data["traces"]]
     notes = (f"\nAccuracy: mean@{dc.eval_samples} (temperature {dc.eval_temperature}, top-p {dc.eval_top_p}) on "
              f"{dc.eval_problems} held-out problems, shown as images and as text; mean ± std over {dc.seeds} "
-             f"seed{'s' if dc.seeds > 1 else ''}. Every arm trains on text only. Always answering the most frequent "
+             f"seed{'s' if dc.seeds > 1 else ''}. Arms (b)-(e) train on text only; (f) and (g) on the same training "
+             f"problems shown as images. Always answering the most frequent "
              f"answer scores {100 * data['majority_answer']:.1f}%. Cold start: {dc.sft_steps} SFT steps on teacher "
              f"traces of {dc.train_problems} text prompts ({100 * mean_std(kept)[0]:.0f}% of them solved by the "
              f"teacher and kept); RL: {dc.rl_steps} steps x {dc.rl_batch} prompts x {dc.num_generations} rollouts, "
-             f"lr {dc.rl_lr:g}, beta {dc.distill_coef:g} on wrong rollouts (1 - r). \"reads image\": first line of an "
-             f"image completion = the problem.\n")
+             f"lr {dc.rl_lr:g}, beta {dc.distill_coef:g} on wrong rollouts (1 - r); (f) k3 reference KL "
+             f"{dc.images_ref_kl_coef:g}. SOPHIA: {dc.sophia_steps} steps x {dc.sophia_batch} images, "
+             f"K = {dc.sophia_captions} captions x N = {dc.sophia_traces} teacher traces, alpha {dc.sophia_alpha:g}, "
+             f"ratio-1 update, lr {dc.sophia_lr:g}. \"reads image\": first line of an image completion = the "
+             f"problem.\n")
     return "\n".join(lines) + "\n" + notes + paired(data)
 
 
@@ -119,22 +122,27 @@ PAIRS = [("e_vold_full", "c_sft_grpo", "distillation (full) on top of SFT + GRPO
          ("e_vold_full", "e_vold_k2", "full reverse KL instead of k2"),
          ("c_sft_grpo", "b_sft", "GRPO after the cold start"),
          ("b_sft", "a_base", "the cold start"),
-         ("d_grpo_distill", "a_base", "GRPO + distillation without cold start")]
+         ("d_grpo_distill", "a_base", "GRPO + distillation without cold start"),
+         ("f_sft_grpo_images", "c_sft_grpo", "GRPO on the image prompts instead of text"),
+         ("e_vold_full", "f_sft_grpo_images", "VOLD (text) vs RL with cold start (images)"),
+         ("g_sophia", "a_base", "SOPHIA from the perception student")]
 
 
 def paired(data: dict[str, Any]) -> str:
     """Within-seed differences (arms of one seed share the perception student, traces and SFT model)."""
     arms = data["arms"]
-    if min(len(arms[k]["text"]) for k in arms) < 2:
+    pairs = [(a, b, what) for a, b, what in PAIRS
+             if a in arms and b in arms and len(arms[a]["text"]) == len(arms[b]["text"]) >= 2]
+    if not pairs:
         return ""
     lines = ["\nWithin-seed differences (percentage points, mean ± std over seeds; per seed in brackets):\n",
              "| comparison | what it isolates | image | text |", "|---|---|--:|--:|"]
-    for a, b, what in PAIRS:
+    for a, b, what in pairs:
         cells = []
         for bench in BENCHMARKS:
             diffs = [x - y for x, y in zip(arms[a][bench], arms[b][bench], strict=True)]
             cells.append(f"{fmt(diffs)} [{', '.join(f'{100 * d:+.1f}' for d in diffs)}]")
-        lines.append(f"| {SHORT[a]} − {SHORT[b]} | {what} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {ARM[a].short} − {ARM[b].short} | {what} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,19 +169,19 @@ def _band(runs: list[list[float]]) -> tuple[list[float], list[float], list[float
 
 
 def plot_bars(ax, data: dict[str, Any]) -> None:
-    keys = [a[0] for a in ARMS]
+    keys = [a.key for a in ARMS]
     width = 0.38
     for j, bench in enumerate(BENCHMARKS):
         xs = [i + (j - 0.5) * width for i in range(len(keys))]
         stats = [mean_std(data["arms"][k][bench]) for k in keys]
         ax.bar(xs, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats], capsize=3,
-               color=[COLORS[k] for k in keys], alpha=1.0 if bench == "image" else 0.45,
+               color=[ARM[k].color for k in keys], alpha=1.0 if bench == "image" else 0.45,
                edgecolor="black", linewidth=0.6, label=f"{bench} problems")
     if data["teacher_text"]:
         ax.axhline(100 * mean_std(data["teacher_text"])[0], color="black", linestyle="--", linewidth=1,
                    label="teacher (text)")
     ax.axhline(100 * data["majority_answer"], color="gray", linestyle=":", linewidth=1, label="majority answer")
-    ax.set_xticks(range(len(keys)), [SHORT[k] for k in keys], rotation=25, ha="right", fontsize=8)
+    ax.set_xticks(range(len(keys)), [ARM[k].short for k in keys], rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("accuracy: images (solid) and text (light)")
     ax.set_ylim(0, 100)
@@ -187,11 +195,11 @@ def plot_reward(ax, data: dict[str, Any], window: int) -> None:
             continue
         mean, low, high = _band([_smooth(r["reward"], window) for r in runs])
         steps = runs[0]["step"][:len(mean)]
-        ax.plot(steps, [100 * v for v in mean], color=COLORS[key], label=SHORT[key])
-        ax.fill_between(steps, [100 * v for v in low], [100 * v for v in high], color=COLORS[key], alpha=0.15)
-    ax.set_xlabel("RL step")
+        ax.plot(steps, [100 * v for v in mean], color=ARM[key].color, label=ARM[key].short)
+        ax.fill_between(steps, [100 * v for v in low], [100 * v for v in high], color=ARM[key].color, alpha=0.15)
+    ax.set_xlabel("training step")
     ax.set_ylabel(f"training reward (%, moving avg {window})")
-    ax.set_title("GRPO reward on the (text) training prompts")
+    ax.set_title("training reward: GRPO rollouts; SOPHIA: teacher traces\nfrom the student's captions", fontsize=9)
     ax.legend(fontsize=7)
 
 
@@ -203,11 +211,12 @@ def plot_curves(ax, data: dict[str, Any]) -> None:
         for bench, style in (("image", "-"), ("text", ":")):
             mean, low, high = _band([r[f"eval_{bench}"] for r in runs])
             steps = runs[0]["eval_step"][:len(mean)]
-            ax.plot(steps, [100 * v for v in mean], style, marker="o", markersize=3, color=COLORS[key],
-                    label=SHORT[key] if bench == "image" else None)
+            ax.plot(steps, [100 * v for v in mean], style, marker="o", markersize=3, color=ARM[key].color,
+                    label=ARM[key].short if bench == "image" else None)
             if bench == "image":
-                ax.fill_between(steps, [100 * v for v in low], [100 * v for v in high], color=COLORS[key], alpha=0.12)
-    ax.set_xlabel("RL step")
+                ax.fill_between(steps, [100 * v for v in low], [100 * v for v in high], color=ARM[key].color,
+                                alpha=0.12)
+    ax.set_xlabel("training step")
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("held-out accuracy: images (solid), text (dotted)")
     ax.legend(fontsize=7, framealpha=0.6)
@@ -216,12 +225,12 @@ def plot_curves(ax, data: dict[str, Any]) -> None:
 def plot_distill(ax, data: dict[str, Any], window: int) -> None:
     for key, runs in data["curves"].items():
         runs = [r for r in runs if r["distill_kl"] and not all(math.isnan(v) for v in r["distill_kl"])]
-        if not runs or key == "c_sft_grpo":
+        if not runs or ARM[key].estimator is None:
             continue
         mean, low, high = _band([_smooth(r["distill_kl"], window) for r in runs])
         steps = runs[0]["step"][:len(mean)]
-        ax.plot(steps, mean, color=COLORS[key], label=SHORT[key])
-        ax.fill_between(steps, low, high, color=COLORS[key], alpha=0.15)
+        ax.plot(steps, mean, color=ARM[key].color, label=ARM[key].short)
+        ax.fill_between(steps, low, high, color=ARM[key].color, alpha=0.15)
     ax.set_yscale("log")
     ax.set_xlabel("RL step")
     ax.set_ylabel("distillation term D_t (nats/token)")
@@ -235,7 +244,7 @@ def write_plots(out: Path, data: dict[str, Any], dc: DemoConfig) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    window = max(1, dc.rl_steps // 15)
+    window = max(1, max(dc.rl_steps, dc.sophia_steps) // 15)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     written = []

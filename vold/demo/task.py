@@ -33,6 +33,7 @@ from PIL import Image
 
 OPS = "+-*"
 INSTRUCTION = "Solve."  # after the problem (text) or after the image
+READ_INSTRUCTION = "Read."  # after the image: transcribe it (the perception stage; SOPHIA's caption prompt)
 
 # 5 x 7 glyphs ('#' = ink)
 GLYPHS = {
@@ -83,6 +84,10 @@ class Problem:
         """The step-by-step trace (what the teacher learns to write)."""
         lines = [self.text] + [f"{x}{op}{y}={r}" for x, op, y, r in self.steps()]
         return "\n".join(lines) + f"\n\\boxed{{{self.answer}}}"
+
+    def transcription(self) -> str:
+        """What the image shows, as text (the answer to the read prompt; a caption in SOPHIA's sense)."""
+        return self.text
 
     def direct(self) -> str:
         """Restate and answer at once, no steps (the perception stage's target)."""
@@ -140,8 +145,8 @@ def text_prompt(p: Problem) -> str:
     return f"{p.text}\n{INSTRUCTION}"
 
 
-def image_prompt() -> str:
-    return f"\n{INSTRUCTION}"  # the image takes the problem's place, before this text
+def image_prompt(instruction: str = INSTRUCTION) -> str:
+    return f"\n{instruction}"  # the image takes the problem's place, before this text
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -164,8 +169,10 @@ def text_rows(problems: list[Problem], response: str | None = None) -> list[dict
     return rows
 
 
-def image_rows(problems: list[Problem], image_dir: Path, rel_to: Path, response: str | None = None) -> list[dict]:
-    """JSONL rows of image problems (one PNG each, paths relative to ``rel_to``); the teacher's view is the text."""
+def image_rows(problems: list[Problem], image_dir: Path, rel_to: Path, response: str | None = None,
+               instruction: str = INSTRUCTION) -> list[dict]:
+    """JSONL rows of image problems (one PNG each, paths relative to ``rel_to``); the teacher's view is the text.
+    ``response``: "solution" | "direct" | "transcription" (with ``instruction=READ_INSTRUCTION``)."""
     image_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for p in problems:
@@ -173,7 +180,7 @@ def image_rows(problems: list[Problem], image_dir: Path, rel_to: Path, response:
         path = image_dir / name
         if not path.exists():
             render(p.text).save(path)
-        row = {"prompt": image_prompt(), "image": str(path.relative_to(rel_to)), "answer": str(p.answer),
+        row = {"prompt": image_prompt(instruction), "image": str(path.relative_to(rel_to)), "answer": str(p.answer),
                "teacher_prompt": text_prompt(p), "data_source": "arith_image"}
         if response:
             row["response"] = getattr(p, response)()
