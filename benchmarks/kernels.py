@@ -14,8 +14,7 @@ Implementations (rows):
 - liger           LigerFusedLinearGRPOLoss + 0.1 * LigerFusedLinearJSDLoss(beta=1, soft only), eager
 - liger_compiled  the same with compiled=True (first call, i.e. compile, reported separately)
 - gemm_floor      only the unavoidable GEMMs (teacher logits, student logits, dX, dW; 3 for "k2"),
-                  chunked with vold's largest chunk on this device (torch_compile's on the CPU): the floor
-                  for this loss on this machine
+                  chunked with vold's chunk size: the floor for this loss on this machine
 - gemm_unchunked  (opt-in) the same GEMMs on whole [N, V] buffers
 
 Time: forward + backward, median of --repeats after --warmup calls, all rows of one shape in this
@@ -259,20 +258,13 @@ def make_inputs(shape: Shape, s: Settings, *, teacher_logprobs: bool) -> Inputs:
 Step = Callable[[], "torch.Tensor | None"]
 
 
-def vold_chunk_size(n: int, v: int, device: torch.device, override: int | None, impl: str = "torch") -> int:
-    """The chunk (rows) vold's engine ``impl`` uses for ``n`` active tokens: its own rule unless
-    overridden, at most ``n``."""
+def vold_chunk_size(n: int, v: int, device: torch.device, override: int | None) -> int:
+    """The chunk (rows) vold uses for ``n`` active tokens: its own rule unless overridden, at most ``n``."""
     if override:
         return max(1, min(n, override))
     from vold.kernels.chunked import default_chunk_size
 
-    return max(1, min(n, default_chunk_size(v, device, impl)))
-
-
-def floor_chunk_size(n: int, v: int, device: torch.device, override: int | None) -> int:
-    """The GEMM floor's chunk: the largest chunk any vold engine uses on this device (larger GEMMs run
-    faster, so this is the stricter floor for the other engines)."""
-    return max(vold_chunk_size(n, v, device, override, impl) for impl in ("torch", "torch_compile"))
+    return max(1, min(n, default_chunk_size(v, device)))
 
 
 def _vold_step(inp: Inputs, estimator: str, impl: str, s: Settings) -> Step:
@@ -370,7 +362,7 @@ def build_step(impl: str, estimator: str, inp: Inputs, s: Settings) -> Step:
     if impl in ("liger", "liger_compiled"):
         return _liger_step(inp, impl == "liger_compiled", s)
     if impl == "gemm_floor":
-        return _gemm_step(inp, estimator, floor_chunk_size(inp.n_active, inp.s_weight.shape[0], device, s.chunk_size))
+        return _gemm_step(inp, estimator, vold_chunk_size(inp.n_active, inp.s_weight.shape[0], device, s.chunk_size))
     if impl == "gemm_unchunked":
         return _gemm_step(inp, estimator, inp.n_active)
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
@@ -678,7 +670,7 @@ def run_shape(shape: Shape, s: Settings) -> list[dict[str, Any]]:
     if any(impl in COMPILED for impl, _ in keys):
         torch._dynamo.reset()  # every shape compiles afresh (and never hits the recompile limit)
     n_active = active_tokens(shape.n, s)
-    floor_chunk = floor_chunk_size(n_active, shape.v, device, s.chunk_size)
+    floor_chunk = vold_chunk_size(n_active, shape.v, device, s.chunk_size)
     grad_bytes = (shape.n * shape.h + shape.v * shape.h) * torch.empty((), dtype=s.torch_dtype).element_size()
     for row in rows.values():
         row.update(n_active=n_active, grad_bytes=grad_bytes, chunk_rows=floor_chunk)

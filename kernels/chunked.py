@@ -137,14 +137,10 @@ class ChunkSpec:
         return self.divergence is not None or self.need_teacher_logp
 
 
-def default_chunk_size(vocab_size: int, device: torch.device, impl: str = "torch") -> int:
+def default_chunk_size(vocab_size: int, device: torch.device) -> int:
     """Rows per chunk: a power of two near ``budget / V``, clamped to [256, 16384] (independent of N,
-    so torch_compile sees one chunk shape). On the CPU ``torch_compile`` gets twice the eager budget: its
-    fused passes hold only the two logits buffers, where the eager engine also holds four ``[chunk, V]``
-    intermediates, and the larger GEMMs run closer to the machine's peak."""
+    so torch_compile sees one chunk shape)."""
     budget = _CHUNK_BUDGET.get(device.type, _CHUNK_BUDGET["cuda"])
-    if impl == "torch_compile" and device.type == "cpu":
-        budget *= 2
     rows = 1 << max(0, int(math.log2(max(1, budget // vocab_size))))
     return max(_MIN_CHUNK, min(_MAX_CHUNK, rows))
 

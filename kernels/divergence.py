@@ -99,7 +99,7 @@ def fused_linear_divergence(
     t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
     s_bias = None if student_bias is None else student_bias[:vocab]
     t_bias = None if teacher_bias is None else teacher_bias[:vocab].detach()
-    chunk = chunk_size or default_chunk_size(vocab, s_hidden.device, impl)
+    chunk = chunk_size or default_chunk_size(vocab, s_hidden.device)
     chunk = max(1, chunk)
     out = FusedLinearDivergenceFunction.apply(
         s_hidden, student_weight[:vocab], s_bias, t_hidden, teacher_weight[:vocab].detach(), t_bias,

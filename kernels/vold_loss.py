@@ -301,7 +301,7 @@ def vold_loss(
         ref_kl_estimator=ref_kl_estimator, distill_coef=distill_coef, distill_estimator=distill_estimator,
         entropy_coef=entropy_coef,
     )
-    chunk = max(1, chunk_size or default_chunk_size(vocab, s_hidden.device, impl))
+    chunk = max(1, chunk_size or default_chunk_size(vocab, s_hidden.device))
     metric_names = ("loss", "policy_loss", "entropy", "ratio", "clip_low", "clip_high")
     if ref_kl_coef != 0.0:
         metric_names += ("ref_kl",)
