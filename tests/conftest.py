@@ -6,6 +6,8 @@
 - ``tests/`` is put on ``sys.path`` so that ``reference`` and ``helpers`` import under any pytest
   import mode.
 - Every test starts from the same torch seed.
+- ``one_thread`` (trainer tests opt in with ``pytestmark``) and ``tiny``: the tiny run of
+  ``vold.testing.prepare_tiny_run``, shared by the trainer test modules.
 """
 
 import os
@@ -28,3 +30,20 @@ def pytest_configure(config):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine threads make them crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny student/teacher models and data (``vold.testing.prepare_tiny_run``), one per test module."""
+    from vold.testing import prepare_tiny_run
+
+    return prepare_tiny_run(tmp_path_factory.mktemp("tiny"))

@@ -26,16 +26,10 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from vold.adapters.trl import VoldGRPOTrainer  # noqa: E402
 from vold.testing import make_tiny_teacher, make_tiny_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 B, P, T = 4, 5, 6
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def has_digit(completions, **_):

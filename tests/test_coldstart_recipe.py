@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from vold.cli import main
 from vold.config import load_config
@@ -15,17 +14,11 @@ from vold.data import load_examples
 from vold.runs import read_jsonl
 from vold.testing import prepare_tiny_run, tiny_overrides
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
 PAPER = ROOT / "configs" / "coldstart_rl_paper.yaml"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def recipe_overrides() -> list[str]:

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from vold.cli import main
 from vold.demo.config import PERCEPTION_KEYS, TEACHER_KEYS, cache_key, make_config
@@ -16,13 +15,7 @@ from vold.demo.pipeline import ARMS, TRAINED_ARMS
 from vold.demo.task import Problem, all_problems, render, split_problems
 from vold.rewards import accuracy_reward
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_task_solutions_renders_and_splits():

@@ -44,19 +44,13 @@ from vold.rl import Experience, optimize
 from vold.runs import list_checkpoints, make_scheduler, read_jsonl
 from vold.testing import make_tiny_text_student, make_tiny_tokenizer, prepare_tiny_run, tiny_overrides
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
 WORLD = 2
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- the jobs ------------------------------------------------------------------------------------

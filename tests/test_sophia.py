@@ -16,7 +16,9 @@ from vold.config import load_config
 from vold.kernels import fused_linear_logprobs
 from vold.runs import find_checkpoint, list_checkpoints, read_jsonl
 from vold.sophia import importance_weights, select_traces, sophia_objective
-from vold.testing import prepare_tiny_run, tiny_overrides
+from vold.testing import tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -25,19 +27,6 @@ TINY_SOPHIA = ["sft.enabled=false", "sophia.num_captions=2", "sophia.traces_per_
                "sophia.caption_max_new_tokens=8", "sophia.trace_max_new_tokens=8", "sophia.trace_temperature=1.0",
                "sophia.trace_top_p=1.0", "sophia.caption_reward_threshold=0.25", "sophia.lr=1e-3",
                "reward.functions=[vold.testing:even_length_reward]"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return prepare_tiny_run(tmp_path_factory.mktemp("tiny"))
 
 
 # ---- selection -----------------------------------------------------------------------------------------

@@ -7,26 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from vold.cli import main
 from vold.runs import read_jsonl
-from vold.testing import make_tiny_teacher, make_tiny_tokenizer, prepare_tiny_run, tiny_overrides
+from vold.testing import make_tiny_teacher, make_tiny_tokenizer, tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return prepare_tiny_run(tmp_path_factory.mktemp("tiny"))
 
 
 def run(command: str, tiny: dict, out: Path, *overrides: str) -> int:

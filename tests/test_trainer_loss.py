@@ -23,15 +23,9 @@ from vold.testing import (
     make_tiny_tokenizer,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 G = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,25 +16,16 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from vold.cli import main
 from vold.data import build_prompt_batch, load_examples
 from vold.models import load_tokenizer
 from vold.runs import read_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROBLEMS = [(2, 3), (4, 4), (7, 1), (6, 3)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

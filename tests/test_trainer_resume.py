@@ -26,24 +26,13 @@ from vold.runs import (
     read_jsonl,
     save_checkpoint,
 )
-from vold.testing import make_tiny_text_student, make_tiny_tokenizer, prepare_tiny_run, tiny_overrides
+from vold.testing import make_tiny_text_student, make_tiny_tokenizer, tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
 STEPS = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return prepare_tiny_run(tmp_path_factory.mktemp("tiny"))
 
 
 def train_args(tiny: dict, out: Path) -> list[str]:

@@ -22,16 +22,9 @@ from vold.testing import (
     make_tiny_tokenizer,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 G = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine threads make them crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

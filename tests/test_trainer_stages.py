@@ -9,30 +9,17 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from vold.cli import main
 from vold.config import load_config
 from vold.runs import read_jsonl
-from vold.testing import prepare_tiny_run, tiny_overrides
+from vold.testing import tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
 # a reward that varies within a group for random tiny models, so advantages are not all zero
 REWARDS = "reward.functions=[accuracy, vold.testing:digit_reward]"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine threads make them crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return prepare_tiny_run(tmp_path_factory.mktemp("tiny"))
 
 
 def run(command: str, tiny: dict, out: Path, *overrides: str) -> int:
