@@ -1,7 +1,7 @@
 """vold: fused GRPO + on-policy distillation losses and a lean VLM trainer.
 
-The directory ``kernels/`` is shipped as the subpackage ``vold.kernels`` (a top-level package
-named ``kernels`` would clash with an existing PyPI project).
+The loss library lives at ``vold/kernels/`` (imported as ``vold.kernels``; nested so that the path a
+reader greps is the import path and no top-level ``kernels`` package clashes with the PyPI project).
 """
 
 from setuptools import setup
@@ -20,7 +20,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["vold", "vold.kernels", "vold.rollout", "vold.adapters", "vold.demo"],
-    package_dir={"vold": "vold", "vold.kernels": "kernels"},
     # A range, so that GPU users keep the CUDA torch they have; the README installs the CPU build first.
     install_requires=["torch>=2.4,<3", "numpy"],  # vold.kernels needs nothing more
     extras_require={

@@ -760,7 +760,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     digest = hashlib.sha256()
-    for path in sorted((REPO_ROOT / "kernels").glob("*.py")):
+    for path in sorted((REPO_ROOT / "vold" / "kernels").glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -790,7 +790,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{m['date']} | CPU {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads){gpu} | "
         f"torch {m['torch']}, triton {m['triton']}, liger-kernel {m['liger_kernel']} | vold {m['git_commit']} "
-        f"(kernels/ sha256 {m['kernels_sha256']}) | {result['elapsed_s']:.0f} s",
+        f"(vold/kernels/ sha256 {m['kernels_sha256']}) | {result['elapsed_s']:.0f} s",
         "",
         *([] if result.get("complete", True) else ["**Partial: the sweep is still running or was stopped.**", ""]),
         "Objective: GRPO clipped loss (token ratio, eps 0.2/0.3, dapo) + 0.1 x reverse KL(student||teacher); "
