@@ -27,7 +27,7 @@ from vold.config import Config
 from vold.data import Example, PromptSampler, build_prompt_batch, load_examples, tokenizer_of
 from vold.distributed import Runtime
 from vold.kernels import fused_linear_logprobs
-from vold.models import autocast, completion_hidden_states, head_for_loss, student_from_config
+from vold.models import autocast, completion_hidden_states, head_for_loss, parameter_summary, student_from_config
 from vold.packing import pack, packed_completion_hidden_states
 from vold.runs import (
     Logger,
@@ -111,8 +111,10 @@ def train_sft(cfg: Config) -> Path:
     checkpoint = runtime.broadcast(find_checkpoint(run, cfg.checkpoint.resume) if runtime.is_main else None)
     model, processor = student_from_config(cfg.model, device, path=str(checkpoint / "model") if checkpoint else None)
     oc = cfg.optim
-    optimizer = make_optimizer(model, sc.lr, weight_decay=oc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2),
-                               eps=oc.adam_eps)
+    if runtime.is_main:
+        print(parameter_summary(model, "sft"))
+    optimizer = make_optimizer(model, sc.lr, weight_decay=oc.weight_decay if sc.weight_decay is None
+                               else sc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps)
     scheduler = make_scheduler(optimizer, kind=sc.lr_scheduler, warmup=sc.warmup_steps, total=max_steps,
                                min_ratio=sc.min_lr_ratio)
     runtime.wrap(model, optimizer, grad_accum=sc.grad_accum, max_grad_norm=oc.max_grad_norm,
@@ -155,4 +157,4 @@ def train_sft(cfg: Config) -> Path:
         runtime.save_training_checkpoint(run, step, processor, scheduler=scheduler, sampler=sampler,
                                          optimizer=optimizer, checkpoint_cfg=cfg.checkpoint)
     bar.close()
-    return runtime.finish(processor, run, logger, "sft", step)
+    return runtime.finish(processor, run, logger, "sft", step, merged=cfg.model.lora.save_merged)
