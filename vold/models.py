@@ -109,6 +109,8 @@ def load_student(path: str, *, dtype: str | torch.dtype = "bfloat16", device: st
     if adapter:
         wrapper = _peft().PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
         model = _unwrap(wrapper) if trainable_adapter else wrapper.merge_and_unload()
+        if not trainable_adapter:
+            model.__dict__.pop("_vold_peft", None)
     set_gradient_checkpointing(model, gradient_checkpointing)
     return model.train()
 
@@ -500,7 +502,9 @@ def merged_copy(model: torch.nn.Module) -> PreTrainedModel:
     wrapper = lora_wrapper(model)
     if wrapper is None:
         return model
-    return copy.deepcopy(wrapper).merge_and_unload()
+    merged = copy.deepcopy(wrapper).merge_and_unload()
+    merged.__dict__.pop("_vold_peft", None)  # the copy's link to its (now spent) wrapper
+    return merged
 
 
 def teacher_from_config(mc: ModelConfig, device: torch.device) -> tuple[PreTrainedModel, Any]:
