@@ -156,6 +156,9 @@ class RewardConfig:
 
     functions: list[str] = field(default_factory=lambda: ["accuracy"])
     weights: list[float] | None = None  # one per function; default all 1
+    # L_cache of the built-in "soft_overlong" reward (DAPO §3.4; TRL's soft_punish_cache): completions longer than
+    # rollout.max_new_tokens - overlong_cache lose up to 1 linearly; L_max is rollout.max_new_tokens
+    overlong_cache: int = 0
 
 
 @dataclass

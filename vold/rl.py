@@ -273,7 +273,8 @@ def rollout_step(step: int, batch: PromptBatch, engine: RolloutEngine, rewards: 
                                   seed=seeds)
     prompts = [p for p in batch.prompts for _ in range(G)]
     with phase_timer(timings, "reward", device):
-        total, per_function = rewards(prompts, rollout.texts, **batch.reward_columns(G))
+        ids = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)]
+        total, per_function = rewards(prompts, rollout.texts, completion_ids=ids, **batch.reward_columns(G))
         advantages = group_advantages(total, G, scale=cfg.loss.scale_rewards)
         weights = distill_weights(per_function, cfg.loss)
     rows = [i for i in range(len(batch)) for _ in range(G)]
@@ -441,7 +442,8 @@ def train_rl(cfg: Config) -> Path:
     examples = load_examples(data.train_files, image_root=data.image_root, check_images=data.check_images,
                              prompt_column=data.prompt_column, answer_column=data.answer_column)
     sampler = PromptSampler(len(examples), data.batch_size, seed=cfg.seed, shuffle=data.shuffle)
-    rewards = RewardFunctions(cfg.reward.functions, cfg.reward.weights)
+    rewards = RewardFunctions(cfg.reward.functions, cfg.reward.weights, overlong_cache=cfg.reward.overlong_cache,
+                              max_completion_length=cfg.rollout.max_new_tokens)
     if lc.distill_on_wrong_only and lc.distill_mask_reward not in rewards.names:
         raise ValueError(f"loss.distill_mask_reward={lc.distill_mask_reward!r} is not one of reward.functions "
                          f"{rewards.names}")
