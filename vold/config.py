@@ -227,6 +227,10 @@ class SFTConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_length: int = 2048  # prompt + response tokens; longer responses are cut
     packing: bool = False  # each micro-batch as one row of real tokens (see optim.packing)
+    # this stage's freezing switches; None: model.freeze_* (e.g. RL with cold start freezes the ViT for SFT only)
+    freeze_vision_tower: bool | None = None
+    freeze_projector: bool | None = None
+    freeze_language_model: bool | None = None
 
 
 @dataclass
