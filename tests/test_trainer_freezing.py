@@ -29,6 +29,7 @@ from vold.models import (
     student_from_config,
 )
 from vold.rl import score
+from vold.rollout.vllm import named_weights
 from vold.runs import find_checkpoint, list_checkpoints, load_checkpoint_state, read_jsonl
 from vold.testing import make_tiny_student, make_tiny_text_student, make_tiny_tokenizer, tiny_overrides
 
@@ -124,6 +125,23 @@ def test_schedule_and_lora_keys_are_checked(override, message):
         load_config(None, [override, "model.lora.enabled=true"] if "lora" in override else [override])
 
 
+def test_frozen_parameters_get_no_gradient_buffer(tiny, traces):
+    """A backward pass through the fused SFT loss on an image row leaves ``.grad`` None on the frozen tower
+    (no buffer, nothing for DDP or ZeRO to reduce) and fills it on everything else that the row reaches."""
+    from vold.sft import sft_batch, sft_loss
+
+    cfg = load_config(CONFIG, [*tiny_overrides(tiny, "unused"), "model.freeze_vision_tower=true"])
+    model, processor = student_from_config(cfg.model, torch.device("cpu"))
+    example = load_examples([str(traces)], required=("trace",))[:2]
+    batch = sft_batch(example, processor, [e.extra["trace"] for e in example], max_length=256)
+    sft_loss(model, batch, normalizer=float(batch["mask"].sum())).backward()
+    for name, param in model.named_parameters():
+        if parameter_part(name) == "vision_tower":
+            assert param.grad is None, name
+        elif name.startswith("model.visual.merger.") or name == "lm_head.weight":
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
 # ---- the stages with frozen parts -------------------------------------------------------------------------
 
 def frozen_unchanged(start: dict, end: dict, parts: set[str]) -> None:
@@ -172,6 +190,8 @@ def test_sophia_with_a_frozen_vision_tower(tiny, tmp_path, capsys):
     assert run("sophia", tiny, tmp_path, *TINY_SOPHIA, "sophia.max_steps=2", "model.freeze_vision_tower=true",
                "sophia.lr_scheduler=cosine", "sophia.min_lr_ratio=0.25", "sophia.weight_decay=0.05") == 0
     assert "sophia: " in capsys.readouterr().out
+    groups = load_checkpoint_state(find_checkpoint(tmp_path / "sophia", "auto"))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]  # sophia.weight_decay on the matrices
     metrics = read_jsonl(tmp_path / "sophia" / "metrics.jsonl")
     assert any(m["sophia/kept"] > 0 for m in metrics), "nothing kept: the update was not exercised"
     frozen_unchanged(start, weights(tmp_path / "sophia" / "final"), {"vision_tower"})
@@ -237,8 +257,9 @@ def test_lora_sft_resume_train_and_merged_logprobs(tiny, traces, tmp_path):
     loaded = load_student(str(out / "rl" / "final"), dtype="float32", device="cpu", attn_implementation="sdpa")
     assert lora_wrapper(loaded) is None
     reference = merged.state_dict()
-    synced = merged_state_dict(student)  # what the vLLM weight sync sends
+    synced = dict(named_weights(student))  # what the vLLM weight sync sends (merged_state_dict)
     assert synced.keys() == reference.keys() and all(torch.equal(synced[k], reference[k]) for k in reference)
+    assert merged_state_dict(student).keys() == reference.keys()
     examples = load_examples([str(tiny["train"])])[:2]
     batch = build_prompt_batch(examples, processor)
     prompts = repeat_inputs(batch.student_inputs, batch.num_images, 2)
