@@ -272,3 +272,41 @@ def test_lora_sft_resume_train_and_merged_logprobs(tiny, traces, tmp_path):
     torch.testing.assert_close(logps[0], logps[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logps[0], logps[2], atol=1e-5, rtol=1e-5)
     assert logps[0].abs().sum() > 0
+
+
+# ---- data parallel: frozen parameters and LoRA under DDP and ZeRO-2 ----------------------------------------
+
+@pytest.mark.slow
+def test_frozen_tower_and_lora_under_two_gloo_ranks(tmp_path):
+    """2 gloo ranks (DDP; DeepSpeed ZeRO-2 when installed) with the vision tower frozen, and with LoRA: the frozen
+    weights come out bit-identical and the trained ones match one process (the tests/test_distributed.py bounds)."""
+    import torch.distributed as dist
+    from test_distributed import HAS_DEEPSPEED, run_two_ranks, sft_args, weight_errors, write_sft_rows
+
+    from vold.testing import prepare_tiny_run
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    tiny = prepare_tiny_run(tmp_path / "tiny")
+    images = sorted(str(p) for p in (tmp_path / "tiny" / "data").glob("train_image_*.png"))
+    rows = write_sft_rows(tmp_path, images)
+    start = weights(tiny["student"])
+    frozen, lora = ["model.freeze_vision_tower=true"], [*LORA, "model.lora.save_merged=true"]
+    assert main(sft_args(tiny, tmp_path / "one", rows, *frozen)) == 0
+    assert main(sft_args(tiny, tmp_path / "one_lora", rows, *lora)) == 0
+    jobs = [sft_args(tiny, tmp_path / "two", rows, *frozen), sft_args(tiny, tmp_path / "two_lora", rows, *lora)]
+    if HAS_DEEPSPEED:
+        zero2 = ["distributed.backend=deepspeed",
+                 f"distributed.deepspeed_config={ROOT / 'configs' / 'deepspeed' / 'zero2_cpu.json'}"]
+        jobs.append(sft_args(tiny, tmp_path / "zero2", rows, *frozen, *zero2))
+    run_two_ranks(jobs)
+    reference = weights(tmp_path / "one" / "sft" / "final")
+    for run in ["two", "zero2"] if HAS_DEEPSPEED else ["two"]:
+        got = weights(tmp_path / run / "sft" / "final")
+        frozen_unchanged(start, got, {"vision_tower"})
+        errors = weight_errors(got, reference, start)
+        assert errors["rel"] < 1e-5 and errors["norm_vs_update"] < 2e-3, (run, errors)
+    got, want = (weights(tmp_path / run / "sft" / "final" / "merged") for run in ("two_lora", "one_lora"))
+    frozen_unchanged(start, got, {"vision_tower", "projector"})
+    errors = weight_errors(got, want, start)
+    assert errors["rel"] < 1e-5 and errors["norm_vs_update"] < 2e-3, errors
