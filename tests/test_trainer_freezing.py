@@ -248,6 +248,18 @@ def test_lora_sft_resume_train_and_merged_logprobs(tiny, traces, tmp_path):
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
     rl_adapter = adapter(out / "rl" / "final")
     assert rl_adapter.keys() == trained.keys() and any(not torch.equal(rl_adapter[k], trained[k]) for k in trained)
+    # vold train resumed from its step-1 checkpoint (an adapter folder): the same logs and adapter
+    expected = [{k: v for k, v in m.items() if not k.startswith("time/")} for m in metrics]
+    os.replace(out / "rl" / "final", tmp_path / "rl_reference_final")
+    for path in list_checkpoints(out / "rl")[1:]:
+        path.rename(path.with_name(path.name + ".tmp"))
+    assert is_adapter_folder(find_checkpoint(out / "rl", "auto") / "model")
+    assert run("train", tiny, out, "optim.max_steps=2", "reward.functions=[accuracy, vold.testing:digit_reward]",
+               *LORA, "--resume", "auto") == 0
+    assert [{k: v for k, v in m.items() if not k.startswith("time/")}
+            for m in read_jsonl(out / "rl" / "metrics.jsonl")] == expected
+    resumed = adapter(out / "rl" / "final")
+    assert all(torch.equal(resumed[k], rl_adapter[k]) for k in rl_adapter)
 
     # the trainer's log-probs (LoRA modules active) = the merged model's = the merge peft's loader makes
     cfg = load_config(CONFIG, [*tiny_overrides(tiny, tmp_path), *LORA])
