@@ -48,6 +48,7 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -119,7 +120,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-timeout", type=float, default=60.0,
                    help="longest wait (s) for that before each row (default 60)")
     p.add_argument("--workdir", type=Path, help="folder for the tiny models and the runs (default: a temporary "
-                                                 "folder, removed afterwards)")
+                                                 "folder, removed afterwards); each run's final model is removed "
+                                                 "after its row")
     p.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results",
                    help="output directory (default: benchmarks/results/)")
     p.add_argument("--tag", help="file name tag: step_<tag>.json/.md (default: the device type, cpu or cuda)")
@@ -222,6 +224,8 @@ def run_estimator(args: argparse.Namespace, estimator: str, work: Path, tiny: di
     peak = torch.cuda.max_memory_allocated() if cuda else None  # the whole run: models, rollouts, updates
     foreign = monitor.foreign(before, monitor.snapshot())
     records = read_jsonl(out_dir / "rl" / "metrics.jsonl")
+    # the run's final model is not needed (only its metrics are): real models would fill the disk row by row
+    shutil.rmtree(out_dir / "rl" / "final", ignore_errors=True)
     if len(records) != cfg.optim.max_steps:
         raise RuntimeError(f"{estimator}: expected {cfg.optim.max_steps} metric records, found {len(records)}")
     steps = [{"step": r["step"], "warmup": i < args.warmup,
