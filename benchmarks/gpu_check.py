@@ -475,7 +475,7 @@ def part_kernel_bench(ctx: Context, out: Path) -> dict[str, Any]:
     if run["rc"] == 2 and "invalid choice" in run["log_tail"] and "--preset" in run["log_tail"]:
         result["error"] = (f"benchmarks.kernels has no --preset {ctx.kernel_preset} in this checkout "
                            f"(python -m benchmarks.kernels --help lists its presets)")
-    found = sorted(out.glob("kernels_*.json"))
+    found = sorted(out.glob("kernels_*.json")) or sorted(out.glob("*.json"))  # the module's own naming
     if found:
         try:
             result["result"] = json.loads(found[0].read_text())
@@ -485,7 +485,7 @@ def part_kernel_bench(ctx: Context, out: Path) -> dict[str, Any]:
         if md.is_file():
             result["markdown"] = md.read_text()
     elif result["status"] == "ok":
-        result["status"], result["error"] = "failed", f"no kernels_*.json in {out}"
+        result["status"], result["error"] = "failed", f"benchmarks.kernels wrote no JSON to {out}"
     if result["status"] != "ok":
         result["log_tail"] = run["log_tail"]
     return result
@@ -561,7 +561,8 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{', '.join(t.split('::')[-1] for t in e.get('failed_tests', [])[:8]) or '-'} |")
     for name in ("kernel_bench", "train_step"):
         if parts.get(name, {}).get("markdown"):
-            lines += ["", f"## {name}", "", parts[name]["markdown"].strip()]
+            lines += ["", f"## {name}", ""]  # the module's own report, its headings one level down
+            lines += [("##" + ln if ln.startswith("#") else ln) for ln in parts[name]["markdown"].strip().splitlines()]
     failing = {n: p for n, p in parts.items() if p["status"] != "ok" and (p.get("error") or p.get("log_tail"))}
     for name, p in failing.items():
         lines += ["", f"## {name}: {p['status']}", ""]

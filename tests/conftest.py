@@ -7,7 +7,8 @@
   CPU, with the CPU generator the test passes (or the global one), and move the result, so a GPU run sees
   the very inputs of a CPU run. ``helpers.DEVICE`` names the device and ``helpers.IMPLS`` adds the
   ``torch_compile`` engine on CUDA (``VOLD_TEST_IMPLS=triton,torch`` picks engines explicitly).
-  ``python -m benchmarks.gpu_check`` runs the kernel tests this way.
+  ``python -m benchmarks.gpu_check`` runs the kernel tests (test_kernels.py, test_numerics.py) this way; the
+  trainer tests build CPU models and are not meant for the switch.
 - ``TRITON_INTERPRET=1`` is set here on the CPU, before anything imports triton, so that the Triton engine
   runs under the interpreter (an explicit value in the environment is kept; on CUDA it is not set, so the
   compiled kernels are tested).
