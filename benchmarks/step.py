@@ -48,6 +48,7 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -119,7 +120,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-timeout", type=float, default=60.0,
                    help="longest wait (s) for that before each row (default 60)")
     p.add_argument("--workdir", type=Path, help="folder for the tiny models and the runs (default: a temporary "
-                                                 "folder, removed afterwards)")
+                                                 "folder, removed afterwards); each run's final model is removed "
+                                                 "after its row")
     p.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results",
                    help="output directory (default: benchmarks/results/)")
     p.add_argument("--tag", help="file name tag: step_<tag>.json/.md (default: the device type, cpu or cuda)")
@@ -213,11 +215,17 @@ def run_estimator(args: argparse.Namespace, estimator: str, work: Path, tiny: di
     _log(f"{estimator}: {cfg.optim.max_steps} steps of vold train ({args.warmup} warm-up) in {out_dir}"
          + (f" (waited {waited:.1f} s for a quieter machine)" if waited > 0.5 else ""))
     before = monitor.snapshot()
+    cuda = resolve_device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     train_rl(cfg)
     elapsed = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if cuda else None  # the whole run: models, rollouts, updates
     foreign = monitor.foreign(before, monitor.snapshot())
     records = read_jsonl(out_dir / "rl" / "metrics.jsonl")
+    # the run's final model is not needed (only its metrics are): real models would fill the disk row by row
+    shutil.rmtree(out_dir / "rl" / "final", ignore_errors=True)
     if len(records) != cfg.optim.max_steps:
         raise RuntimeError(f"{estimator}: expected {cfg.optim.max_steps} metric records, found {len(records)}")
     steps = [{"step": r["step"], "warmup": i < args.warmup,
@@ -230,7 +238,8 @@ def run_estimator(args: argparse.Namespace, estimator: str, work: Path, tiny: di
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"estimator": estimator, "config": dataclasses.asdict(cfg), "run_seconds": elapsed,
-            "foreign_cpu_cores": round(foreign, 3), "waited_for_quiet_s": waited, "steps": steps, **summary}
+            "foreign_cpu_cores": round(foreign, 3), "waited_for_quiet_s": waited, "steps": steps,
+            "peak_memory_allocated_bytes": peak, **summary}
 
 
 def _modified_files() -> list[str] | None:
@@ -292,11 +301,13 @@ def markdown(result: dict[str, Any]) -> str:
                      f"**{row['generated_tokens_per_s']:,.0f} generated** |")
     lines += ["", "Tokens per step (median) and the machine while it ran:", "",
               "| estimator | prompt tokens | generated tokens | (prompt + generated) tokens/s | step s (min-max) | "
-              "other processes (cores) |", "|---|---:|---:|---:|---:|---:|"]
+              "other processes (cores) | peak GPU memory |", "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
+        peak = row.get("peak_memory_allocated_bytes")
         lines.append(f"| {row['estimator']} | {row['prompt_tokens_per_step']:,.0f} | "
                      f"{row['generated_tokens_per_step']:,.0f} | {row['total_tokens_per_s']:,.0f} | "
-                     f"{row['step_seconds_min']:.3f}-{row['step_seconds_max']:.3f} | {row['foreign_cpu_cores']:.2f} |")
+                     f"{row['step_seconds_min']:.3f}-{row['step_seconds_max']:.3f} | {row['foreign_cpu_cores']:.2f} | "
+                     f"{'-' if peak is None else f'{peak / 2**30:.2f} GiB'} |")
     lines += ["", "tokens/s: generated = completion tokens (EOS included) per second of generation; scored = "
               "completion tokens that get a log-prob per second of that pass (x ppo_epochs for the update). "
               "Share: of the median step time; the phases' medians need not add up to exactly 100%.", ""]

@@ -1,8 +1,17 @@
 """Test configuration for vold.kernels.
 
-- ``TRITON_INTERPRET=1`` is set here, before anything imports triton, so that the Triton engine runs
-  on the CPU under the interpreter (on a GPU machine, export ``TRITON_INTERPRET=0`` to test the
-  compiled kernels instead: an explicit value in the environment is kept).
+- ``VOLD_TEST_DEVICE`` (default ``cpu``): the device the tests' tensors are made on. With
+  ``VOLD_TEST_DEVICE=cuda`` every factory call without an explicit ``device=`` (``torch.zeros``,
+  ``torch.tensor``, ...) makes its tensor on the GPU (``torch.set_default_device``), so the same tests check
+  the engines on the device; random factories (``randn``, ``rand``, ``randint``, ``randperm``) draw on the
+  CPU, with the CPU generator the test passes (or the global one), and move the result, so a GPU run sees
+  the very inputs of a CPU run. ``helpers.DEVICE`` names the device and ``helpers.IMPLS`` adds the
+  ``torch_compile`` engine on CUDA (``VOLD_TEST_IMPLS=triton,torch`` picks engines explicitly).
+  ``python -m benchmarks.gpu_check`` runs the kernel tests (test_kernels.py, test_numerics.py) this way; the
+  trainer tests build CPU models and are not meant for the switch.
+- ``TRITON_INTERPRET=1`` is set here on the CPU, before anything imports triton, so that the Triton engine
+  runs under the interpreter (an explicit value in the environment is kept; on CUDA it is not set, so the
+  compiled kernels are tested).
 - ``tests/`` is put on ``sys.path`` so that ``reference`` and ``helpers`` import under any pytest
   import mode.
 - Every test starts from the same torch seed.
@@ -13,11 +22,46 @@
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+TEST_DEVICE = os.environ.get("VOLD_TEST_DEVICE", "cpu").strip() or "cpu"
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._device import DeviceContext  # noqa: E402
+
+# factories that draw random numbers: made on the CPU (with the test's CPU generator), then moved
+_RANDOM_FACTORIES = {torch.randn, torch.rand, torch.randint, torch.randperm}
+
+
+class _TestDevice(DeviceContext):
+    """``torch.set_default_device(device)``, except that random factories draw on the CPU and move the result.
+
+    A subclass of torch's own ``DeviceContext`` (what ``set_default_device`` installs), so torch.compile
+    treats it exactly like the default-device mode (dynamo skips ``DeviceContext`` subclasses)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RANDOM_FACTORIES and kwargs.get("device") is None:
+            return func(*args, **{**kwargs, "device": "cpu"}).to(self.device)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _enter_test_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise pytest.UsageError(f"VOLD_TEST_DEVICE={name!r} is not a torch device: {error}") from error
+    if device.type == "cpu":
+        return  # the default: nothing to change
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"VOLD_TEST_DEVICE={name!r} but torch.cuda.is_available() is False "
+                                f"(torch {torch.__version__})")
+    _TestDevice(device).__enter__()  # for the whole session, like torch.set_default_device
+
+
+_enter_test_device(TEST_DEVICE)
 
 
 def pytest_configure(config):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -30,7 +31,24 @@ TRITON = pytest.param(
     marks=pytest.mark.skipif(TRITON_MISSING, reason="vold.kernels.triton_ops does not exist yet"),
     id="triton",
 )
-IMPLS = ["torch", TRITON]
+# the device the tests run on (tests/conftest.py makes it the default device); cpu unless VOLD_TEST_DEVICE says
+DEVICE = torch.device(os.environ.get("VOLD_TEST_DEVICE", "cpu").strip() or "cpu")
+
+
+def _impls() -> list:
+    """The engines every kernel test runs: torch and triton (interpreted on the CPU), plus torch_compile on
+    CUDA (on the CPU its inductor C++ builds would dominate the suite; tests/test_compile.py covers it);
+    ``VOLD_TEST_IMPLS`` (a comma list, e.g. ``triton``) picks them explicitly."""
+    names = os.environ.get("VOLD_TEST_IMPLS", "").replace(" ", "")
+    chosen = names.split(",") if names else ["torch", "triton"] + (["torch_compile"] if DEVICE.type == "cuda" else [])
+    known = ("torch", "triton", "torch_compile")
+    bad = [n for n in chosen if n not in known]
+    if bad or not chosen:
+        raise ValueError(f"VOLD_TEST_IMPLS={names!r}: expected a comma list of {known}, got {bad or chosen}")
+    return [TRITON if n == "triton" else n for n in chosen]
+
+
+IMPLS = _impls()
 
 
 def max_abs(x: torch.Tensor) -> float:

@@ -8,6 +8,7 @@
     vold demo        [--quick] [--seeds N] [--output DIR] [key=value ...]  the ablation on a toy task (CPU)
     vold bench kernels [...]                                             kernel benchmarks (from a checkout)
     vold bench step [--config run.yaml] [key.sub=value ...] [--steps N]  trainer step: tokens/s, time per phase
+    vold gpu-check [--dry-run] [--output DIR]                           GPU readiness check (from a checkout)
 
 Every stage reads one config (YAML, then the ``key.sub=value`` overrides) and writes its run folder
 ``{output_dir}/{traces,sft,rl,sophia,eval}`` with the resolved ``config.yaml``.
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("sft", "train", "sophia"):
             stage.add_argument("--resume", default=None, metavar="auto|none|PATH",
                                help="auto: the latest checkpoint of the run folder (sets checkpoint.resume)")
+    sub.add_parser("gpu-check", help="GPU readiness: kernel tests, kernel benchmark, train and SFT steps on the "
+                                     "device (from a checkout: benchmarks/gpu_check.py)", add_help=False)
     demo = sub.add_parser("demo", help="the VOLD ablation at laptop scale on the CPU (toy task, tiny models)",
                           description="Teacher, perception-aligned student, then arms (a)-(e) through the stages "
                                       "above; writes a results table and figures (see docs/demo.md).")
@@ -103,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"vold bench needs the repository's benchmarks/ directory on the path: {error}") from error
         bench_main(rest)  # returns its result dictionary
         return 0
+    if argv and argv[0] == "gpu-check":
+        try:
+            from benchmarks.gpu_check import main as gpu_check_main
+        except ImportError as error:
+            raise SystemExit(f"vold gpu-check needs the repository's benchmarks/ directory on the path: "
+                             f"{error}") from error
+        return 0 if gpu_check_main(argv[1:])["status"] == "ok" else 1
     args, rest = parser.parse_known_args(argv)  # overrides may come before or after the options
     unknown = [a for a in rest if a.startswith("-") or "=" not in a]
     if unknown:
