@@ -8,6 +8,7 @@
     vold demo        [--quick] [--seeds N] [--output DIR] [key=value ...]  the ablation on a toy task (CPU)
     vold bench kernels [...]                                             kernel benchmarks (from a checkout)
     vold bench step [--config run.yaml] [key.sub=value ...] [--steps N]  trainer step: tokens/s, time per phase
+    vold bench trainer [--quick] [--lengths ...] [--mem-cap-gb G]        one update step: vold vs TRL trainers
 
 Every stage reads one config (YAML, then the ``key.sub=value`` overrides) and writes its run folder
 ``{output_dir}/{traces,sft,rl,sophia,eval}`` with the resolved ``config.yaml``.
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     # add_help=False: `vold bench step --help` reaches the benchmark's own parser
     bench = sub.add_parser("bench", help="benchmarks (run from a checkout: they live in benchmarks/)", add_help=False)
-    bench.add_argument("what", choices=["kernels", "step"])
+    bench.add_argument("what", choices=["kernels", "step", "trainer"])
     for name, help_text in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--config", default=None, help="YAML config file (default: the built-in defaults)")
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.what == "step":
                 from benchmarks.step import main as bench_main
+            elif args.what == "trainer":
+                from benchmarks.trainer import main as bench_main
             else:
                 from benchmarks.kernels import main as bench_main
         except ImportError as error:
