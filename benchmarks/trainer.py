@@ -114,7 +114,7 @@ class Settings:
     device: str = "cpu"
     dtype: str = "fp32"
     warmup: int = 1
-    steps: int = 2
+    steps: int = 1
     mem_cap_bytes: int | None = 8 * GIB
     threads: int | None = None
     seed: int = 0
@@ -573,7 +573,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="model dtype (default fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 1)")
-    p.add_argument("--steps", type=int, help="timed steps per point (default 2)")
+    p.add_argument("--steps", type=int, help="timed steps per point (default 1: a point at T = 16k takes minutes)")
     p.add_argument("--mem-cap-gb", type=float,
                    help="memory cap per point in GiB (default 8; 0: none): fits = ran and peak <= cap")
     p.add_argument("--threads", type=int, help="torch threads in each child (default: torch's)")
