@@ -7,6 +7,7 @@ same loss (and gradients) on the harness's inputs, so that the timings compare l
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from benchmarks import kernels as bk
+from benchmarks.harness import failure
 
 SHAPE = bk.Shape(n=256, h=64, v=4096)
 # Four sequences of 64 tokens, the last quarter of each masked out: the masked mean is exercised.
@@ -182,3 +184,20 @@ def test_gpu_preset_is_cuda_only() -> None:
     args = bk.parse_args(["--preset", "gpu", "--device", "cpu"])
     with pytest.raises(SystemExit, match="gpu"):
         bk.settings_and_shapes(args)
+
+
+def test_a_row_out_of_memory_is_recorded_and_the_others_run(inputs: bk.Inputs) -> None:
+    def out_of_memory() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    steps = {("trl", "full"): out_of_memory,
+             ("vold_torch", "full"): bk.build_step("vold_torch", "full", inputs, SETTINGS)}
+    timing = bk.time_rows(steps, inputs, dataclasses.replace(SETTINGS, repeats=1))
+    assert timing["trl", "full"]["status"] == "oom" and "time_s" not in timing["trl", "full"]
+    assert "status" not in timing["vold_torch", "full"] and timing["vold_torch", "full"]["time_s"] > 0
+
+
+def test_failures_are_classified() -> None:
+    assert failure(MemoryError()) == "oom"
+    assert failure(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")) == "oom"
+    assert failure(ValueError("bad\nsecond line")) == "error: ValueError: bad"

@@ -108,7 +108,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "gpu": {
         # the GPU headline (CUDA only): Qwen2.5's vocabulary at 3B / 7B widths, bf16, up to 64k tokens;
         # naive runs where its [N, V] buffers fit (skipped above --naive-cap-gb, an OOM is recorded as "oom")
-        "cuda": {"shapes": _grid((4096, 16384, 65536), (2048, 3584), (151936,)), "dtype": "bf16",
+        "cuda": {"shapes": _grid((4096, 16384, 65536), (2048, 3584), (151936,)), "dtype": "bf16", "repeats": 2,
                  "estimators": (*LOSS_ESTIMATORS, *LOGP_PASSES),
                  "impls": ("gemm_floor", "vold_torch", "vold_compile", "vold_triton", "trl", "liger", "naive")},
     },
