@@ -4,8 +4,9 @@
   :class:`CpuMonitor` (the CPU time *other* processes used meanwhile, and a wait for a quiet machine);
 - peak memory: :func:`peak_rss` (the RSS high-water mark of one call, ``VmHWM`` reset before it) for use in
   a fresh child process, :func:`run_child` / :func:`child_main` (that child: a JSON spec in, one marked JSON
-  line out; a killed child is reported as ``"oom (child killed)"``), :func:`cap_address_space` (a memory
-  cap on that child, so that an over-large point fails alone instead of pushing the machine into swap);
+  line out; a killed child is reported as ``"oom (child killed)"``), :class:`RssWatchdog` and
+  :func:`cap_address_space` (a memory cap on that child, so that an over-large point fails alone instead of
+  pushing the machine into swap);
 - failures: :func:`failure` (``"oom"`` for allocation failures, else ``"error: ..."``);
 - the machine: :func:`machine_info` (CPU, cores, memory, GPU, library versions, commit, kernels hash);
 - outputs: :func:`write_result` (``<stem>.json`` and ``<stem>.md``) and small formatters.
@@ -24,6 +25,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -205,9 +207,9 @@ def peak_rss(call: Callable[[], Any]) -> dict[str, Any]:
 
 
 def cap_address_space(cap_bytes: int | None) -> int | None:
-    """Limit this process's address space to what it maps now + ``cap_bytes`` (RLIMIT_AS), so that an
-    allocation beyond the cap raises (``MemoryError`` / a torch allocation error, reported as ``"oom"``)
-    instead of driving the machine into swap. Returns the limit set (None: no cap or not settable)."""
+    """Limit this process's address space to what it maps now + ``cap_bytes`` (RLIMIT_AS): a backstop
+    against one huge allocation driving the machine into swap (it then raises, usually as ``"oom"``;
+    :class:`RssWatchdog` is the precise cap). Returns the limit set (None: no cap or not settable)."""
     if not cap_bytes:
         return None
     size = proc_status_bytes("VmSize")
@@ -220,6 +222,39 @@ def cap_address_space(cap_bytes: int | None) -> int | None:
     except (ValueError, OSError):
         return None
     return limit
+
+
+class RssWatchdog:
+    """Ends this process when its resident memory passes ``cap_bytes``: a thread reads VmRSS every
+    ``interval`` s and, over the cap, prints ``on_exceed(rss)`` as the child's result line (see
+    :func:`child_main`) and exits at once. RSS grows only as pages are touched (a few GB/s at most), so the
+    overshoot is bounded by what one interval can touch; no allocation error surfaces in odd places, as a
+    tight RLIMIT_AS would make it (e.g. ``SystemError`` from a C extension)."""
+
+    def __init__(self, cap_bytes: int, on_exceed: Callable[[int], dict[str, Any]], interval: float = 0.005):
+        self.cap, self.on_exceed, self.interval = int(cap_bytes), on_exceed, interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-watchdog", daemon=True)
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = self.rss()
+            if rss > self.cap:
+                print(RESULT_MARK + json.dumps(self.on_exceed(rss)), flush=True)
+                os._exit(0)
+
+    def __enter__(self) -> RssWatchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_child(module: str, spec: dict[str, Any], *, timeout: float) -> dict[str, Any]:

@@ -33,11 +33,13 @@ Per (system, T) point a fresh child process builds the models and the trainer, r
 (AdamW's state exists after the first), then ``--steps`` timed steps; reported: seconds per step (median),
 time per completion token, and the peak memory of the timed steps: on the CPU the process's RSS high-water
 mark (VmHWM, reset after the warm-up; the models, gradients and AdamW state included) and its rise above the
-RSS before the step; on CUDA ``torch.cuda.max_memory_allocated``. The memory cap (``--mem-cap-gb``, default 8):
-a point fits when it ran and its peak stayed under the cap. The child's address space is limited to what it
-maps at start + the cap (RLIMIT_AS; CUDA: ``set_per_process_memory_fraction``), so a point that needs more fails
-with an allocation error ("oom") instead of pushing a shared machine into swap; a system that fails at one
-length is not run at longer ones ("skipped").
+RSS before the step; on CUDA ``torch.cuda.max_memory_allocated``. The memory cap (``--mem-cap-gb``, default 8)
+is on the child's whole resident memory: a point fits when it ran and its peak stayed under the cap. A
+watchdog thread ends the child as soon as its RSS passes the cap ("over cap"; its address space is also
+limited to what it maps at start + twice the cap, a backstop against one huge allocation; CUDA:
+``set_per_process_memory_fraction``, an allocation beyond it is "oom"), so a point that needs more fails alone
+instead of pushing a shared machine into swap; a system that fails at one length is not run at longer ones
+("skipped").
 
 Outputs in --output (default benchmarks/results/): trainer_<tag>.json, trainer_<tag>.md, trainer_<tag>.png
 (peak memory and time per token vs completion length); <tag> defaults to the device type.
@@ -51,6 +53,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -64,6 +67,7 @@ from .harness import (
     GIB,
     MIB,
     REPO_ROOT,
+    RssWatchdog,
     cap_address_space,
     child_main,
     failure,
@@ -374,15 +378,17 @@ def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
     if s.threads:
         torch.set_num_threads(s.threads)
     device = torch.device(s.device)
-    limit = None
+    limit, watchdog = None, contextlib.nullcontext()
     if device.type == "cuda":
         if s.mem_cap_bytes:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, s.mem_cap_bytes / total), device)
-    else:
-        limit = cap_address_space(s.mem_cap_bytes)
+    elif s.mem_cap_bytes:
+        limit = cap_address_space(2 * s.mem_cap_bytes)  # backstop; the watchdog is the cap
+        watchdog = RssWatchdog(s.mem_cap_bytes, lambda rss: {"status": "over cap", "rss_at_stop_bytes": rss,
+                                                            "address_space_limit_bytes": limit})
     result: dict[str, Any] = {"address_space_limit_bytes": limit}
-    with tempfile.TemporaryDirectory(prefix="vold_trainer_bench_") as work:
+    with tempfile.TemporaryDirectory(prefix="vold_trainer_bench_") as work, watchdog:
         try:
             step, info = build_step(system, s, length, Path(work))
             result.update(info)
