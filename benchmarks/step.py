@@ -46,11 +46,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -66,7 +64,7 @@ from vold.rl import PHASES, train_rl
 from vold.runs import read_jsonl
 from vold.testing import prepare_tiny_run, tiny_overrides
 
-from .kernels import CpuMonitor, machine_info
+from .harness import CpuMonitor, machine_info, modified_files, write_result
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
@@ -192,26 +190,12 @@ def summarise(records: list[dict[str, Any]], cfg: Config, warmup: int) -> dict[s
     }
 
 
-def wait_quiet(monitor: CpuMonitor, max_cores: float | None, timeout: float) -> float:
-    """Wait (0.5 s samples, at most ``timeout``) until other processes use <= ``max_cores``; the seconds waited."""
-    waited = 0.0
-    if max_cores is None or max_cores < 0 or not monitor.ok:
-        return waited
-    while waited < timeout:
-        before = monitor.snapshot()
-        time.sleep(0.5)
-        waited += 0.5
-        if monitor.foreign(before, monitor.snapshot()) <= max_cores:
-            break
-    return waited
-
-
 def run_estimator(args: argparse.Namespace, estimator: str, work: Path, tiny: dict[str, Path] | None,
                   monitor: CpuMonitor) -> dict[str, Any]:
     """One row: ``train_rl`` for warmup + steps steps, then its logged timings."""
     out_dir = work / f"run_{estimator}"
     cfg = bench_config(args, estimator, out_dir, tiny)
-    waited = wait_quiet(monitor, args.max_foreign_cpu, args.quiet_timeout)
+    waited = monitor.wait_quiet(args.max_foreign_cpu, args.quiet_timeout)
     _log(f"{estimator}: {cfg.optim.max_steps} steps of vold train ({args.warmup} warm-up) in {out_dir}"
          + (f" (waited {waited:.1f} s for a quieter machine)" if waited > 0.5 else ""))
     before = monitor.snapshot()
@@ -240,16 +224,6 @@ def run_estimator(args: argparse.Namespace, estimator: str, work: Path, tiny: di
     return {"estimator": estimator, "config": dataclasses.asdict(cfg), "run_seconds": elapsed,
             "foreign_cpu_cores": round(foreign, 3), "waited_for_quiet_s": waited, "steps": steps,
             "peak_memory_allocated_bytes": peak, **summary}
-
-
-def _modified_files() -> list[str] | None:
-    """``git status --porcelain`` of the checkout (read-only): the results' code is HEAD plus these."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.splitlines() if out.returncode == 0 else None
 
 
 def _n(count: int, word: str) -> str:
@@ -347,18 +321,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     machine = machine_info(device)
     machine["torch_threads"] = args.threads if args.threads is not None else threads
     machine["load_average_at_start"] = load
-    machine["git_modified"] = _modified_files()
+    machine["git_modified"] = modified_files()
     models = ("tiny Qwen2.5-VL student + tiny Qwen3 teacher (random weights)" if args.tiny
               else f"{first.model.student} + teacher {first.model.teacher}")
     result = {"tag": args.tag or device.type, "machine": machine, "models": models,
               "config_file": _display_path(args.config or TINY_CONFIG), "overrides": args.overrides, "tiny": args.tiny,
               "steps": args.steps, "warmup": args.warmup, "phases": {**dict(PHASES), OTHER: LABELS[OTHER]},
               "rows": rows}
-    args.output.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = args.output / f"step_{result['tag']}.json", args.output / f"step_{result['tag']}.md"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
     text = markdown(result)
-    md_path.write_text(text)
+    json_path, md_path = write_result(result, text, args.output, f"step_{result['tag']}")
     print(text)
     _log(f"wrote {json_path}, {md_path}")
     return result

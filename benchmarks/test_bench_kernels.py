@@ -7,6 +7,7 @@ same loss (and gradients) on the harness's inputs, so that the timings compare l
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from benchmarks import kernels as bk
+from benchmarks.harness import failure
 
 SHAPE = bk.Shape(n=256, h=64, v=4096)
 # Four sequences of 64 tokens, the last quarter of each masked out: the masked mean is exercised.
@@ -130,3 +132,72 @@ def test_help_runs() -> None:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--help"], capture_output=True, text=True,
                           cwd=bk.REPO_ROOT, timeout=120)
     assert proc.returncode == 0 and "--preset" in proc.stdout
+
+
+@pytest.mark.parametrize("estimator", ["full", "k2"])
+def test_trl_candidate_computes_the_same_loss_as_vold(inputs: bk.Inputs, estimator: str) -> None:
+    """TRL's chunked kernels, assembled as the benchmark's "trl" row does, give vold's loss (fp32, 1e-5) and
+    gradients: the rows compare the same objective."""
+    vold_loss, vold_grads = run_once("vold_torch", estimator, inputs)
+    trl_loss, trl_grads = run_once("trl", estimator, inputs)
+    assert math.isfinite(vold_loss) and vold_loss != 0.0
+    assert abs(trl_loss - vold_loss) <= 1e-5 * max(1.0, abs(vold_loss)), (trl_loss, vold_loss)
+    for got, want in zip(trl_grads, vold_grads, strict=True):
+        assert_close_rel(got, want, 1e-4)
+
+
+def test_trl_teacher_logprobs_match_the_inputs(inputs: bk.Inputs) -> None:
+    """k2's teacher log-probs (made by the harness) are what TRL's ChunkedLogProbFunction gives under no_grad."""
+    ht = inputs.t_hidden.shape[-1]
+    with torch.no_grad():
+        got = bk.trl_logprobs(inputs.t_hidden.reshape(-1, ht), inputs.t_weight, inputs.targets.reshape(-1))
+    assert_close_rel(got, inputs.teacher_logprobs.reshape(-1), 1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["logp", "logp_grad"])
+def test_logprob_pass_rows_agree(inputs: bk.Inputs, estimator: str) -> None:
+    """vold's fused_linear_logprobs and TRL's ChunkedLogProbFunction rows: same masked mean, same gradients
+    (none under no_grad); the GEMM floor runs without a loss."""
+    vold_value, vold_grads = run_once("vold_torch", estimator, inputs)
+    trl_value, trl_grads = run_once("trl", estimator, inputs)
+    assert math.isfinite(vold_value) and abs(trl_value - vold_value) <= 1e-5 * abs(vold_value)
+    assert len(vold_grads) == len(trl_grads) == (0 if estimator == "logp" else 2)
+    for got, want in zip(trl_grads, vold_grads, strict=True):
+        assert_close_rel(got, want, 1e-4)
+    assert run_once("gemm_floor", estimator, inputs) == (None, [])
+
+
+def test_rows_of_every_estimator() -> None:
+    """Liger has the exact loss only; naive the two losses; vold, TRL and the floor every row."""
+    keys = bk.row_keys(bk.Settings(impls=("gemm_floor", "vold_torch", "trl", "liger", "naive"),
+                                   estimators=bk.ESTIMATORS))
+    assert ("liger", "full") in keys and ("liger", "k2") not in keys and ("naive", "logp") not in keys
+    for est in bk.ESTIMATORS:
+        assert {("vold_torch", est), ("trl", est), ("gemm_floor", est)} <= set(keys)
+
+
+def test_gpu_preset_is_cuda_only() -> None:
+    preset = bk.PRESETS["gpu"]["cuda"]
+    assert {(s.n, s.h, s.v) for s in preset["shapes"]} == {(n, h, 151936) for n in (4096, 16384, 65536)
+                                                            for h in (2048, 3584)}
+    assert preset["dtype"] == "bf16" and "trl" in preset["impls"] and "vold_triton" in preset["impls"]
+    args = bk.parse_args(["--preset", "gpu", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="gpu"):
+        bk.settings_and_shapes(args)
+
+
+def test_a_row_out_of_memory_is_recorded_and_the_others_run(inputs: bk.Inputs) -> None:
+    def out_of_memory() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    steps = {("trl", "full"): out_of_memory,
+             ("vold_torch", "full"): bk.build_step("vold_torch", "full", inputs, SETTINGS)}
+    timing = bk.time_rows(steps, inputs, dataclasses.replace(SETTINGS, repeats=1))
+    assert timing["trl", "full"]["status"] == "oom" and "time_s" not in timing["trl", "full"]
+    assert "status" not in timing["vold_torch", "full"] and timing["vold_torch", "full"]["time_s"] > 0
+
+
+def test_failures_are_classified() -> None:
+    assert failure(MemoryError()) == "oom"
+    assert failure(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")) == "oom"
+    assert failure(ValueError("bad\nsecond line")) == "error: ValueError: bad"

@@ -8,6 +8,7 @@
     vold demo        [--quick] [--seeds N] [--output DIR] [key=value ...]  the ablation on a toy task (CPU)
     vold bench kernels [...]                                             kernel benchmarks (from a checkout)
     vold bench step [--config run.yaml] [key.sub=value ...] [--steps N]  trainer step: tokens/s, time per phase
+    vold bench trainer [--quick] [--lengths ...] [--mem-cap-gb G]        one update step: vold vs TRL trainers
     vold gpu-check [--dry-run] [--output DIR]                           GPU readiness check (from a checkout)
 
 Every stage reads one config (YAML, then the ``key.sub=value`` overrides) and writes its run folder
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     # add_help=False: `vold bench step --help` reaches the benchmark's own parser
     bench = sub.add_parser("bench", help="benchmarks (run from a checkout: they live in benchmarks/)", add_help=False)
-    bench.add_argument("what", choices=["kernels", "step"])
+    bench.add_argument("what", choices=["kernels", "step", "trainer"])
     for name, help_text in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--config", default=None, help="YAML config file (default: the built-in defaults)")
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.what == "step":
                 from benchmarks.step import main as bench_main
+            elif args.what == "trainer":
+                from benchmarks.trainer import main as bench_main
             else:
                 from benchmarks.kernels import main as bench_main
         except ImportError as error:
