@@ -61,20 +61,22 @@ from vold.data import (
     build_prompt_batch,
     is_multimodal,
     load_examples,
+    require_rows,
     select_rows,
     tokenizer_of,
 )
 from vold.distributed import Runtime, prompt_seeds
-from vold.models import check_vocab_compatible, student_from_config, teacher_from_config
+from vold.models import check_model_path, check_vocab_compatible, student_from_config, teacher_from_config
 from vold.rewards import RewardFunctions
 from vold.rl import phase_timer, score, student_start
 from vold.rollout import Rollout, make_rollout_engine, pad_completions
 from vold.rollout.hf import HFRolloutEngine
 from vold.runs import (
     Logger,
-    find_checkpoint,
     make_optimizer,
     make_scheduler,
+    prepare_run,
+    print_start,
     progress_bar,
     scalar_metrics,
     start_run,
@@ -332,20 +334,26 @@ def train_sophia(cfg: Config) -> Path:
     runtime = Runtime(cfg.distributed, cfg.device)
     if runtime.distributed:
         raise ValueError("vold sophia runs in one process (no data parallelism yet): launch it without torchrun")
-    run = start_run(cfg, "sophia")
+    # every check on the user's input comes before the run folder is written (start_run)
     if not data.train_files:
         raise ValueError("no training items: set data.train_files (rows with an image, a question and an answer)")
     examples = load_examples(data.train_files, image_root=data.image_root, check_images=data.check_images,
                              prompt_column=data.prompt_column, answer_column=data.answer_column)
+    require_rows(examples, data.train_files, sc.batch_size, f"sophia.batch_size={sc.batch_size} (items per step)")
     if not all(e.images for e in examples):
         where = next(e.where for e in examples if not e.images)
         raise ValueError(f"{where}: vold sophia needs an image in every row (the student captions it)")
     sampler = PromptSampler(len(examples), sc.batch_size, seed=cfg.seed, shuffle=data.shuffle)
     rewards = RewardFunctions(cfg.reward.functions, cfg.reward.weights)
+    start_path = student_start(cfg)
+    checkpoint = prepare_run(cfg, "sophia")
+    if checkpoint is None:
+        check_model_path(start_path, "sft.enabled -> sft/final" if cfg.sft.enabled else "model.student",
+                         local_files_only=mc.local_files_only)
+    check_model_path(mc.teacher, "model.teacher", local_files_only=mc.local_files_only)
+    run = start_run(cfg, "sophia")
 
     device = runtime.device
-    start_path = student_start(cfg)
-    checkpoint = find_checkpoint(run, cfg.checkpoint.resume)
     student, processor = student_from_config(mc, device, path=str(checkpoint / "model") if checkpoint else start_path)
     if not is_multimodal(processor):
         raise ValueError("vold sophia needs a vision-language student (model.student has no image processor)")
@@ -363,7 +371,9 @@ def train_sophia(cfg: Config) -> Path:
                                eps=oc.adam_eps)
     scheduler = make_scheduler(optimizer, kind=sc.lr_scheduler, warmup=sc.warmup_steps, total=sc.max_steps)
     runtime.wrap(student, optimizer, grad_accum=sc.grad_accum, max_grad_norm=oc.max_grad_norm)
-    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "sophia")
+    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "sophia", max_steps=sc.max_steps)
+    print_start("sophia", start_from=str(checkpoint or start_path), run=run, model=student, examples=len(examples),
+                files=data.train_files, steps=sc.max_steps, start_step=step, extra={"teacher": mc.teacher})
     caption_engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path,
                                          dtype=mc.autocast or mc.dtype, seed=cfg.seed, vocab_size=vocab_size)
     caption_engine.update_weights(student)
