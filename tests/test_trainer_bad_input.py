@@ -68,7 +68,7 @@ def test_vocabulary_mismatch_is_an_error_unless_the_shared_size_is_set(tiny, tmp
         run("train", tiny, tmp_path, f"model.teacher={padded}")
     assert run("train", tiny, tmp_path, f"model.teacher={padded}", f"model.vocab_size={len(tokenizer)}",
                "optim.max_steps=1", "loss.distill_estimator=full") == 0
-    assert read_jsonl(tmp_path / "rl" / "metrics.jsonl")[0]["distill_kl"] > 0
+    assert read_jsonl(tmp_path / "rl" / "metrics.jsonl")[0]["distill/reverse_kl"] > 0
 
 
 def test_rewards_unfit_for_the_distillation_mask(tiny, tmp_path):

@@ -86,6 +86,8 @@ from vold.rewards import RewardFunctions, group_advantages
 from vold.rollout import RolloutEngine, make_rollout_engine
 from vold.runs import (
     Logger,
+    distill_metric,
+    log_names,
     make_optimizer,
     make_scheduler,
     prepare_run,
@@ -548,7 +550,8 @@ def train_rl(cfg: Config) -> Path:
         metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
                         "time/step": t3 - t0, **{f"time/{phase}": seconds for phase, seconds in timings.items()}})
         if logger is not None and (step % cfg.logging.every == 0 or step == oc.max_steps):
-            logger.log(step, scalar_metrics(metrics))
+            logger.log(step, scalar_metrics(log_names(metrics, distill=distill_metric(lc.distill_estimator,
+                                                                                      lc.divergence))))
             logger.samples(samples)
         zero_spread.update(float(metrics["reward/frac_zero_std_groups"]))
         bar.update()

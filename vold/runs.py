@@ -428,6 +428,30 @@ def progress_bar(total: int | None, *, initial: int = 0, desc: str = "", enabled
     return _NoBar()
 
 
+def distill_metric(estimator: str, divergence: str = "reverse_kl") -> str:
+    """The logged name of the distillation term D_t (``vold_loss``'s ``distill_kl``), which says what it is:
+    ``distill/reverse_kl`` (or ``distill/forward_kl``, ``distill/jsd``) for the exact divergence over the
+    vocabulary (``loss.distill_estimator=full``), ``distill/k1|k2|k3`` for the sampled-token estimate of reverse
+    KL (k2 = (log p - log q)^2 / 2; its mean is not the KL)."""
+    return f"distill/{divergence if estimator == 'full' else estimator}"
+
+
+def log_names(metrics: dict[str, Any], *, distill: str | None = None) -> dict[str, Any]:
+    """The names metrics are logged under (README, "Metrics"): optimisation quantities under ``train/`` (``loss``
+    -> ``train/loss``, ``grad_norm``, ``lr``, ``entropy``, ``ratio``, ``clip_low``...), ``distill_kl`` under
+    ``distill`` (:func:`distill_metric`), already namespaced keys (``reward/``, ``completion/``, ``time/``...) as
+    they are."""
+    out = {}
+    for key, value in metrics.items():
+        if key == "distill_kl":
+            if distill is None:
+                raise ValueError("log_names: a distill_kl metric needs its name (distill_metric(...))")
+            out[distill] = value
+        else:
+            out[key if "/" in key else f"train/{key}"] = value
+    return out
+
+
 def scalar_metrics(values: dict[str, Any]) -> dict[str, float]:
     """Plain floats (tensors ``.item()``-ed) for the logs (``json`` writes NaN as ``NaN`` and reads it back)."""
     return {key: float(value.item() if isinstance(value, torch.Tensor) else value) for key, value in values.items()}

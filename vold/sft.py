@@ -31,6 +31,7 @@ from vold.models import autocast, check_model_path, completion_hidden_states, he
 from vold.packing import pack, packed_completion_hidden_states
 from vold.runs import (
     Logger,
+    log_names,
     make_optimizer,
     make_scheduler,
     prepare_run,
@@ -154,7 +155,7 @@ def train_sft(cfg: Config) -> Path:
         metrics = {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                    "truncated": truncated, "time/step": time.perf_counter() - t0}
         if logger is not None and (step % cfg.logging.every == 0 or step == max_steps):
-            logger.log(step, scalar_metrics(metrics))
+            logger.log(step, scalar_metrics(log_names(metrics)))
         bar.update()
         bar.set_postfix(loss=f"{total:.4f}")
         runtime.save_training_checkpoint(run, step, processor, scheduler=scheduler, sampler=sampler,

@@ -73,6 +73,7 @@ from vold.rollout import Rollout, make_rollout_engine, pad_completions
 from vold.rollout.hf import HFRolloutEngine
 from vold.runs import (
     Logger,
+    log_names,
     make_optimizer,
     make_scheduler,
     prepare_run,
@@ -416,7 +417,7 @@ def train_sophia(cfg: Config) -> Path:
         if sc.importance_weighting == "clipped":
             metrics["is_weight"] = sums["is_weight_sum"] / max(tokens, 1)
         if step % cfg.logging.every == 0 or step == sc.max_steps:
-            logger.log(step, scalar_metrics(metrics))
+            logger.log(step, scalar_metrics(log_names(metrics)))
             logger.samples([{"step": step, **s} for s in round_samples(rnd, sc, cfg.logging.num_completions)])
         bar.update()
         bar.set_postfix(kept=f"{metrics['sophia/kept']:.0f}/{len(items)}", loss=f"{total:.4f}")
