@@ -166,7 +166,8 @@ def test_sophia_cli_end_to_end_on_images_then_resume(tiny, tmp_path):
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert m["sophia/items"] == 2 and 0 <= m["sophia/kept"] <= 2
-        for key in ("train/loss", "train/nll", "train/grad_norm", "train/lr", "caption/reward_mean", "trace/reward_mean", "train/is_weight",
+        for key in ("train/loss", "train/nll", "train/grad_norm", "train/lr", "caption/reward_mean",
+                    "trace/reward_mean", "train/is_weight",
                     "time/captions", "time/traces", "time/update_actor"):
             assert key in m, key
     updated = [m for m in metrics if m["sophia/kept"] > 0]

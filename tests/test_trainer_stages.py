@@ -44,7 +44,8 @@ def test_pipeline_make_traces_sft_train_eval(tiny, tmp_path, capsys):
     # stage 1: SFT on those traces (sft.train_files defaults to them)
     assert run("sft", tiny, out) == 0
     sft = read_jsonl(out / "sft" / "metrics.jsonl")
-    assert [m["step"] for m in sft] == [1, 2, 3, 4] and all(finite(m["train/loss"]) and m["train/tokens"] > 0 for m in sft)
+    assert [m["step"] for m in sft] == [1, 2, 3, 4]
+    assert all(finite(m["train/loss"]) and m["train/tokens"] > 0 for m in sft)
     assert (out / "sft" / "final" / "model.safetensors").is_file()
     assert load_config(out / "sft" / "config.yaml").sft.max_steps == 4  # the resolved config beside the run
 
