@@ -40,6 +40,8 @@ setup(
         ],
         "gpu": ["vllm", "flash-attn", "deepspeed", "triton>=3.0"],
         "train": TRAIN,
+        # `vold demo` (README command 1): the trainer and the report's figures
+        "demo": [*TRAIN, "matplotlib"],
         "trl": ["trl>=1.16,<2"],
     },
     entry_points={"console_scripts": ["vold=vold.cli:main"]},

@@ -272,6 +272,11 @@ class Runtime:
                 import deepspeed
             except ImportError as error:
                 raise ImportError("distributed.backend='deepspeed' needs DeepSpeed (pip install deepspeed)") from error
+            import logging
+
+            # DeepSpeed's logger (created at INFO by its import) prints a dozen config lines per engine through the
+            # tqdm bars: warnings and errors only (its accelerator line is avoided by vold.cli.quiet_third_party)
+            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
             config = deepspeed_config(self.dc.deepspeed_config, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
                                       bf16=bf16)
             self.zero_stage = zero_stage(config)

@@ -430,7 +430,7 @@ class ZeroSpreadWarning:
         if self.run >= self.patience and not self.warned:
             self.warned = True
             warnings.warn(f"train: every group's rewards have been equal for {self.run} steps "
-                          f"(rollout/frac_zero_std_groups = 1): the advantages and the GRPO term are 0, so only "
+                          f"(reward/frac_zero_std_groups = 1): the advantages and the GRPO term are 0, so only "
                           f"the distillation term learns. Check the reward functions and the answers, or raise "
                           f"rollout.num_generations / rollout.temperature", stacklevel=2)
             return True
