@@ -95,6 +95,7 @@ from vold.runs import (
     progress_bar,
     run_dir,
     scalar_metrics,
+    seed_everything,
     start_run,
 )
 
@@ -475,7 +476,7 @@ def train_rl(cfg: Config) -> Path:
                              local_files_only=mc.local_files_only)
         if lc.distill_coef != 0.0:
             check_model_path(mc.teacher, "model.teacher", local_files_only=mc.local_files_only)
-    run = start_run(cfg, "rl", write=runtime.is_main)
+    seed_everything(cfg.seed)  # here, as always; the run folder is written once the models passed their checks
 
     device = runtime.device
     student, processor = student_from_config(mc, device, path=str(checkpoint / "model") if checkpoint else start_path)
@@ -496,6 +497,7 @@ def train_rl(cfg: Config) -> Path:
         reference = load_student(start_path, dtype=mc.dtype, device=device, attn_implementation=mc.attn_implementation,
                                  local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code)
         reference.requires_grad_(False).eval()
+    run = start_run(cfg, "rl", write=runtime.is_main, seed=False)
 
     oc = cfg.optim
     updates_per_step = oc.ppo_epochs * oc.minibatches

@@ -66,8 +66,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def start_run(cfg: Config, stage: str, *, write: bool = True) -> Path:
-    """Create the run folder, save the resolved config beside it (``write``: rank 0 only), seed python/numpy/torch.
+def start_run(cfg: Config, stage: str, *, write: bool = True, seed: bool = True) -> Path:
+    """Create the run folder, save the resolved config beside it (``write``: rank 0 only), seed python/numpy/torch
+    (``seed``; a stage that seeds before loading its models and writes the folder after their checks passes False).
 
     Call it after every check that can fail on the user's input (:func:`prepare_run`, data, model paths), so a
     refused start leaves no folder holding only a config. With ``overwrite_output_dir`` and a fresh start, the
@@ -79,7 +80,8 @@ def start_run(cfg: Config, stage: str, *, write: bool = True) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     if write:
         save_config(cfg, path / "config.yaml")
-    seed_everything(cfg.seed)
+    if seed:
+        seed_everything(cfg.seed)
     return path
 
 

@@ -80,6 +80,7 @@ from vold.runs import (
     print_start,
     progress_bar,
     scalar_metrics,
+    seed_everything,
     start_run,
 )
 from vold.sft import response_logprobs
@@ -352,7 +353,7 @@ def train_sophia(cfg: Config) -> Path:
         check_model_path(start_path, "sft.enabled -> sft/final" if cfg.sft.enabled else "model.student",
                          local_files_only=mc.local_files_only)
     check_model_path(mc.teacher, "model.teacher", local_files_only=mc.local_files_only)
-    run = start_run(cfg, "sophia")
+    seed_everything(cfg.seed)  # here, as always; the run folder is written once the models passed their checks
 
     device = runtime.device
     student, processor = student_from_config(mc, device, path=str(checkpoint / "model") if checkpoint else start_path)
@@ -368,6 +369,7 @@ def train_sophia(cfg: Config) -> Path:
                              f"student's target tokens, so one vocabulary: {error}") from error
         vocab_size, shared_vocab = mc.vocab_size, False
 
+    run = start_run(cfg, "sophia", seed=False)
     optimizer = make_optimizer(student, sc.lr, weight_decay=oc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2),
                                eps=oc.adam_eps)
     scheduler = make_scheduler(optimizer, kind=sc.lr_scheduler, warmup=sc.warmup_steps, total=sc.max_steps)
