@@ -203,6 +203,18 @@ def test_every_command_checks_its_optional_dependencies_first(tmp_path, capsys, 
     assert {"matplotlib", "math-verify>=0.7"} <= set(extras["demo"]) and "pytest>=8" not in extras["demo"]
 
 
+def test_third_party_chatter_is_quiet():
+    """Issue 13.10: DeepSpeed's import logged "Setting accelerator to CPU. If you have GPU ..." through the tqdm
+    bars; vold.cli.quiet_third_party (run by every command before any work) names the accelerator instead."""
+    pytest.importorskip("deepspeed")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["PYTHONPATH"] = str(ROOT)
+    code = "import vold.cli as c; c.quiet_third_party(); import deepspeed; print('imported')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "imported", done.stdout + done.stderr
+    assert "accelerator" not in done.stdout + done.stderr.lower(), done.stderr
+
+
 # ---- 8: make-traces says why ----------------------------------------------------------------------------------
 
 def test_make_traces_says_why_it_dropped_traces(tiny, tmp_path, capsys):

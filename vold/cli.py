@@ -155,6 +155,8 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     command = argv[0] if argv else None
     if command in DEPENDENCIES:
         check_dependencies(command)
+    if command in ("demo", "bench"):
+        quiet_third_party()
     if command == "demo":
         from vold.demo.pipeline import main as demo_main
 
