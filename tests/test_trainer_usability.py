@@ -101,6 +101,7 @@ def test_extending_a_finished_run_replans_the_lr_schedule(tiny, tmp_path, capsys
 
     assert vold("sft", tiny, tmp_path, *args, "sft.max_steps=2", "--resume", "auto") == 2
     assert "is at step 5, past this config's max_steps=2" in error_line(capsys)
+    assert "max_steps: 5" in (tmp_path / "sft" / "config.yaml").read_text()  # the refused start wrote nothing
 
 
 # ---- 3, 4, 6, 7, 9: errors that explain themselves, before any folder is written -------------------------------

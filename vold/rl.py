@@ -469,7 +469,7 @@ def train_rl(cfg: Config) -> Path:
         raise ValueError(f"loss.distill_mask_reward={lc.distill_mask_reward!r} is not one of reward.functions "
                          f"{rewards.names}")
     start_path = student_start(cfg)
-    checkpoint = runtime.broadcast(prepare_run(cfg, "rl") if runtime.is_main else None)
+    checkpoint = runtime.broadcast(prepare_run(cfg, "rl", max_steps=cfg.optim.max_steps) if runtime.is_main else None)
     if runtime.is_main:
         if checkpoint is None or lc.ref_kl_coef != 0.0:  # the reference is the starting student
             check_model_path(start_path, "sft.enabled -> sft/final" if cfg.sft.enabled else "model.student",

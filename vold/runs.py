@@ -140,7 +140,7 @@ def holds_results(run: Path) -> bool:
     return (run / "final").exists() or (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
 
 
-def prepare_run(cfg: Config, stage: str, run: Path | None = None) -> Path | None:
+def prepare_run(cfg: Config, stage: str, run: Path | None = None, *, max_steps: int | None = None) -> Path | None:
     """Decide how a stage starts in its run folder ``run`` (default ``run_dir(cfg, stage)``), before anything is
     written; returns the checkpoint to resume from (None: a fresh start).
 
@@ -149,7 +149,8 @@ def prepare_run(cfg: Config, stage: str, run: Path | None = None) -> Path | None
     (``--resume auto``, or ``overwrite_output_dir=true``/another ``output_dir``). ``auto`` picks the latest
     checkpoint (a fresh start when there is none and no final model); ``auto`` or a checkpoint path is refused
     when the saved ``config.yaml`` of the checkpoint's run differs in a key that changes the result (named in the
-    error; :func:`config_changes`). Raises ValueError (FileNotFoundError for a missing checkpoint path)."""
+    error; :func:`config_changes`), and so is a checkpoint past this run's ``max_steps``. Raises ValueError
+    (FileNotFoundError for a missing checkpoint path)."""
     run = run_dir(cfg, stage) if run is None else run
     resume = cfg.checkpoint.resume
     if resume == "none":
@@ -164,6 +165,10 @@ def prepare_run(cfg: Config, stage: str, run: Path | None = None) -> Path | None
             raise ValueError(f"--resume {resume}: {run} holds a final model but no checkpoint to continue from "
                              f"(checkpoint.every=0?): start over with overwrite_output_dir=true or another output_dir")
         return None
+    at = checkpoint.name.split("_")[-1]
+    if max_steps is not None and at.isdigit() and int(at) > max_steps:
+        raise ValueError(f"--resume {resume}: {checkpoint} is at step {int(at)}, past this config's max_steps="
+                         f"{max_steps}: raise max_steps to extend the run, or start a new one")
     saved_path = checkpoint.parent.parent / "config.yaml"
     if saved_path.is_file():
         allowed, refused = config_changes(load_config(saved_path), cfg, stage)

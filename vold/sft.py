@@ -106,7 +106,7 @@ def train_sft(cfg: Config) -> Path:
     if step_size // runtime.world_size < sc.grad_accum:
         raise ValueError(f"sft: {step_size // runtime.world_size} rows per rank cannot fill sft.grad_accum = "
                          f"{sc.grad_accum} micro-batches")
-    checkpoint = runtime.broadcast(prepare_run(cfg, "sft") if runtime.is_main else None)
+    checkpoint = runtime.broadcast(prepare_run(cfg, "sft", max_steps=max_steps) if runtime.is_main else None)
     if checkpoint is None and runtime.is_main:
         check_model_path(cfg.model.student, "model.student", local_files_only=cfg.model.local_files_only)
     run = start_run(cfg, "sft", write=runtime.is_main)

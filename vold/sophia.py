@@ -348,7 +348,7 @@ def train_sophia(cfg: Config) -> Path:
     sampler = PromptSampler(len(examples), sc.batch_size, seed=cfg.seed, shuffle=data.shuffle)
     rewards = RewardFunctions(cfg.reward.functions, cfg.reward.weights)
     start_path = student_start(cfg)
-    checkpoint = prepare_run(cfg, "sophia")
+    checkpoint = prepare_run(cfg, "sophia", max_steps=sc.max_steps)
     if checkpoint is None:
         check_model_path(start_path, "sft.enabled -> sft/final" if cfg.sft.enabled else "model.student",
                          local_files_only=mc.local_files_only)
