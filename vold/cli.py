@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     command = argv[0] if argv else None
-    if command in DEPENDENCIES:
+    if command in DEPENDENCIES and not {"-h", "--help"} & set(argv):
         check_dependencies(command)
     if command in ("demo", "bench"):
         quiet_third_party()
