@@ -41,6 +41,8 @@ setup(
         ],
         "gpu": ["vllm", "flash-attn", "deepspeed", "triton>=3.0"],
         "train": TRAIN,
+        # `vold demo` (README command 1): the trainer and the report's figures
+        "demo": [*TRAIN, "matplotlib"],
         "trl": ["trl>=1.16,<2"],
         "lora": ["peft"],  # model.lora.enabled=true
     },

@@ -146,8 +146,9 @@ def bench_config(args: argparse.Namespace, estimator: str, out_dir: Path, tiny: 
     config = args.config or TINY_CONFIG
     overrides = ["sft.enabled=false", *(tiny_overrides(tiny, out_dir) if tiny else []), *args.overrides,
                  f"optim.max_steps={args.warmup + args.steps}", f"loss.distill_estimator={estimator}",
-                 f"output_dir={out_dir}", "checkpoint.every=0", "checkpoint.resume=none", "logging.every=1",
-                 "logging.jsonl=true", "logging.progress=false", "logging.tensorboard=false", "logging.wandb=false"]
+                 f"output_dir={out_dir}", "checkpoint.every=0", "checkpoint.resume=none", "overwrite_output_dir=true",
+                 "logging.every=1", "logging.jsonl=true", "logging.progress=false", "logging.tensorboard=false",
+                 "logging.wandb=false"]
     return load_config(config, overrides)
 
 

@@ -14,6 +14,7 @@
   compiled kernels are tested).
 - ``tests/`` is put on ``sys.path`` so that ``reference`` and ``helpers`` import under any pytest
   import mode.
+- ``VOLD_DEBUG=1``: ``vold.cli.main`` raises user errors instead of printing them (see below).
 - Every test starts from the same torch seed.
 - ``one_thread`` (trainer tests opt in with ``pytestmark``) and ``tiny``: the tiny run of
   ``vold.testing.prepare_tiny_run``, shared by the trainer test modules.
@@ -25,6 +26,10 @@ import sys
 TEST_DEVICE = os.environ.get("VOLD_TEST_DEVICE", "cpu").strip() or "cpu"
 if TEST_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# vold.cli.main prints a user error in one line and returns 2; the tests that call it in-process assert on the
+# exception and its message instead (VOLD_DEBUG=1 re-raises). tests/test_trainer_usability.py unsets it to test
+# what the user sees.
+os.environ.setdefault("VOLD_DEBUG", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402

@@ -24,6 +24,7 @@ datasets = pytest.importorskip("datasets")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from vold.adapters.trl import VoldGRPOTrainer  # noqa: E402
+from vold.runs import distill_metric  # noqa: E402
 from vold.testing import make_tiny_teacher, make_tiny_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -218,7 +219,8 @@ def test_matches_trl_plus_distillation(pair, case):
     errors = compare(reference, vold, expected, vold._compute_loss(vold.model, batch))
     assert errors["loss"] < TOL
     m = batch["completion_mask"].float()
-    assert vold._metrics["train"]["vold/distill_kl"][-1] == pytest.approx(
+    name = f"vold/{distill_metric(options['estimator'])}"  # vold/distill/reverse_kl (full) or vold/distill/k2
+    assert vold._metrics["train"][name][-1] == pytest.approx(
         ((distill * m).sum() / m.sum()).item(), rel=1e-4, abs=1e-6)
 
 
@@ -249,9 +251,10 @@ def test_train_steps(tmp_path):
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()
 
-    logs = [entry for entry in trainer.state.log_history if "vold/distill_kl" in entry]
+    logs = [entry for entry in trainer.state.log_history if "vold/distill/reverse_kl" in entry]  # the exact KL
     assert len(logs) == 2
-    assert all(math.isfinite(entry["vold/distill_kl"]) and entry["vold/distill_kl"] > 0 for entry in logs)
+    assert all(math.isfinite(entry["vold/distill/reverse_kl"]) and entry["vold/distill/reverse_kl"] > 0
+               for entry in logs)
     assert all("reward" in entry and "entropy" in entry for entry in logs)
     changed = [name for name, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[name])]
     assert "lm_head.weight" in changed and len(changed) > len(before) // 2

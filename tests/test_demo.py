@@ -14,6 +14,7 @@ from vold.demo.config import PERCEPTION_KEYS, TEACHER_KEYS, cache_key, make_conf
 from vold.demo.pipeline import ARMS, TRAINED_ARMS
 from vold.demo.task import Problem, all_problems, render, split_problems
 from vold.rewards import accuracy_reward
+from vold.runs import distill_metric
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,12 +87,13 @@ def test_demo_quick_end_to_end_then_cached(tmp_path, capsys):
         assert len(metrics) == results["config"]["sophia_steps" if arm.trainer == "sophia" else "rl_steps"]
         if arm.trainer == "rl":
             assert all(0.0 <= m["reward/mean"] <= 1.0 for m in metrics)
-            assert all(("ref_kl" in m) == arm.images for m in metrics), arm.key  # (f): the k3 reference KL
+            assert all(("train/ref_kl" in m) == arm.images for m in metrics), arm.key  # (f): the k3 reference KL
         else:  # SOPHIA: captions rewarded by the teacher's traces, kept items counted
             assert all(0.0 <= m["caption/reward_mean"] <= 1.0 and 0 <= m["sophia/kept"] <= m["sophia/items"]
                        for m in metrics)
         if arm.estimator:
-            assert all(math.isfinite(m["distill_kl"]) and m["distill_kl"] >= 0 for m in metrics)
+            distill = distill_metric(arm.estimator)  # distill/k2 or distill/reverse_kl (full): named apart
+            assert all(math.isfinite(m[distill]) and m[distill] >= 0 for m in metrics)
         assert (run / "config.yaml").is_file() and (seed / arm.key / "eval" / "summary.json").is_file()
     train_images = [json.loads(line) for line in (out / "data" / "train_image.jsonl").read_text().splitlines()]
     assert all("image" in row and row["prompt"] == "\nSolve." for row in train_images)

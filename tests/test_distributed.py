@@ -231,9 +231,9 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path, capsys):
     m1, m2 = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
     assert [m["step"] for m in m2] == [1, 2, 3]
     for a, b in zip(m1, m2, strict=True):
-        assert a["tokens"] == b["tokens"] and a["lr"] == b["lr"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"],
-                                                                                                   rel=1e-4)
+        assert a["train/tokens"] == b["train/tokens"] and a["train/lr"] == b["train/lr"]
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
 
     # resume: a 2-rank run cut after step 1, resumed from its checkpoint, equals the uninterrupted 2-rank run
     resumed = tmp_path / "resumed" / "sft"
@@ -250,7 +250,7 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path, capsys):
     for a, b in zip(r1, r2, strict=True):
         for key in ("reward/mean", "reward/std", "completion/tokens", "completion/mean_length", "prompt/tokens"):
             assert b[key] == pytest.approx(a[key], rel=1e-6), key
-        for key in ("loss", "policy_loss", "distill_kl", "entropy"):
+        for key in ("train/loss", "train/policy_loss", "distill/k2", "train/entropy"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
     assert not (two / "samples.jsonl").exists() or len(read_jsonl(two / "samples.jsonl")) == 2 * 2
 

@@ -166,16 +166,18 @@ def test_sophia_cli_end_to_end_on_images_then_resume(tiny, tmp_path):
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert m["sophia/items"] == 2 and 0 <= m["sophia/kept"] <= 2
-        for key in ("loss", "nll", "grad_norm", "lr", "caption/reward_mean", "trace/reward_mean", "is_weight",
+        for key in ("train/loss", "train/nll", "train/grad_norm", "train/lr", "caption/reward_mean",
+                    "trace/reward_mean", "train/is_weight",
                     "time/captions", "time/traces", "time/update_actor"):
             assert key in m, key
     updated = [m for m in metrics if m["sophia/kept"] > 0]
     assert updated, "no item kept in 3 steps: the test's reward/threshold no longer exercise the update"
     for m in updated:
-        assert m["tokens"] > 0 and m["grad_norm"] > 0 and m["nll"] > 0 and 0 < m["is_weight"] <= 2.0
+        assert m["train/tokens"] > 0 and m["train/grad_norm"] > 0 and m["train/nll"] > 0
+        assert 0 < m["train/is_weight"] <= 2.0
     for m in metrics:
         if m["sophia/kept"] == 0:
-            assert m["loss"] == 0 and m["grad_norm"] == 0  # nothing kept: no update
+            assert m["train/loss"] == 0 and m["train/grad_norm"] == 0  # nothing kept: no update
     samples = read_jsonl(run / "samples.jsonl")
     assert len(samples) == sum(m["sophia/kept"] for m in metrics)
     for s in samples:  # what was kept obeys the rule: a correct trace of a caption above alpha

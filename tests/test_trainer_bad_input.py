@@ -35,7 +35,7 @@ def test_missing_columns_name_the_column_and_the_row(tiny, tmp_path):
     traces = write_jsonl(tmp_path / "traces.jsonl", [{"prompt": "1+1?", "answer": "2", "response": "2"}])
     with pytest.raises(ValueError, match=r"traces.jsonl line 1: missing column 'trace'"):
         run("sft", tiny, tmp_path, f"sft.train_files=[{traces}]")
-    with pytest.raises(ValueError, match="1 rows .* fewer than one step"):
+    with pytest.raises(ValueError, match=r"traces.jsonl: 1 rows, but one sft step .* needs at least 2"):
         run("sft", tiny, tmp_path, f"sft.train_files=[{traces}]", "sft.response_column=response")
 
 
@@ -56,6 +56,7 @@ def test_image_rows_need_a_teacher_prompt_for_traces_and_a_vlm_student(tiny, tmp
         run("make-traces", tiny, tmp_path, f"traces.input_files=[{data}]")
     with pytest.raises(ValueError, match="the training data has images but the student is a text-only model"):
         run("train", tiny, tmp_path, f"model.student={tiny['teacher']}", f"data.train_files=[{data}]")
+    assert not (tmp_path / "rl").exists()  # refused after loading the models, before writing the run folder
 
 
 def test_vocabulary_mismatch_is_an_error_unless_the_shared_size_is_set(tiny, tmp_path):
@@ -68,7 +69,7 @@ def test_vocabulary_mismatch_is_an_error_unless_the_shared_size_is_set(tiny, tmp
         run("train", tiny, tmp_path, f"model.teacher={padded}")
     assert run("train", tiny, tmp_path, f"model.teacher={padded}", f"model.vocab_size={len(tokenizer)}",
                "optim.max_steps=1", "loss.distill_estimator=full") == 0
-    assert read_jsonl(tmp_path / "rl" / "metrics.jsonl")[0]["distill_kl"] > 0
+    assert read_jsonl(tmp_path / "rl" / "metrics.jsonl")[0]["distill/reverse_kl"] > 0
 
 
 def test_rewards_unfit_for_the_distillation_mask(tiny, tmp_path):
@@ -94,6 +95,6 @@ def test_missing_sft_model_and_missing_files(tiny, tmp_path):
         run("sft", tiny, tmp_path, f"sft.train_files=[{tmp_path / 'absent.jsonl'}]")
     with pytest.raises(ValueError, match="no benchmark: set eval.files"):
         run("eval", tiny, tmp_path, "data.eval_files=[]")
-    with pytest.raises(ValueError, match=r"batch_size=2 needs 1 <= batch_size <= num_examples=1"):
+    with pytest.raises(ValueError, match=r"one.jsonl: 1 rows, but data.batch_size=2 \(prompts per step\) needs"):
         one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "1+1?", "answer": "2"}])
         run("train", tiny, tmp_path, f"data.train_files=[{one}]")

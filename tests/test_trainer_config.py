@@ -17,7 +17,8 @@ def test_defaults_are_the_papers_settings():
     assert (cfg.loss.epsilon_low, cfg.loss.epsilon_high) == (0.2, 0.3)
     assert (cfg.loss.ref_kl_coef, cfg.loss.ref_kl_estimator) == (0.0, "k3")
     assert (cfg.loss.distill_coef, cfg.loss.distill_estimator, cfg.loss.distill_on_wrong_only) == (0.1, "k2", True)
-    assert cfg.optim.lr == 6e-6 and cfg.checkpoint.resume == "auto"
+    assert cfg.optim.lr == 6e-6
+    assert cfg.checkpoint.resume == "none" and not cfg.overwrite_output_dir  # a run is continued only when asked
 
 
 def test_loss_options_mirror_vold_loss_keywords():

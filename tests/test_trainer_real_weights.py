@@ -19,6 +19,7 @@ import pytest
 
 from vold.cli import main
 from vold.data import build_prompt_batch, load_examples
+from vold.evaluate import model_folder_name
 from vold.models import load_tokenizer
 from vold.runs import read_jsonl
 
@@ -76,24 +77,26 @@ def test_every_stage_on_smollm2(smol):
     # SFT on its own traces: a low NLL says the prompt/response boundary is where the model put it
     assert run("sft", smol, "sft.max_steps=2", "sft.batch_size=2", "sft.lr=1e-5", "sft.max_length=192") == 0
     sft = read_jsonl(out / "sft" / "metrics.jsonl")
-    assert len(sft) == 2 and all(math.isfinite(m["loss"]) for m in sft)
-    assert sft[0]["loss"] < 3.0, sft  # random token ids would give ~log(49152) = 10.8
+    assert len(sft) == 2 and all(math.isfinite(m["train/loss"]) for m in sft)
+    assert sft[0]["train/loss"] < 3.0, sft  # random token ids would give ~log(49152) = 10.8
     assert (out / "sft" / "final" / "tokenizer.json").is_file()
 
     for estimator in ("k2", "full"):
         assert run("train", smol, f"loss.distill_estimator={estimator}", "optim.max_steps=2", "optim.lr=1e-5",
                    "rollout.num_generations=2", "rollout.max_new_tokens=32",
-                   "reward.functions=[accuracy, vold.testing:digit_reward]") == 0  # advantages != 0
+                   "reward.functions=[accuracy, vold.testing:digit_reward]",  # advantages != 0
+                   "overwrite_output_dir=true") == 0  # the second estimator's run replaces the first one's
         metrics = read_jsonl(out / "rl" / "metrics.jsonl")
         assert len(metrics) == 2
-        assert metrics[0]["distill_kl"] == pytest.approx(0.0, abs=1e-6)  # student == teacher, same prompt
-        assert metrics[0]["ratio"] == pytest.approx(1.0, abs=1e-5)
-        assert all(math.isfinite(m["loss"]) and math.isfinite(m["entropy"]) for m in metrics)
-        assert metrics[0]["grad_norm"] > 0 and metrics[1]["distill_kl"] > 0  # the student moved away
+        distill = {"k2": "distill/k2", "full": "distill/reverse_kl"}[estimator]
+        assert metrics[0][distill] == pytest.approx(0.0, abs=1e-6)  # student == teacher, same prompt
+        assert metrics[0]["train/ratio"] == pytest.approx(1.0, abs=1e-5)
+        assert all(math.isfinite(m["train/loss"]) and math.isfinite(m["train/entropy"]) for m in metrics)
+        assert metrics[0]["train/grad_norm"] > 0 and metrics[1][distill] > 0  # the student moved away
         assert (out / "rl" / "final" / "model.safetensors").is_file()
 
     assert run("eval", smol, f"eval.model={out / 'sft' / 'final'}", "eval.num_samples=2",
                "eval.max_new_tokens=48") == 0
-    summary = json.loads((out / "eval" / "summary.json").read_text())
+    summary = json.loads((out / "eval" / model_folder_name(str(out / "sft" / "final")) / "summary.json").read_text())
     assert summary["results"]["all"]["n"] == len(PROBLEMS)
     assert 0.0 <= summary["results"]["all"]["mean@k"] <= 1.0

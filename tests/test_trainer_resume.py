@@ -106,7 +106,10 @@ def test_sft_resume_from_a_middle_checkpoint_reproduces_the_run(tiny, tmp_path):
     assert without_timings(read_jsonl(run / "metrics.jsonl")) == expected
     assert_same_weights(run / "final", run / "reference" / "final")
 
-    assert main([*args, "--resume", "none", "sft.max_steps=1"]) == 0  # a fresh start, fresh logs
+    # a fresh start in a folder holding a run is refused unless asked for (overwrite_output_dir): fresh logs ...
+    with pytest.raises(ValueError, match=f"{run} already holds a run .*--resume auto.*overwrite_output_dir=true"):
+        main([*args, "sft.max_steps=1"])
+    assert main([*args, "--resume", "none", "overwrite_output_dir=true", "sft.max_steps=1"]) == 0
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
     # ... and only its own checkpoints: the abandoned run's steps 2-5 would be what resume=auto picks
     assert [p.name for p in list_checkpoints(run)] == ["step_000001"]

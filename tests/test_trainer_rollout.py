@@ -239,6 +239,7 @@ def test_vllm_sleep_level_2_train_and_eval_sync_the_weights_first(fake_vllm, tmp
     from pathlib import Path
 
     from vold.cli import main
+    from vold.evaluate import model_folder_name
     from vold.runs import read_jsonl
     from vold.testing import prepare_tiny_run, tiny_overrides
 
@@ -249,7 +250,7 @@ def test_vllm_sleep_level_2_train_and_eval_sync_the_weights_first(fake_vllm, tmp
     assert main(["train", *common, "optim.max_steps=1", "checkpoint.every=0"]) == 0
     assert [m["step"] for m in read_jsonl(tmp_path / "out" / "rl" / "metrics.jsonl")] == [1]
     assert main(["eval", *common, f"eval.model={run['student']}"]) == 0
-    assert len(read_jsonl(tmp_path / "out" / "eval" / "samples.jsonl")) == 4
+    assert len(read_jsonl(tmp_path / "out" / "eval" / model_folder_name(str(run["student"])) / "samples.jsonl")) == 4
 
 
 def test_foundations_feed_vold_loss(tiny):

@@ -12,6 +12,7 @@ import pytest
 
 from vold.cli import main
 from vold.config import load_config
+from vold.evaluate import model_folder_name
 from vold.runs import read_jsonl
 from vold.testing import tiny_overrides
 
@@ -43,7 +44,8 @@ def test_pipeline_make_traces_sft_train_eval(tiny, tmp_path, capsys):
     # stage 1: SFT on those traces (sft.train_files defaults to them)
     assert run("sft", tiny, out) == 0
     sft = read_jsonl(out / "sft" / "metrics.jsonl")
-    assert [m["step"] for m in sft] == [1, 2, 3, 4] and all(finite(m["loss"]) and m["tokens"] > 0 for m in sft)
+    assert [m["step"] for m in sft] == [1, 2, 3, 4]
+    assert all(finite(m["train/loss"]) and m["train/tokens"] > 0 for m in sft)
     assert (out / "sft" / "final" / "model.safetensors").is_file()
     assert load_config(out / "sft" / "config.yaml").sft.max_steps == 4  # the resolved config beside the run
 
@@ -57,12 +59,14 @@ def test_pipeline_make_traces_sft_train_eval(tiny, tmp_path, capsys):
         metrics = read_jsonl(rl_out / "rl" / "metrics.jsonl")
         assert [m["step"] for m in metrics] == [1, 2, 3]
         for m in metrics:
-            for key in ("loss", "policy_loss", "distill_kl", "entropy", "grad_norm", "reward/mean",
-                        "reward/digit_reward", "completion/mean_length", "lr"):
+            distill = {"k2": "distill/k2", "full": "distill/reverse_kl"}[estimator]  # says which quantity it is
+            for key in ("train/loss", "train/policy_loss", distill, "train/entropy", "train/grad_norm", "reward/mean",
+                        "reward/digit_reward", "completion/mean_length", "train/lr"):
                 assert finite(m[key]), (estimator, key, m)
-            assert m["distill_kl"] > 0 and m["distill/weight_mean"] == 1.0  # accuracy is 0: distil everywhere
-            assert m["ratio"] == pytest.approx(1.0, abs=1e-5)  # one update per batch: on-policy
-        assert any(m["policy_loss"] != 0.0 for m in metrics)  # digit_reward gives non-zero advantages
+            assert m[distill] > 0 and m["distill/weight_mean"] == 1.0  # accuracy is 0: distil everywhere
+            assert m["train/ratio"] == pytest.approx(1.0, abs=1e-5)  # one update per batch: on-policy
+            assert all("/" in key for key in m if key != "step")  # every metric in a namespace (README, Metrics)
+        assert any(m["train/policy_loss"] != 0.0 for m in metrics)  # digit_reward gives non-zero advantages
         samples = read_jsonl(rl_out / "rl" / "samples.jsonl")
         assert len(samples) == 3 * 2 and {"prompt", "completion", "reward", "advantage"} <= samples[0].keys()
         assert sorted(p.name for p in (rl_out / "rl" / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
@@ -72,17 +76,19 @@ def test_pipeline_make_traces_sft_train_eval(tiny, tmp_path, capsys):
     full = read_jsonl(tmp_path / "rl_full" / "rl" / "metrics.jsonl")
     k2 = read_jsonl(tmp_path / "rl_k2" / "rl" / "metrics.jsonl")
     assert full[0]["reward/mean"] == k2[0]["reward/mean"]  # same first rollouts (same seed, same start)
-    assert full[0]["distill_kl"] != k2[0]["distill_kl"]  # exact KL vs its k2 estimate
+    assert full[0]["distill/reverse_kl"] != k2[0]["distill/k2"]  # exact KL vs its k2 estimate, named apart
+    assert "distill/k2" not in full[0] and "distill/reverse_kl" not in k2[0]
 
     # eval of the trained model
     capsys.readouterr()
     assert run("eval", tiny, out, f"eval.model={tmp_path / 'rl_k2' / 'rl' / 'final'}") == 0
     printed = capsys.readouterr().out
     assert "| benchmark | n | pass@1 (%) | mean@2 (%) | pass@2 (%) |" in printed and "| bench | 4 |" in printed
-    summary = json.loads((out / "eval" / "summary.json").read_text())
+    evaluated = out / "eval" / model_folder_name(str(tmp_path / "rl_k2" / "rl" / "final"))  # one folder per model
+    summary = json.loads((evaluated / "summary.json").read_text())
     assert summary["k"] == 2 and summary["results"]["all"]["n"] == 4
-    assert (out / "eval" / "summary.md").read_text().count("| bench |") == 1
-    records = read_jsonl(out / "eval" / "samples.jsonl")
+    assert (evaluated / "summary.md").read_text().count("| bench |") == 1
+    records = read_jsonl(evaluated / "samples.jsonl")
     assert len(records) == 4 and all(len(r["completions"]) == 2 and r["images"] for r in records)
 
 
@@ -97,14 +103,14 @@ def test_sft_loss_decreases_on_a_toy_task_and_eval_sees_it(tiny, tmp_path):
     out = tmp_path / "run"
     assert run("sft", tiny, out, f"sft.train_files=[{tmp_path / 'toy.jsonl'}]", "sft.max_steps=60",
                "sft.lr=1e-2", "sft.batch_size=4", "sft.lr_scheduler=constant", "checkpoint.every=0") == 0
-    losses = [m["loss"] for m in read_jsonl(out / "sft" / "metrics.jsonl")]
+    losses = [m["train/loss"] for m in read_jsonl(out / "sft" / "metrics.jsonl")]
     assert len(losses) == 60 and losses[-1] < 0.15 * losses[0], losses
     assert not (out / "sft" / "checkpoints").exists()  # checkpoint.every=0
 
     assert run("eval", tiny, out, f"eval.model={out / 'sft' / 'final'}", f"eval.files=[{tmp_path / 'toybench.jsonl'}]",
                "data.prompt_column=question", "eval.temperature=0.3", "eval.num_samples=4",
                "eval.max_new_tokens=24") == 0
-    records = read_jsonl(out / "eval" / "samples.jsonl")
+    records = read_jsonl(out / "eval" / model_folder_name(str(out / "sft" / "final")) / "samples.jsonl")
     assert records[0]["prompt"] == "2+3=? Answer in \\boxed{}."  # read from the 'question' column
     assert records[0]["mean@k"] > 0 and records[1]["mean@k"] == 0  # it learnt to answer 5, always
     assert "5" in records[0]["predictions"]
@@ -172,7 +178,7 @@ def test_sft_gradient_checkpointing_and_grad_accum_change_nothing(tiny, tmp_path
     losses = {}
     for name, overrides in runs.items():
         assert run("sft", tiny, tmp_path / name, *common, *overrides) == 0
-        losses[name] = [m["loss"] for m in read_jsonl(tmp_path / name / "sft" / "metrics.jsonl")]
+        losses[name] = [m["train/loss"] for m in read_jsonl(tmp_path / name / "sft" / "metrics.jsonl")]
     assert losses["checkpointing"] == pytest.approx(losses["plain"], rel=1e-6)
     assert losses["accumulation"] == pytest.approx(losses["plain"], rel=1e-5)
 
@@ -184,9 +190,9 @@ def test_train_options_reference_kl_ppo_epochs_dr_grpo(tiny, tmp_path):
                "loss.distill_estimator=k3", "optim.ppo_epochs=2", "optim.minibatches=2", "optim.grad_accum=3",
                "loss.loss_type=dr_grpo", "loss.scale_rewards=none", "checkpoint.every=0") == 0
     metrics = read_jsonl(tmp_path / "rl" / "metrics.jsonl")
-    assert len(metrics) == 2 and all(finite(m["ref_kl"]) and finite(m["distill_kl"]) for m in metrics)
-    assert metrics[0]["ref_kl"] > 0  # the later updates of step 1 moved away from the reference
-    assert metrics[0]["ratio"] != pytest.approx(1.0, abs=1e-7)
+    assert len(metrics) == 2 and all(finite(m["train/ref_kl"]) and finite(m["distill/k3"]) for m in metrics)
+    assert metrics[0]["train/ref_kl"] > 0  # the later updates of step 1 moved away from the reference
+    assert metrics[0]["train/ratio"] != pytest.approx(1.0, abs=1e-7)
 
 
 def test_example_configs_load():

@@ -5,6 +5,7 @@
     vold train       [--config run.yaml] [key.sub=value ...] [--resume auto|none|PATH]  stage 2
     vold sophia      [--config run.yaml] [key.sub=value ...] [--resume auto|none|PATH]  semi-off-policy RL
     vold eval        [--config run.yaml] [key.sub=value ...]             pass@1 / mean@k
+    vold convert-gguf FOLDER FILE.gguf OUT [--dtype float32]             a GGUF checkpoint -> a model folder
     vold demo        [--quick] [--seeds N] [--output DIR] [key=value ...]  the ablation on a toy task (CPU)
     vold bench kernels [...]                                             kernel benchmarks (from a checkout)
     vold bench step [--config run.yaml] [key.sub=value ...] [--steps N]  trainer step: tokens/s, time per phase
@@ -13,11 +14,17 @@
 
 Every stage reads one config (YAML, then the ``key.sub=value`` overrides) and writes its run folder
 ``{output_dir}/{traces,sft,rl,sophia,eval}`` with the resolved ``config.yaml``.
+
+A stage never continues an earlier run unless asked (``--resume auto``): a run folder that already holds
+checkpoints or a final model is refused (``overwrite_output_dir=true`` starts over). A user error (bad config,
+missing file or model, unfit data) prints one line ``vold <command>: error: ...`` and exits with status 2,
+before any run folder is written; ``--debug`` (anywhere on the line) or ``VOLD_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -30,17 +37,62 @@ STAGES = {
 }
 
 
-def run_stage(command: str, config: str | None, overrides: list[str], resume: str | None) -> None:
+# what each command imports beyond torch/numpy: {module: pip name}, and the extra of setup.py that installs it
+TRAIN_DEPS = {"transformers": "transformers", "math_verify": "math-verify", "yaml": "pyyaml", "PIL": "pillow"}
+DEPENDENCIES = {
+    **{stage: ("train", TRAIN_DEPS) for stage in STAGES},
+    "demo": ("demo", {**TRAIN_DEPS, "matplotlib": "matplotlib"}),
+    "bench": ("train", TRAIN_DEPS),
+    "gpu-check": ("train", TRAIN_DEPS),
+    "convert-gguf": ("train", {"transformers": "transformers", "gguf": "gguf"}),
+}
+USER_ERRORS = (ValueError, OSError, ImportError)  # FileNotFoundError is an OSError; transformers raises OSError too
+
+
+class UserError(ValueError):
+    """An error in what the user asked for (config, files, environment): ``vold`` prints its message in one line
+    and exits with status 2 (as for every ValueError/OSError/ImportError; ``--debug`` shows the traceback)."""
+
+
+def check_dependencies(command: str) -> None:
+    """Raise :class:`UserError` naming the missing packages and the extra that installs them, before any work."""
+    extra, needs = DEPENDENCIES.get(command, ("train", {}))
+    missing = [pip for module, pip in needs.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"vold {command} needs {', '.join(missing)}: pip install 'vold[{extra}]' "
+                        f"(in a checkout: pip install -e '.[{extra}]')")
+
+
+def quiet_third_party() -> None:
+    """Route third-party chatter through ``logging`` at WARNING, so tqdm bars are not broken by it: DeepSpeed's
+    accelerator lines ("Setting ds_accelerator to cpu"), transformers' progress bars and info messages."""
+    import logging
+
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if importlib.util.find_spec("deepspeed") is not None:  # its import logs the accelerator it picks: say it
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda_visible() else "cpu")  # (no auto-detect warning)
     from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars on every save
+    hf_logging.set_verbosity_warning()
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_stage(command: str, config: str | None, overrides: list[str], resume: str | None) -> None:
     from vold.config import load_config
 
-    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars on every save
+    quiet_third_party()
     if resume is not None:
         overrides = [*overrides, f"checkpoint.resume={resume}"]
     cfg = load_config(config, overrides)
     if command in ("make-traces", "eval") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit(f"vold {command} runs in one process (it samples; it is not data-parallel): "
+        raise UserError(f"vold {command} runs in one process (it samples; it is not data-parallel): "
                          f"launch it with python -m vold / vold, not torchrun")
     if command == "make-traces":
         from vold.traces import make_traces
@@ -64,10 +116,10 @@ def run_stage(command: str, config: str | None, overrides: list[str], resume: st
         evaluate(cfg)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vold", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also VOLD_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     # add_help=False: `vold bench step --help` reaches the benchmark's own parser
     bench = sub.add_parser("bench", help="benchmarks (run from a checkout: they live in benchmarks/)", add_help=False)
@@ -78,9 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         stage.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")  # for --help
         if name in ("sft", "train", "sophia"):
             stage.add_argument("--resume", default=None, metavar="auto|none|PATH",
-                               help="auto: the latest checkpoint of the run folder (sets checkpoint.resume)")
+                               help="auto: continue from the latest checkpoint of the run folder; none (default): "
+                                    "a fresh start, refused in a folder holding a run; PATH: that checkpoint "
+                                    "(sets checkpoint.resume)")
     sub.add_parser("gpu-check", help="GPU readiness: kernel tests, kernel benchmark, train and SFT steps on the "
                                      "device (from a checkout: benchmarks/gpu_check.py)", add_help=False)
+    gguf = sub.add_parser("convert-gguf", help="dequantise a GGUF checkpoint into a save_pretrained model folder",
+                          description="Dequantise FOLDER/FILE (a GGUF checkpoint, e.g. SmolLM2's) into OUT: model "
+                                      "+ tokenizer, loadable as model.student / model.teacher (needs gguf).")
+    gguf.add_argument("folder", help="folder holding the .gguf file (and, if any, its tokenizer/config files)")
+    gguf.add_argument("file", help="the .gguf file name inside FOLDER")
+    gguf.add_argument("out", help="output folder (save_pretrained)")
+    gguf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     demo = sub.add_parser("demo", help="the VOLD ablation at laptop scale on the CPU (toy task, tiny models)",
                           description="Teacher, perception-aligned student, then arms (a)-(e) through the stages "
                                       "above; writes a results table and figures (see docs/demo.md).")
@@ -92,11 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
     demo.add_argument("--report-only", action="store_true", help="rewrite the table and figures of a finished run")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="demo settings (vold/demo/config.py)")
-    if argv and argv[0] == "demo":
+    return parser
+
+
+def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    command = argv[0] if argv else None
+    if command in DEPENDENCIES and not {"-h", "--help"} & set(argv):
+        check_dependencies(command)
+    if command in ("demo", "bench"):
+        quiet_third_party()
+    if command == "demo":
         from vold.demo.pipeline import main as demo_main
 
         return demo_main(parser.parse_args(argv))
-    if argv and argv[0] == "bench":
+    if command == "bench":
         args, rest = parser.parse_known_args(argv)
         try:
             if args.what == "step":
@@ -106,22 +176,51 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from benchmarks.kernels import main as bench_main
         except ImportError as error:
-            raise SystemExit(f"vold bench needs the repository's benchmarks/ directory on the path: {error}") from error
+            raise UserError(f"vold bench needs the repository's benchmarks/ directory on the path: {error}") from error
         bench_main(rest)  # returns its result dictionary
         return 0
     if argv and argv[0] == "gpu-check":
         try:
             from benchmarks.gpu_check import main as gpu_check_main
         except ImportError as error:
-            raise SystemExit(f"vold gpu-check needs the repository's benchmarks/ directory on the path: "
+            raise UserError(f"vold gpu-check needs the repository's benchmarks/ directory on the path: "
                              f"{error}") from error
         return 0 if gpu_check_main(argv[1:])["status"] == "ok" else 1
+    if command == "convert-gguf":
+        args = parser.parse_args(argv)
+        from vold.models import convert_gguf
+
+        quiet_third_party()
+        if not (os.path.isfile(os.path.join(args.folder, args.file))):
+            raise UserError(f"convert-gguf: {os.path.join(args.folder, args.file)} not found")
+        out = convert_gguf(args.folder, args.file, args.out, dtype=args.dtype)
+        print(f"convert-gguf: {os.path.join(args.folder, args.file)} -> {out} (use it as model.student or "
+              f"model.teacher)")
+        return 0
     args, rest = parser.parse_known_args(argv)  # overrides may come before or after the options
     unknown = [a for a in rest if a.startswith("-") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like key.sub=value)")
     run_stage(args.command, args.config, [*args.overrides, *rest], getattr(args, "resume", None))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``vold`` entry point; returns the exit status (2 for a user error, printed as one line)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("VOLD_DEBUG", "").lower() not in ("", "0", "false", "no")
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    try:
+        return dispatch(parser, argv)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        command = argv[0] if argv and not argv[0].startswith("-") else ""
+        message = " ".join(str(error).split()) or type(error).__name__  # one line
+        print(f"vold {command}: error: {message} (--debug or VOLD_DEBUG=1: traceback)".replace("vold : ", "vold: "),
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

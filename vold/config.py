@@ -286,13 +286,17 @@ class EvalConfig:
     top_p: float = 1.0
     max_new_tokens: int | None = None  # default: rollout.max_new_tokens
     max_examples: int | None = None  # the first N questions of each file only
-    output_dir: str | None = None  # default: {output_dir}/eval
+    output_dir: str | None = None  # default: {output_dir}/eval/{model as a folder name, e.g. runs--x--rl--final}
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 100  # steps; 0 disables periodic checkpoints
-    resume: str = "auto"  # auto (latest in output_dir, if any) | none | a checkpoint path
+    # none (default): start fresh; a run folder that already holds checkpoints or a final model is refused
+    # (unless overwrite_output_dir). auto: the latest checkpoint of the run folder (fresh if it has none).
+    # A path: that checkpoint folder. Resuming is refused when the saved config differs in a key that
+    # changes the result (vold.runs.RESUMABLE_CHANGES lists the keys that may differ, e.g. max_steps).
+    resume: str = "none"
     keep_last: int = 2
     save_optimizer: bool = True
 
@@ -339,6 +343,9 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0
     output_dir: str = "runs/vold"
+    # HF TrainingArguments' name: true lets a stage start over in a run folder that holds an earlier run's
+    # checkpoints/final model (they are deleted first); false (default) refuses it (use --resume auto to continue)
+    overwrite_output_dir: bool = False
     device: str = "auto"  # auto: cuda when available, else cpu
 
 

@@ -98,6 +98,15 @@ def load_image(ref: ImageRef, where: str = "") -> Image.Image:
         raise ValueError(f"cannot read image {name}{context}: {e}") from None
 
 
+def require_rows(examples: list[Example], files: str | Path | list[str | Path], need: int, what: str) -> None:
+    """Raise a ValueError naming ``files`` when they hold fewer than ``need`` rows (``what`` says who needs them,
+    e.g. ``"data.batch_size=8"``): an empty file is an error, never a run over nothing."""
+    if len(examples) < need:
+        names = ", ".join(map(str, [files] if isinstance(files, (str, Path)) else files))
+        have = "empty (no rows)" if not examples else f"{len(examples)} rows"
+        raise ValueError(f"{names}: {have}, but {what} needs at least {need}")
+
+
 def load_examples(paths: str | Path | list[str | Path], *, image_root: str | None = None,
                   check_images: bool = True, prompt_column: str = "prompt", answer_column: str = "answer",
                   required: tuple[str, ...] = ()) -> list[Example]:

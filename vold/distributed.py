@@ -58,6 +58,7 @@ from vold.runs import (
     checkpoint_dir,
     clip_grad_norm,
     load_checkpoint_state,
+    replan_schedule,
     reset_logs,
     restore_run,
     rng_state,
@@ -271,6 +272,11 @@ class Runtime:
                 import deepspeed
             except ImportError as error:
                 raise ImportError("distributed.backend='deepspeed' needs DeepSpeed (pip install deepspeed)") from error
+            import logging
+
+            # DeepSpeed's logger (created at INFO by its import) prints a dozen config lines per engine through the
+            # tqdm bars: warnings and errors only (its accelerator line is avoided by vold.cli.quiet_third_party)
+            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
             config = deepspeed_config(self.dc.deepspeed_config, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
                                       bf16=bf16)
             self.zero_stage = zero_stage(config)
@@ -427,21 +433,32 @@ class Runtime:
         return final
 
     def resume(self, run: Path, checkpoint: Path | None, optimizer: torch.optim.Optimizer, scheduler: Any,
-               sampler: Any, stage: str) -> int:
+               sampler: Any, stage: str, max_steps: int | None = None) -> int:
         """Continue a run from ``checkpoint`` (scheduler, sampler position, logs cut back to its step, optimizer
         state and this rank's RNG; call after :meth:`wrap`), or start its logs afresh when it is None.
-        Returns the step to continue from (0 for a fresh run)."""
+        Returns the step to continue from (0 for a fresh run).
+
+        The lr schedule is the one of *this* config, fast-forwarded to the checkpoint: ``scheduler`` was built
+        for this run's total (``max_steps``), its position (``last_epoch``, optimizer updates so far) comes from
+        the checkpoint and every group's lr is recomputed from it (:func:`vold.runs.replan_schedule`). A run
+        extended with a larger ``max_steps`` thus continues on the schedule planned for the new total, from the
+        step it reached (a run of the same length continues exactly). A checkpoint past ``max_steps`` is refused.
+        """
         if checkpoint is None:
             if self.is_main:
                 reset_logs(run)
             return 0
         state = load_checkpoint_state(checkpoint)
+        if max_steps is not None and state["step"] > max_steps:
+            raise ValueError(f"--resume: {checkpoint} is at step {state['step']}, past this config's max_steps="
+                             f"{max_steps}: raise max_steps to extend the run, or start a new one")
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         if self.is_main:
             restore_run(run, state)
             print(f"{stage}: resumed from {checkpoint} (step {state['step']})")
         self.load_checkpoint(checkpoint, optimizer, state, scheduler)
+        replan_schedule(optimizer, scheduler)
         return state["step"]
 
     def load_checkpoint(self, checkpoint: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any],

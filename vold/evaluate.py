@@ -9,8 +9,9 @@ k = ``eval.num_samples`` completions at ``eval.temperature``; a completion is co
     pass@k = 1[c > 0]
 
 averaged over the questions of each benchmark and over all of them. Writes, in ``eval.output_dir``
-(default ``{output_dir}/eval``): ``samples.jsonl`` (every completion, its extracted answer and
-verdict), ``summary.json`` and ``summary.md`` (the table, also printed).
+(default ``{output_dir}/eval/{model}``, one folder per model: :func:`output_dir`): ``samples.jsonl``
+(every completion, its extracted answer and verdict), ``summary.json`` and ``summary.md`` (the table,
+also printed). An empty benchmark file is an error naming the file.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from typing import Any
 import torch
 
 from vold.config import Config, save_config
-from vold.data import build_prompt_batch, is_multimodal, load_examples
-from vold.models import autocast, resolve_device, student_from_config
+from vold.data import build_prompt_batch, is_multimodal, load_examples, require_rows
+from vold.models import autocast, check_model_path, resolve_device, student_from_config
 from vold.rewards import accuracy_reward, extract_boxed
 from vold.rollout import make_rollout_engine
-from vold.runs import progress_bar, run_dir, seed_everything
+from vold.runs import print_start, progress_bar, run_dir, seed_everything
 
 COLUMNS = ("n", "pass@1", "mean@k", "pass@k", "mean_length", "truncated")
 
@@ -57,16 +58,28 @@ def markdown_table(summary: dict[str, dict[str, float]], k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def model_folder_name(model: str) -> str:
+    """A folder name for a model path or hub id, the hub cache's way: ``runs/x/rl/final`` -> ``runs--x--rl--final``,
+    ``Qwen/Qwen2.5-VL-3B-Instruct`` -> ``Qwen--Qwen2.5-VL-3B-Instruct``."""
+    parts = [p for p in Path(model).expanduser().parts if p not in ("/", ".", "..", "~")]
+    return "--".join(parts) or "model"
+
+
+def output_dir(cfg: Config) -> Path:
+    """``eval.output_dir``, default ``{output_dir}/eval/{model_folder_name(model)}``: one folder per evaluated
+    model, so evaluating a second model does not overwrite the first one's results."""
+    if cfg.eval.output_dir:
+        return Path(cfg.eval.output_dir)
+    return run_dir(cfg, "eval") / model_folder_name(cfg.eval.model or cfg.model.student)
+
+
 def evaluate(cfg: Config) -> dict[str, dict[str, float]]:
     """Run the evaluation; returns ``{benchmark: row, ..., "all": row}`` (accuracies in [0, 1])."""
     ec, data = cfg.eval, cfg.data
     files = ec.files or data.eval_files
     if not files:
         raise ValueError("no benchmark: set eval.files (or data.eval_files)")
-    out = Path(ec.output_dir) if ec.output_dir else run_dir(cfg, "eval")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    seed_everything(cfg.seed)
+    # every check on the user's input comes before the output folder is written
     benchmarks = {}
     for path in files:
         examples = load_examples(path, image_root=data.image_root, check_images=data.check_images,
@@ -75,9 +88,18 @@ def evaluate(cfg: Config) -> dict[str, dict[str, float]]:
         if name in benchmarks:
             raise ValueError(f"two benchmark files are named {name!r}: rename one")
         benchmarks[name] = examples[:ec.max_examples] if ec.max_examples is not None else examples
+        require_rows(benchmarks[name], path, 1, "vold eval (an empty benchmark has no accuracy)")
+    model_path = ec.model or cfg.model.student
+    check_model_path(model_path, "eval.model" if ec.model else "model.student",
+                     local_files_only=cfg.model.local_files_only)
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    seed_everything(cfg.seed)
+    print_start("eval", start_from=model_path, run=out, examples=sum(len(e) for e in benchmarks.values()),
+                files=files, extra={"samples per question": ec.num_samples})
 
     device = resolve_device(cfg.device)
-    model_path = ec.model or cfg.model.student
     # no gradient checkpointing: it turns the KV cache off in the model config, and nothing is trained here
     model, processor = student_from_config(replace(cfg.model, gradient_checkpointing=False), device, path=model_path)
     model.eval()

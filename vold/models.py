@@ -298,6 +298,55 @@ def check_vocab_compatible(student: PreTrainedModel, teacher: PreTrainedModel, v
 
 # ---- from a run config -----------------------------------------------------------------------------
 
+def check_model_path(path: str, key: str, *, local_files_only: bool = False, timeout: float = 10.0) -> None:
+    """Fail early, naming the config ``key``, when the model ``path`` cannot be loaded: a local folder must hold a
+    ``config.json``; anything else must be a valid hub id, found in the local hub cache or (online, not
+    ``local_files_only``/``HF_HUB_OFFLINE``) on the hub (one metadata request, ``timeout`` seconds).
+    Raises FileNotFoundError (not found) or ValueError (not a folder nor a hub id)."""
+    import os
+
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not path:
+        raise ValueError(f"no model: set {key} (a local folder or a hub id)")
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{key}={path!r}: the folder has no config.json (not a save_pretrained model; "
+                                    f"a GGUF file? convert it with `vold convert-gguf`)")
+        return
+    if local.exists():
+        raise ValueError(f"{key}={path!r} is a file; give the model's folder (save_pretrained) or a hub id"
+                         + (" (a GGUF file: convert it with `vold convert-gguf`)" if path.endswith(".gguf") else ""))
+    try:
+        validate_repo_id(path)
+        hub_id = not path.startswith((".", "/", "~")) and path.count("/") <= 1
+    except HFValidationError:
+        hub_id = False
+    if not hub_id:
+        raise FileNotFoundError(f"{key}={path!r}: not found (no such folder, and not a hub id like 'org/name')")
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return
+    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    if offline:
+        raise FileNotFoundError(f"{key}={path!r}: not found (no such folder, and not in the hub cache; downloads are "
+                                f"off: {'model.local_files_only=true' if local_files_only else 'HF_HUB_OFFLINE'})")
+    from huggingface_hub import model_info
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        model_info(path, timeout=timeout)
+    except GatedRepoError:
+        return  # it exists; loading it needs a token (transformers says so)
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{key}={path!r}: not found (no such folder, and no such model on the hub)") from None
+    except Exception as error:  # no network, a proxy, a gated repo: say which, in one line
+        raise FileNotFoundError(f"{key}={path!r}: no such folder, and the hub could not be asked "
+                                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                                f"give a local folder, or set HF_HUB_OFFLINE=1 to use the hub cache") from None
+
+
 def student_from_config(mc: ModelConfig, device: torch.device, path: str | None = None) -> tuple[PreTrainedModel, Any]:
     """The student (``path`` or ``mc.student``) in training mode and its processor (or tokenizer), with
     ``model.lora`` adapters (:func:`add_lora`) and ``model.freeze_*``/``frozen``/``trainable`` applied
@@ -396,14 +445,13 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, frozen
 
 
-def parameter_summary(model: torch.nn.Module, stage: str) -> str:
-    """One line for the start of a stage: trainable and frozen parameter counts (and LoRA's rank)."""
+def parameter_summary(model: torch.nn.Module) -> str:
+    """The parameter line of a stage's start-up summary: trainable and frozen counts (and LoRA's rank)."""
     trainable, frozen = parameter_counts(model)
     total = trainable + frozen
     wrapper = lora_wrapper(model)
-    lora = f", LoRA r={wrapper.peft_config['default'].r}" if wrapper is not None else ""
-    return (f"{stage}: {trainable:,} trainable parameters ({100 * trainable / max(total, 1):.2f}%), "
-            f"{frozen:,} frozen{lora}")
+    lora = f", LoRA rank {wrapper.peft_config['default'].r}" if wrapper is not None else ""
+    return f"{trainable:,} trainable, {frozen:,} frozen ({trainable / max(total, 1):.1%} of {total:,} train){lora}"
 
 
 # ---- LoRA (peft) ------------------------------------------------------------------------------------

@@ -5,17 +5,20 @@ with one entry per completion and the dataset columns (``answer``, ``data_source
 keyword lists aligned with ``completions``; ``None`` means "does not apply" (ignored when combining).
 Built-ins: ``accuracy`` (math equivalence of the last ``\\boxed{}`` with ``answer``, via math-verify),
 ``format`` (a non-empty ``\\boxed{}`` is present) and ``soft_overlong`` (DAPO's length penalty, from the
-``completion_ids`` that ``vold train`` passes as TRL does). Plugins are named ``"module:function"``.
+``completion_ids`` that ``vold train`` passes as TRL does). Plugins are named ``"module:function"`` or
+``"path/to/file.py:function"`` (``examples/reward_plugin.py`` is a commented example).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import math
 import re
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -142,17 +145,28 @@ BUILTIN_REWARDS: dict[str, RewardFunction] = {"accuracy": accuracy_reward, "form
 
 
 def load_reward_function(spec: str) -> RewardFunction:
-    """A built-in name (``accuracy``, ``format``) or a ``"package.module:function"`` plugin."""
+    """A built-in name (``accuracy``, ``format``), a ``"package.module:function"`` plugin (importable), or a
+    ``"path/to/file.py:function"`` plugin (loaded from the file; ``examples/reward_plugin.py`` is one)."""
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     if ":" not in spec:
         raise ValueError(f"unknown reward function {spec!r}: use one of {sorted(BUILTIN_REWARDS)} "
                          f"or 'module:function'")
-    module_name, func_name = spec.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"reward plugin {spec!r}: cannot import module {module_name!r} ({e})") from e
+    module_name, func_name = spec.rsplit(":", 1)
+    if module_name.endswith(".py"):  # a file: path/to/my_rewards.py:function (no package, no sys.path needed)
+        path = Path(module_name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"reward plugin {spec!r}: file {module_name} not found")
+        loader_spec = importlib.util.spec_from_file_location(f"vold_reward_plugin_{path.stem}", path)
+        module = importlib.util.module_from_spec(loader_spec)
+        loader_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ImportError(f"reward plugin {spec!r}: cannot import module {module_name!r} ({e}); a file "
+                              f"works too: reward.functions=[path/to/{module_name.split('.')[-1]}.py:{func_name}]"
+                              ) from e
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ValueError(f"reward plugin {spec!r}: module {module_name!r} has no function {func_name!r}")

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,12 +61,21 @@ from typing import Any
 import torch
 
 from vold.config import Config, LossConfig
-from vold.data import PromptBatch, PromptSampler, build_prompt_batch, is_multimodal, load_examples, select_rows
+from vold.data import (
+    PromptBatch,
+    PromptSampler,
+    build_prompt_batch,
+    is_multimodal,
+    load_examples,
+    require_rows,
+    select_rows,
+)
 from vold.data import tokenizer_of as tokenizer_of_processor
 from vold.distributed import Runtime, prompt_seeds
 from vold.kernels import fused_linear_logprobs, vold_loss
 from vold.models import (
     autocast,
+    check_model_path,
     check_vocab_compatible,
     completion_hidden_states,
     head_for_loss,
@@ -73,7 +83,6 @@ from vold.models import (
     lm_head_bias,
     lm_head_weight,
     load_student,
-    parameter_summary,
     student_from_config,
     teacher_from_config,
 )
@@ -82,12 +91,16 @@ from vold.rewards import RewardFunctions, group_advantages
 from vold.rollout import RolloutEngine, make_rollout_engine
 from vold.runs import (
     Logger,
-    find_checkpoint,
+    distill_metric,
+    log_names,
     make_optimizer,
     make_scheduler,
+    prepare_run,
+    print_start,
     progress_bar,
     run_dir,
     scalar_metrics,
+    seed_everything,
     start_run,
 )
 
@@ -418,6 +431,34 @@ def optimize(student: torch.nn.Module, exp: Experience, cfg: Config, optimizer: 
     return out
 
 
+def check_num_generations(cfg: Config) -> None:
+    """G = 1 gives every group zero reward spread, so the GRPO term is identically 0 (TRL refuses G < 2): refused
+    unless the loss has a term that learns without it (distillation, ``loss.distill_coef != 0``)."""
+    if cfg.rollout.num_generations < 2 and cfg.loss.distill_coef == 0.0:
+        raise ValueError("rollout.num_generations=1: every group has one rollout, so its advantage and the GRPO term "
+                         "are 0 and nothing is learned; use rollout.num_generations >= 2 (or distillation, "
+                         "loss.distill_coef != 0)")
+
+
+class ZeroSpreadWarning:
+    """Warns once when ``reward/frac_zero_std_groups`` has been 1 for ``patience`` steps in a row (every group's
+    rewards equal: no advantage, the GRPO term is 0 and only the distillation/KL terms move the policy)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.run, self.warned = max(1, patience), 0, False
+
+    def update(self, frac_zero_std: float) -> bool:
+        self.run = self.run + 1 if frac_zero_std >= 1.0 else 0
+        if self.run >= self.patience and not self.warned:
+            self.warned = True
+            warnings.warn(f"train: every group's rewards have been equal for {self.run} steps "
+                          f"(reward/frac_zero_std_groups = 1): the advantages and the GRPO term are 0, so only "
+                          f"the distillation term learns. Check the reward functions and the answers, or raise "
+                          f"rollout.num_generations / rollout.temperature", stacklevel=2)
+            return True
+        return False
+
+
 def student_start(cfg: Config) -> str:
     """The model stage 2 starts from: the SFT stage's final model when ``sft.enabled``, else ``model.student``."""
     if not cfg.sft.enabled:
@@ -433,24 +474,33 @@ def train_rl(cfg: Config) -> Path:
     """Run stage 2; returns the folder of the final model (``{output_dir}/rl/final``)."""
     lc, mc, data = cfg.loss, cfg.model, cfg.data
     runtime = Runtime(cfg.distributed, cfg.device)  # data parallel under torchrun (vold.distributed)
-    run = start_run(cfg, "rl", write=runtime.is_main)
+    # every check on the user's input comes before the run folder is written (start_run)
     if not data.train_files:
         raise ValueError("no training prompts: set data.train_files")
+    check_num_generations(cfg)
     runtime.check_divisible(data.batch_size, "data.batch_size")
     if runtime.distributed and cfg.rollout.engine == "vllm" and cfg.rollout.tensor_parallel_size != 1:
         raise ValueError("data-parallel training runs one vLLM engine per rank: set rollout.tensor_parallel_size=1")
     examples = load_examples(data.train_files, image_root=data.image_root, check_images=data.check_images,
                              prompt_column=data.prompt_column, answer_column=data.answer_column)
+    require_rows(examples, data.train_files, data.batch_size, f"data.batch_size={data.batch_size} (prompts per step)")
     sampler = PromptSampler(len(examples), data.batch_size, seed=cfg.seed, shuffle=data.shuffle)
     rewards = RewardFunctions(cfg.reward.functions, cfg.reward.weights, overlong_cache=cfg.reward.overlong_cache,
                               max_completion_length=cfg.rollout.max_new_tokens)
     if lc.distill_on_wrong_only and lc.distill_mask_reward not in rewards.names:
         raise ValueError(f"loss.distill_mask_reward={lc.distill_mask_reward!r} is not one of reward.functions "
                          f"{rewards.names}")
+    start_path = student_start(cfg)
+    checkpoint = runtime.broadcast(prepare_run(cfg, "rl", max_steps=cfg.optim.max_steps) if runtime.is_main else None)
+    if runtime.is_main:
+        if checkpoint is None or lc.ref_kl_coef != 0.0:  # the reference is the starting student
+            check_model_path(start_path, "sft.enabled -> sft/final" if cfg.sft.enabled else "model.student",
+                             local_files_only=mc.local_files_only)
+        if lc.distill_coef != 0.0:
+            check_model_path(mc.teacher, "model.teacher", local_files_only=mc.local_files_only)
+    seed_everything(cfg.seed)  # here, as always; the run folder is written once the models passed their checks
 
     device = runtime.device
-    start_path = student_start(cfg)
-    checkpoint = runtime.broadcast(find_checkpoint(run, cfg.checkpoint.resume) if runtime.is_main else None)
     student, processor = student_from_config(mc, device, path=str(checkpoint / "model") if checkpoint else start_path)
     if not is_multimodal(processor) and any(e.images for e in examples):
         raise ValueError("the training data has images but the student is a text-only model")
@@ -469,11 +519,10 @@ def train_rl(cfg: Config) -> Path:
         reference = load_student(start_path, dtype=mc.dtype, device=device, attn_implementation=mc.attn_implementation,
                                  local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code)
         reference.requires_grad_(False).eval()
+    run = start_run(cfg, "rl", write=runtime.is_main, seed=False)
 
     oc = cfg.optim
     updates_per_step = oc.ppo_epochs * oc.minibatches
-    if runtime.is_main:
-        print(parameter_summary(student, "train"))
     optimizer = make_optimizer(student, oc.lr, weight_decay=oc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2),
                                eps=oc.adam_eps)
     scheduler = make_scheduler(optimizer, kind=oc.lr_scheduler, warmup=oc.warmup_steps,
@@ -482,7 +531,12 @@ def train_rl(cfg: Config) -> Path:
                  bf16="bfloat16" in (mc.dtype, mc.autocast),
                  zero3="is for `vold sft` only: the rollouts and the old-policy pass of `vold train` need the "
                        "student's whole weights on every rank (use ZeRO-2 or DDP)")
-    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "train")
+    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "train", max_steps=oc.max_steps)
+    if runtime.is_main:
+        print_start("train", start_from=str(checkpoint or start_path), run=run, model=student,
+                    examples=len(examples), files=data.train_files, steps=oc.max_steps, start_step=step,
+                    extra={"teacher": mc.teacher if use_teacher else "none (loss.distill_coef=0)",
+                           "rollouts": f"{data.batch_size} prompts x {cfg.rollout.num_generations} per step"})
     # vLLM samples in the compute dtype (bf16 under autocast), not in the fp32 master weights' dtype
     engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path, dtype=mc.autocast or mc.dtype,
                                  seed=cfg.seed, vocab_size=vocab_size)
@@ -492,6 +546,7 @@ def train_rl(cfg: Config) -> Path:
     bar = progress_bar(oc.max_steps, initial=step, desc="train", enabled=cfg.logging.progress and runtime.is_main)
     system = {"system_prompt": data.system_prompt, "teacher_system_prompt": data.teacher_system_prompt}
 
+    zero_spread = ZeroSpreadWarning(min(10, oc.max_steps))
     student.train()
     while step < oc.max_steps:
         timings: dict[str, float] = {}  # seconds per phase (PHASES)
@@ -519,8 +574,10 @@ def train_rl(cfg: Config) -> Path:
         metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
                         "time/step": t3 - t0, **{f"time/{phase}": seconds for phase, seconds in timings.items()}})
         if logger is not None and (step % cfg.logging.every == 0 or step == oc.max_steps):
-            logger.log(step, scalar_metrics(metrics))
+            logger.log(step, scalar_metrics(log_names(metrics, distill=distill_metric(lc.distill_estimator,
+                                                                                      lc.divergence))))
             logger.samples(samples)
+        zero_spread.update(float(metrics["reward/frac_zero_std_groups"]))
         bar.update()
         bar.set_postfix(reward=f"{float(metrics['reward/mean']):.3f}", loss=f"{metrics['loss']:.4f}")
         runtime.save_training_checkpoint(run, step, processor, scheduler=scheduler, sampler=sampler,

@@ -2,7 +2,8 @@
 
 A run folder (``{output_dir}/{stage}``) holds::
 
-    config.yaml              the resolved config (rewritten at every start)
+    config.yaml              the resolved config of the run whose weights are here (a start into a folder that
+                             holds another run's checkpoints/final is refused: see prepare_run)
     metrics.jsonl            one JSON object per step
     samples.jsonl            a few rollouts per step (RL)
     checkpoints/step_000010/ model/ (save_pretrained + processor), state.pt, written as step_000010.tmp
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vold.config import Config, LoggingConfig, save_config
+from vold.config import Config, LoggingConfig, config_to_dict, load_config, save_config
 
 STATE_FILE = "state.pt"
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")
@@ -65,14 +66,145 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def start_run(cfg: Config, stage: str, *, write: bool = True) -> Path:
-    """Create the run folder, save the resolved config beside it (``write``: rank 0 only), seed python/numpy/torch."""
+def start_run(cfg: Config, stage: str, *, write: bool = True, seed: bool = True) -> Path:
+    """Create the run folder, save the resolved config beside it (``write``: rank 0 only), seed python/numpy/torch
+    (``seed``; a stage that seeds before loading its models and writes the folder after their checks passes False).
+
+    Call it after every check that can fail on the user's input (:func:`prepare_run`, data, model paths), so a
+    refused start leaves no folder holding only a config. With ``overwrite_output_dir`` and a fresh start, the
+    earlier run's ``checkpoints/`` and ``final/`` are deleted first (its logs restart in ``Runtime.resume``)."""
     path = run_dir(cfg, stage)
+    if write and cfg.overwrite_output_dir and cfg.checkpoint.resume == "none":
+        for folder in ("checkpoints", "final"):
+            shutil.rmtree(path / folder, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     if write:
         save_config(cfg, path / "config.yaml")
-    seed_everything(cfg.seed)
+    if seed:
+        seed_everything(cfg.seed)
     return path
+
+
+# ---- what a resume may change -----------------------------------------------------------------------
+
+# keys that may differ between a run folder's saved config and the config that resumes it: they change how the
+# run is logged, saved, launched or evaluated, or how long it lasts (max_steps: the run is extended and its lr
+# schedule re-planned, see Runtime.resume), never what the steps already taken computed. A prefix ends in ".".
+RESUMABLE_CHANGES = (
+    "logging.", "checkpoint.", "eval.", "overwrite_output_dir", "device", "distributed.timeout_minutes",
+    "data.eval_files", "data.eval_batch_size", "data.check_images", "model.local_files_only",
+    "rollout.gpu_memory_utilization", "rollout.enable_sleep_mode", "rollout.sleep_level",
+    "optim.max_steps", "sft.max_steps", "sft.epochs", "sophia.max_steps",
+)
+# sections (or keys) a stage never reads: a difference there does not change that stage's result
+UNUSED_BY_STAGE = {
+    "sft": ("traces.", "rollout.", "loss.", "reward.", "sophia.", "optim.lr", "optim.max_steps",
+            "optim.lr_scheduler", "optim.warmup_steps", "optim.ppo_epochs", "optim.minibatches", "optim.grad_accum",
+            "optim.packing", "model.teacher", "sft.enabled"),
+    "rl": ("traces.", "sophia.", "sft.train_files", "sft.response_column", "sft.epochs", "sft.max_steps", "sft.lr",
+           "sft.lr_scheduler", "sft.warmup_steps", "sft.min_lr_ratio", "sft.batch_size", "sft.grad_accum",
+           "sft.max_length", "sft.packing"),
+    "sophia": ("traces.", "sft.", "loss."),
+}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+Changes = dict[str, tuple[Any, Any]]  # {key: (old value, new value)}
+
+
+def config_changes(saved: Config, cfg: Config, stage: str) -> tuple[Changes, Changes]:
+    """``(allowed, refused)``: the keys whose value differs between ``saved`` and ``cfg`` (``{key: (old, new)}``),
+    split into those a resume of ``stage`` may change (:data:`RESUMABLE_CHANGES`, or keys the stage never reads)
+    and those that change its result."""
+    old, new = _flatten(config_to_dict(saved)), _flatten(config_to_dict(cfg))
+    allowed, refused = {}, {}
+    free = RESUMABLE_CHANGES + UNUSED_BY_STAGE.get(stage, ())
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key):
+            target = allowed if any(key == f or (f.endswith(".") and key.startswith(f)) for f in free) else refused
+            target[key] = (old.get(key), new.get(key))
+    return allowed, refused
+
+
+def holds_results(run: Path) -> bool:
+    """Whether ``run`` holds a run's weights: a checkpoint (complete or not) or a final model."""
+    return (run / "final").exists() or (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
+
+
+def prepare_run(cfg: Config, stage: str, run: Path | None = None, *, max_steps: int | None = None) -> Path | None:
+    """Decide how a stage starts in its run folder ``run`` (default ``run_dir(cfg, stage)``), before anything is
+    written; returns the checkpoint to resume from (None: a fresh start).
+
+    The rule of the HF Trainer/TRL (resume only when asked): ``checkpoint.resume=none`` (the default) into a
+    folder that holds checkpoints or a final model is refused, naming the folder and the two ways out
+    (``--resume auto``, or ``overwrite_output_dir=true``/another ``output_dir``). ``auto`` picks the latest
+    checkpoint (a fresh start when there is none and no final model); ``auto`` or a checkpoint path is refused
+    when the saved ``config.yaml`` of the checkpoint's run differs in a key that changes the result (named in the
+    error; :func:`config_changes`), and so is a checkpoint past this run's ``max_steps``. Raises ValueError
+    (FileNotFoundError for a missing checkpoint path)."""
+    run = run_dir(cfg, stage) if run is None else run
+    resume = cfg.checkpoint.resume
+    if resume == "none":
+        if holds_results(run) and not cfg.overwrite_output_dir:
+            raise ValueError(f"{run} already holds a run (checkpoints/ or final/): continue it with --resume auto "
+                             f"(checkpoint.resume=auto), or start over with overwrite_output_dir=true (deletes "
+                             f"them) or another output_dir")
+        return None
+    checkpoint = find_checkpoint(run, resume)
+    if checkpoint is None:
+        if (run / "final").exists():
+            raise ValueError(f"--resume {resume}: {run} holds a final model but no checkpoint to continue from "
+                             f"(checkpoint.every=0?): start over with overwrite_output_dir=true or another output_dir")
+        return None
+    at = checkpoint.name.split("_")[-1]
+    if max_steps is not None and at.isdigit() and int(at) > max_steps:
+        raise ValueError(f"--resume {resume}: {checkpoint} is at step {int(at)}, past this config's max_steps="
+                         f"{max_steps}: raise max_steps to extend the run, or start a new one")
+    saved_path = checkpoint.parent.parent / "config.yaml"
+    if saved_path.is_file():
+        allowed, refused = config_changes(load_config(saved_path), cfg, stage)
+        longer = {key: change for key, change in allowed.items() if key.endswith((".max_steps", ".epochs"))}
+        if longer and not refused:
+            print(f"{stage}: resuming with {', '.join(f'{k} {a} -> {b}' for k, (a, b) in longer.items())}: the lr "
+                  f"schedule is re-planned for the new total and continues from the checkpoint's step")
+        if refused:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+            raise ValueError(f"--resume {resume}: the config differs from the one {checkpoint} was trained with in "
+                             f"keys that change the result ({listed}); resume with the saved values "
+                             f"({saved_path}), or start a new run (another output_dir, or overwrite_output_dir=true)")
+    return checkpoint
+
+
+def print_start(stage: str, *, start_from: str, run: Path, model: torch.nn.Module | None = None,
+                examples: int | None = None, files: list[str] | None = None, steps: int | None = None,
+                start_step: int = 0, extra: dict[str, Any] | None = None) -> str:
+    """The start-up summary every stage prints (and returns) before its first step: the model it starts from,
+    trainable/frozen parameters (and LoRA's rank), examples (and their files), steps (from which one), the output folder, and
+    stage-specific ``extra`` lines."""
+    lines = [f"vold {stage}: starts from {start_from}"]
+    if model is not None:
+        from vold.models import parameter_summary
+
+        lines.append(f"  parameters: {parameter_summary(model)}")
+    if examples is not None:
+        lines.append(f"  examples: {examples:,}" + (f" from {', '.join(map(str, files))}" if files else ""))
+    if steps is not None:
+        lines.append(f"  steps: {steps:,}" + (f" (resuming at step {start_step:,})" if start_step else ""))
+    for key, value in (extra or {}).items():
+        lines.append(f"  {key}: {value}")
+    lines.append(f"  output: {run}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
 
 
 # ---- optimizer and schedule -----------------------------------------------------------------------
@@ -109,6 +241,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, kind: str, warmup: int, 
                    min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, kind=kind, warmup=warmup, total=total, min_ratio=min_ratio))
+
+
+def replan_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[float]:
+    """Set every group's lr to ``base_lr * lambda(last_epoch)`` of ``scheduler`` (whose lambdas were built for
+    this run's total): after a resume the optimizer state holds the lr the checkpointed run's schedule chose for
+    its next update, which is stale when the total changed (an extended run). Returns the new lrs."""
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports (LambdaLR keeps it there)
+    return lrs
 
 
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
@@ -294,6 +437,30 @@ def progress_bar(total: int | None, *, initial: int = 0, desc: str = "", enabled
 
         return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
     return _NoBar()
+
+
+def distill_metric(estimator: str, divergence: str = "reverse_kl") -> str:
+    """The logged name of the distillation term D_t (``vold_loss``'s ``distill_kl``), which says what it is:
+    ``distill/reverse_kl`` (or ``distill/forward_kl``, ``distill/jsd``) for the exact divergence over the
+    vocabulary (``loss.distill_estimator=full``), ``distill/k1|k2|k3`` for the sampled-token estimate of reverse
+    KL (k2 = (log p - log q)^2 / 2; its mean is not the KL)."""
+    return f"distill/{divergence if estimator == 'full' else estimator}"
+
+
+def log_names(metrics: dict[str, Any], *, distill: str | None = None) -> dict[str, Any]:
+    """The names metrics are logged under (README, "Metrics"): optimisation quantities under ``train/`` (``loss``
+    -> ``train/loss``, ``grad_norm``, ``lr``, ``entropy``, ``ratio``, ``clip_low``...), ``distill_kl`` under
+    ``distill`` (:func:`distill_metric`), already namespaced keys (``reward/``, ``completion/``, ``time/``...) as
+    they are."""
+    out = {}
+    for key, value in metrics.items():
+        if key == "distill_kl":
+            if distill is None:
+                raise ValueError("log_names: a distill_kl metric needs its name (distill_metric(...))")
+            out[distill] = value
+        else:
+            out[key if "/" in key else f"train/{key}"] = value
+    return out
 
 
 def scalar_metrics(values: dict[str, Any]) -> dict[str, float]:

@@ -25,16 +25,18 @@ from typing import Any
 import torch
 
 from vold.config import Config, ModelConfig
-from vold.data import Example, PromptSampler, build_prompt_batch, load_examples, tokenizer_of
+from vold.data import Example, PromptSampler, build_prompt_batch, load_examples, require_rows, tokenizer_of
 from vold.distributed import Runtime
 from vold.kernels import fused_linear_logprobs
-from vold.models import autocast, completion_hidden_states, head_for_loss, parameter_summary, student_from_config
+from vold.models import autocast, check_model_path, completion_hidden_states, head_for_loss, student_from_config
 from vold.packing import pack, packed_completion_hidden_states
 from vold.runs import (
     Logger,
-    find_checkpoint,
+    log_names,
     make_optimizer,
     make_scheduler,
+    prepare_run,
+    print_start,
     progress_bar,
     scalar_metrics,
     start_run,
@@ -98,37 +100,39 @@ def train_sft(cfg: Config) -> Path:
     """Run stage 1; returns the folder of the final model (``{output_dir}/sft/final``)."""
     sc, data = cfg.sft, cfg.data
     runtime = Runtime(cfg.distributed, cfg.device)  # data parallel under torchrun (vold.distributed)
-    run = start_run(cfg, "sft", write=runtime.is_main)
+    # every check on the user's input comes before the run folder is written (start_run)
     files = sc.train_files or [str(traces_file(cfg))]
     examples = load_examples(files, image_root=data.image_root, check_images=data.check_images,
                              prompt_column=data.prompt_column, answer_column=data.answer_column,
                              required=(sc.response_column,))
     responses = [str(e.extra[sc.response_column]) for e in examples]
     step_size = sc.batch_size * sc.grad_accum
-    if len(examples) < step_size:
-        raise ValueError(f"sft: {len(examples)} rows in {files}, fewer than one step "
-                         f"(sft.batch_size * sft.grad_accum = {step_size})")
+    require_rows(examples, files, step_size, f"one sft step (sft.batch_size * sft.grad_accum = {step_size})")
     max_steps = sc.max_steps if sc.max_steps is not None else sc.epochs * (len(examples) // step_size)
     sampler = PromptSampler(len(examples), step_size, seed=cfg.seed, shuffle=data.shuffle)
     runtime.check_divisible(step_size, "sft.batch_size * sft.grad_accum")
     if step_size // runtime.world_size < sc.grad_accum:
         raise ValueError(f"sft: {step_size // runtime.world_size} rows per rank cannot fill sft.grad_accum = "
                          f"{sc.grad_accum} micro-batches")
+    checkpoint = runtime.broadcast(prepare_run(cfg, "sft", max_steps=max_steps) if runtime.is_main else None)
+    if checkpoint is None and runtime.is_main:
+        check_model_path(cfg.model.student, "model.student", local_files_only=cfg.model.local_files_only)
+    run = start_run(cfg, "sft", write=runtime.is_main)
 
     device = runtime.device
-    checkpoint = runtime.broadcast(find_checkpoint(run, cfg.checkpoint.resume) if runtime.is_main else None)
     model, processor = student_from_config(sft_model_config(cfg), device,
                                            path=str(checkpoint / "model") if checkpoint else None)
     oc = cfg.optim
-    if runtime.is_main:
-        print(parameter_summary(model, "sft"))
     optimizer = make_optimizer(model, sc.lr, weight_decay=oc.weight_decay if sc.weight_decay is None
                                else sc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps)
     scheduler = make_scheduler(optimizer, kind=sc.lr_scheduler, warmup=sc.warmup_steps, total=max_steps,
                                min_ratio=sc.min_lr_ratio)
     runtime.wrap(model, optimizer, grad_accum=sc.grad_accum, max_grad_norm=oc.max_grad_norm,
                  bf16="bfloat16" in (cfg.model.dtype, cfg.model.autocast))
-    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "sft")
+    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "sft", max_steps=max_steps)
+    if runtime.is_main:
+        print_start("sft", start_from=str(checkpoint or cfg.model.student), run=run, model=model,
+                    examples=len(examples), files=files, steps=max_steps, start_step=step)
     logger = Logger(run, cfg.logging, start_step=step) if runtime.is_main else None
     bar = progress_bar(max_steps, initial=step, desc="sft", enabled=cfg.logging.progress and runtime.is_main)
 
@@ -160,7 +164,7 @@ def train_sft(cfg: Config) -> Path:
         metrics = {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                    "truncated": truncated, "time/step": time.perf_counter() - t0}
         if logger is not None and (step % cfg.logging.every == 0 or step == max_steps):
-            logger.log(step, scalar_metrics(metrics))
+            logger.log(step, scalar_metrics(log_names(metrics)))
         bar.update()
         bar.set_postfix(loss=f"{total:.4f}")
         runtime.save_training_checkpoint(run, step, processor, scheduler=scheduler, sampler=sampler,

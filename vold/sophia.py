@@ -61,22 +61,26 @@ from vold.data import (
     build_prompt_batch,
     is_multimodal,
     load_examples,
+    require_rows,
     select_rows,
     tokenizer_of,
 )
 from vold.distributed import Runtime, prompt_seeds
-from vold.models import check_vocab_compatible, parameter_summary, student_from_config, teacher_from_config
+from vold.models import check_model_path, check_vocab_compatible, student_from_config, teacher_from_config
 from vold.rewards import RewardFunctions
 from vold.rl import phase_timer, score, student_start
 from vold.rollout import Rollout, make_rollout_engine, pad_completions
 from vold.rollout.hf import HFRolloutEngine
 from vold.runs import (
     Logger,
-    find_checkpoint,
+    log_names,
     make_optimizer,
     make_scheduler,
+    prepare_run,
+    print_start,
     progress_bar,
     scalar_metrics,
+    seed_everything,
     start_run,
 )
 from vold.sft import response_logprobs
@@ -332,20 +336,26 @@ def train_sophia(cfg: Config) -> Path:
     runtime = Runtime(cfg.distributed, cfg.device)
     if runtime.distributed:
         raise ValueError("vold sophia runs in one process (no data parallelism yet): launch it without torchrun")
-    run = start_run(cfg, "sophia")
+    # every check on the user's input comes before the run folder is written (start_run)
     if not data.train_files:
         raise ValueError("no training items: set data.train_files (rows with an image, a question and an answer)")
     examples = load_examples(data.train_files, image_root=data.image_root, check_images=data.check_images,
                              prompt_column=data.prompt_column, answer_column=data.answer_column)
+    require_rows(examples, data.train_files, sc.batch_size, f"sophia.batch_size={sc.batch_size} (items per step)")
     if not all(e.images for e in examples):
         where = next(e.where for e in examples if not e.images)
         raise ValueError(f"{where}: vold sophia needs an image in every row (the student captions it)")
     sampler = PromptSampler(len(examples), sc.batch_size, seed=cfg.seed, shuffle=data.shuffle)
     rewards = RewardFunctions(cfg.reward.functions, cfg.reward.weights)
+    start_path = student_start(cfg)
+    checkpoint = prepare_run(cfg, "sophia", max_steps=sc.max_steps)
+    if checkpoint is None:
+        check_model_path(start_path, "sft.enabled -> sft/final" if cfg.sft.enabled else "model.student",
+                         local_files_only=mc.local_files_only)
+    check_model_path(mc.teacher, "model.teacher", local_files_only=mc.local_files_only)
+    seed_everything(cfg.seed)  # here, as always; the run folder is written once the models passed their checks
 
     device = runtime.device
-    start_path = student_start(cfg)
-    checkpoint = find_checkpoint(run, cfg.checkpoint.resume)
     student, processor = student_from_config(mc, device, path=str(checkpoint / "model") if checkpoint else start_path)
     if not is_multimodal(processor):
         raise ValueError("vold sophia needs a vision-language student (model.student has no image processor)")
@@ -359,13 +369,15 @@ def train_sophia(cfg: Config) -> Path:
                              f"student's target tokens, so one vocabulary: {error}") from error
         vocab_size, shared_vocab = mc.vocab_size, False
 
-    print(parameter_summary(student, "sophia"))
+    run = start_run(cfg, "sophia", seed=False)
     optimizer = make_optimizer(student, sc.lr, weight_decay=oc.weight_decay if sc.weight_decay is None
                                else sc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps)
     scheduler = make_scheduler(optimizer, kind=sc.lr_scheduler, warmup=sc.warmup_steps, total=sc.max_steps,
                                min_ratio=sc.min_lr_ratio)
     runtime.wrap(student, optimizer, grad_accum=sc.grad_accum, max_grad_norm=oc.max_grad_norm)
-    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "sophia")
+    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "sophia", max_steps=sc.max_steps)
+    print_start("sophia", start_from=str(checkpoint or start_path), run=run, model=student, examples=len(examples),
+                files=data.train_files, steps=sc.max_steps, start_step=step, extra={"teacher": mc.teacher})
     caption_engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path,
                                          dtype=mc.autocast or mc.dtype, seed=cfg.seed, vocab_size=vocab_size)
     caption_engine.update_weights(student)
@@ -408,7 +420,7 @@ def train_sophia(cfg: Config) -> Path:
         if sc.importance_weighting == "clipped":
             metrics["is_weight"] = sums["is_weight_sum"] / max(tokens, 1)
         if step % cfg.logging.every == 0 or step == sc.max_steps:
-            logger.log(step, scalar_metrics(metrics))
+            logger.log(step, scalar_metrics(log_names(metrics)))
             logger.samples([{"step": step, **s} for s in round_samples(rnd, sc, cfg.logging.num_completions)])
         bar.update()
         bar.set_postfix(kept=f"{metrics['sophia/kept']:.0f}/{len(items)}", loss=f"{total:.4f}")

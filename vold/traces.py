@@ -10,7 +10,9 @@ when a row has one, else ``prompt``, through its own chat template. Per prompt i
     min_tokens <= trace_tokens <= max_tokens   (the length filter)
     math_equal(last \\boxed{} of the trace, answer)  (traces.filter_correct)
 
-up to ``traces.keep_per_prompt`` per prompt, in sampling order. Batch ``b`` samples with seed
+up to ``traces.keep_per_prompt`` per prompt, in sampling order. Every trace not kept goes to
+``traces/dropped.jsonl`` with its reason (``dropped``: truncated, length, incorrect, over_keep_per_prompt),
+and the printed report says how many were dropped for each reason. Batch ``b`` samples with seed
 ``seed + b``: the same config writes the same file.
 """
 
@@ -24,11 +26,11 @@ from typing import Any
 import torch
 
 from vold.config import Config
-from vold.data import Example, build_prompt_batch, load_examples
-from vold.models import resolve_device, teacher_from_config
+from vold.data import Example, build_prompt_batch, load_examples, require_rows
+from vold.models import check_model_path, resolve_device, teacher_from_config
 from vold.rewards import accuracy_reward
 from vold.rollout.hf import HFRolloutEngine
-from vold.runs import progress_bar, run_dir, start_run
+from vold.runs import print_start, progress_bar, run_dir, start_run
 
 
 def output_file(cfg: Config) -> Path:
@@ -60,22 +62,29 @@ def trace_row(example: Example, trace: str, tokens: int, correct: bool) -> dict[
 def make_traces(cfg: Config) -> Path:
     """Generate, filter and write the traces; returns the JSONL path (stats in ``stats.json`` beside the run)."""
     tc, data = cfg.traces, cfg.data
-    run = start_run(cfg, "traces")
+    # every check on the user's input comes before the run folder is written
     files = tc.input_files or data.train_files
     if not files:
         raise ValueError("no prompts: set traces.input_files (or data.train_files)")
     examples = load_examples(files, image_root=data.image_root, check_images=False,
                              prompt_column=data.prompt_column, answer_column=data.answer_column)
     examples = examples[:tc.max_examples] if tc.max_examples is not None else examples
+    require_rows(examples, files, 1, "make-traces")
     views = [teacher_view(e) for e in examples]
+    check_model_path(cfg.model.teacher, "model.teacher", local_files_only=cfg.model.local_files_only)
+    run = start_run(cfg, "traces")
+    print_start("make-traces", start_from=cfg.model.teacher, run=run, examples=len(examples), files=files,
+                extra={"traces per prompt": f"{tc.num_samples} sampled, at most {tc.keep_per_prompt} kept",
+                       "output file": output_file(cfg)})
     device = resolve_device(cfg.device)
     teacher, tokenizer = teacher_from_config(cfg.model, device)
     engine = HFRolloutEngine(teacher, tokenizer)
     system_prompt = data.teacher_system_prompt if data.teacher_system_prompt is not None else data.system_prompt
 
     stats = {"prompts": len(examples), "generated": 0, "kept": 0, "prompts_with_trace": 0, "dropped_truncated": 0,
-             "dropped_length": 0, "dropped_incorrect": 0}
+             "dropped_length": 0, "dropped_incorrect": 0, "dropped_over_keep_per_prompt": 0}
     rows: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []  # every trace not kept, with the reason: traces/dropped.jsonl
     bar = progress_bar(len(examples), desc="make-traces", enabled=cfg.logging.progress)
     for b, start in enumerate(range(0, len(examples), tc.batch_size)):
         chunk, chunk_views = examples[start:start + tc.batch_size], views[start:start + tc.batch_size]
@@ -90,15 +99,22 @@ def make_traces(cfg: Config) -> Path:
             kept = 0
             for j in range(i * tc.num_samples, (i + 1) * tc.num_samples):
                 stats["generated"] += 1
+                reason = None
                 if tc.drop_truncated and not bool(rollout.finished[j]):
-                    stats["dropped_truncated"] += 1
+                    reason = "truncated"
                 elif lengths[j] < tc.min_tokens or (tc.max_tokens is not None and lengths[j] > tc.max_tokens):
-                    stats["dropped_length"] += 1
+                    reason = "length"
                 elif tc.filter_correct and correct[j] != 1.0:
-                    stats["dropped_incorrect"] += 1
+                    reason = "incorrect"
                 elif kept < tc.keep_per_prompt:
                     rows.append(trace_row(example, rollout.texts[j], lengths[j], correct[j] == 1.0))
                     kept += 1
+                else:
+                    reason = "over_keep_per_prompt"
+                if reason is not None:
+                    stats[f"dropped_{reason}"] = stats.get(f"dropped_{reason}", 0) + 1
+                    dropped.append({**trace_row(example, rollout.texts[j], lengths[j], correct[j] == 1.0),
+                                    "dropped": reason})
             stats["kept"] += kept
             stats["prompts_with_trace"] += int(kept > 0)
         bar.update(len(chunk))
@@ -106,13 +122,43 @@ def make_traces(cfg: Config) -> Path:
     bar.close()
 
     path = output_file(cfg)
+    write_jsonl_atomic(path, rows)
+    write_jsonl_atomic(run / DROPPED_FILE, dropped)
+    (run / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    print(traces_report(stats, path, run / DROPPED_FILE, cfg))
+    return path
+
+
+DROPPED_FILE = "dropped.jsonl"
+DROP_REASONS = {  # stats key -> why, and the key that controls it
+    "dropped_truncated": "truncated at traces.max_new_tokens (no final answer; traces.drop_truncated)",
+    "dropped_length": "outside traces.min_tokens..traces.max_tokens",
+    "dropped_incorrect": "without a \\boxed{} answer equal to the row's answer (traces.filter_correct)",
+    "dropped_over_keep_per_prompt": "beyond traces.keep_per_prompt for their prompt",
+}
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     tmp.replace(path)
-    (run / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-    print(f"make-traces: kept {stats['kept']} of {stats['generated']} traces "
-          f"({stats['prompts_with_trace']}/{stats['prompts']} prompts) -> {path}")
-    return path
+
+
+def traces_report(stats: dict[str, int], path: Path, dropped: Path, cfg: Config) -> str:
+    """What ``make-traces`` prints: kept of generated, why the others were dropped (with the key that decides),
+    where they are, and, when nothing was kept, that ``vold sft`` has nothing to train on."""
+    lines = [f"make-traces: kept {stats['kept']} of {stats['generated']} traces "
+             f"({stats['prompts_with_trace']}/{stats['prompts']} prompts) -> {path}"]
+    reasons = [f"  {stats[key]} {why}" for key, why in DROP_REASONS.items() if stats.get(key)]
+    if reasons:
+        lines += [f"dropped {stats['generated'] - stats['kept']} (each with its reason in {dropped}):", *reasons]
+    if stats["kept"] == 0:
+        lines.append(f"warning: no trace was kept, so `vold sft` has nothing to train on ({path} is empty); read "
+                     f"{dropped}, then raise traces.max_new_tokens / traces.num_samples or relax the filters")
+    elif stats["kept"] < cfg.sft.batch_size * cfg.sft.grad_accum:
+        lines.append(f"warning: {stats['kept']} traces are fewer than one `vold sft` step "
+                     f"(sft.batch_size * sft.grad_accum = {cfg.sft.batch_size * cfg.sft.grad_accum})")
+    return "\n".join(lines)

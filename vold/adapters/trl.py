@@ -42,6 +42,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.utils import pad
 
 from vold.kernels import fused_linear_logprobs, vold_loss
+from vold.runs import distill_metric
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 DISTILL_ESTIMATORS = ("full", "k1", "k2", "k3")
@@ -225,7 +226,8 @@ class VoldGRPOTrainer(GRPOTrainer):
 
     def _log_vold_metrics(self, metrics: dict[str, torch.Tensor], mask: torch.Tensor, mode: str) -> None:
         """Token means over all processes (weighted by their token counts), under TRL's names where TRL has one."""
-        means = {TRL_METRIC_NAMES.get(key, f"vold/{key}"): value for key, value in metrics.items()
+        names = {**TRL_METRIC_NAMES, "distill_kl": f"vold/{distill_metric(self.distill_estimator)}"}  # says what
+        means = {names.get(key, f"vold/{key}"): value for key, value in metrics.items()  # D_t is: exact or k2
                  if key not in ("loss", "policy_loss")}
         means["clip_ratio/region_mean"] = metrics["clip_low"] + metrics["clip_high"]  # disjoint: A < 0 vs A > 0
         count = mask.sum().float()

@@ -99,7 +99,8 @@ def base_config(dc: DemoConfig) -> dict[str, Any]:
         # one generate call per rollout batch (seed + step): per-prompt calls are ~2x slower for these tiny models
         "rollout": {"num_generations": dc.num_generations, "max_new_tokens": dc.max_new_tokens,
                     "seed_per_prompt": False},
-        "checkpoint": {"every": 0, "resume": "none"},  # a rerun into the same folder starts over
+        "checkpoint": {"every": 0, "resume": "none"},
+        "overwrite_output_dir": True,  # a rerun into the same folder starts over
         "logging": {"progress": False},
         "device": "cpu",
     }

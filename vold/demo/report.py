@@ -15,7 +15,7 @@ from typing import Any
 
 from vold.demo.config import DemoConfig, as_dict
 from vold.demo.pipeline import ARMS, BENCHMARKS, TRAINED_ARMS, steps_of
-from vold.runs import read_jsonl
+from vold.runs import distill_metric, read_jsonl
 
 ARM = {arm.key: arm for arm in ARMS}
 # the training reward plotted per trainer: GRPO's mean rollout reward; SOPHIA's mean reward of the teacher's
@@ -81,7 +81,9 @@ def collect(out: Path, dc: DemoConfig) -> dict[str, Any]:
             runs.append({
                 "step": [m["step"] for m in metrics],
                 "reward": [m[REWARD_METRIC[arm.trainer]] for m in metrics],
-                "distill_kl": [m.get("distill_kl", math.nan) for m in metrics],
+                # distill/reverse_kl (full: the exact KL) or distill/k2 (its estimate): vold.runs.distill_metric
+                "distill_kl": [m.get(distill_metric(arm.estimator), math.nan) if arm.estimator else math.nan
+                               for m in metrics],
                 "eval_step": [p[0] for p in points],
                 **{f"eval_{b}": [accuracy(p[1], b) for p in points] for b in BENCHMARKS},
             })
