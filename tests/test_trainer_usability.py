@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 
 from vold.cli import main
 from vold.evaluate import model_folder_name
-from vold.models import load_student
-from vold.models import parameter_counts
+from vold.models import load_student, parameter_counts
 from vold.runs import distill_metric, list_checkpoints, log_names, lr_factor, read_jsonl
 from vold.testing import tiny_overrides
 

@@ -188,8 +188,8 @@ def print_start(stage: str, *, start_from: str, run: Path, model: torch.nn.Modul
                 examples: int | None = None, files: list[str] | None = None, steps: int | None = None,
                 start_step: int = 0, extra: dict[str, Any] | None = None) -> str:
     """The start-up summary every stage prints (and returns) before its first step: the model it starts from,
-    trainable/frozen parameters (and LoRA's rank), examples (and their files), steps (from which one), the output folder, and
-    stage-specific ``extra`` lines."""
+    trainable/frozen parameters (and LoRA's rank), examples (and their files), steps (from which one), the output
+    folder, and stage-specific ``extra`` lines."""
     lines = [f"vold {stage}: starts from {start_from}"]
     if model is not None:
         from vold.models import parameter_summary
