@@ -170,7 +170,7 @@ def test_sft_and_train_with_a_frozen_vision_tower(tiny, traces, tmp_path, capsys
     assert len(state["state"]) == n_trainable
     assert sum(s["exp_avg"].numel() for s in state["state"].values()) == trainable
     assert [g["weight_decay"] for g in state["param_groups"]] == [0.1, 0.0]  # sft.weight_decay, none on 1-D
-    lrs = [m["lr"] for m in read_jsonl(out / "sft" / "metrics.jsonl")]
+    lrs = [m["train/lr"] for m in read_jsonl(out / "sft" / "metrics.jsonl")]
     assert lrs == pytest.approx([1e-3, 1e-3 * (0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi / 2)))])
 
     # vold train from the SFT model, tower and projector frozen, cosine to 1/4 of the peak
@@ -179,7 +179,7 @@ def test_sft_and_train_with_a_frozen_vision_tower(tiny, traces, tmp_path, capsys
                "optim.lr_scheduler=cosine", "optim.min_lr_ratio=0.25",
                "reward.functions=[accuracy, vold.testing:digit_reward]") == 0
     frozen_unchanged(sft_final, weights(out / "rl" / "final"), {"vision_tower", "projector"})
-    lrs = [m["lr"] for m in read_jsonl(out / "rl" / "metrics.jsonl")]
+    lrs = [m["train/lr"] for m in read_jsonl(out / "rl" / "metrics.jsonl")]
     assert lrs == pytest.approx([1e-4, 1e-4 * 0.625])
 
 
@@ -195,7 +195,7 @@ def test_sophia_with_a_frozen_vision_tower(tiny, tmp_path, capsys):
     metrics = read_jsonl(tmp_path / "sophia" / "metrics.jsonl")
     assert any(m["sophia/kept"] > 0 for m in metrics), "nothing kept: the update was not exercised"
     frozen_unchanged(start, weights(tmp_path / "sophia" / "final"), {"vision_tower"})
-    assert [m["lr"] for m in metrics] == pytest.approx([1e-3, 1e-3 * 0.625])
+    assert [m["train/lr"] for m in metrics] == pytest.approx([1e-3, 1e-3 * 0.625])
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def test_lora_sft_resume_train_and_merged_logprobs(tiny, traces, tmp_path):
     assert run("train", tiny, out, "optim.max_steps=2", "reward.functions=[accuracy, vold.testing:digit_reward]",
                *LORA) == 0
     metrics = read_jsonl(out / "rl" / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["train/loss"]) for m in metrics)
     rl_adapter = adapter(out / "rl" / "final")
     assert rl_adapter.keys() == trained.keys() and any(not torch.equal(rl_adapter[k], trained[k]) for k in trained)
     # vold train resumed from its step-1 checkpoint (an adapter folder): the same logs and adapter

@@ -300,7 +300,7 @@ def check_vocab_compatible(student: PreTrainedModel, teacher: PreTrainedModel, v
 
 def check_model_path(path: str, key: str, *, local_files_only: bool = False, timeout: float = 10.0) -> None:
     """Fail early, naming the config ``key``, when the model ``path`` cannot be loaded: a local folder must hold a
-    ``config.json``; anything else must be a valid hub id, found in the local hub cache or (online, not
+    ``config.json`` (a model) or an ``adapter_config.json`` (a PEFT adapter, :func:`is_adapter_folder`); anything else must be a valid hub id, found in the local hub cache or (online, not
     ``local_files_only``/``HF_HUB_OFFLINE``) on the hub (one metadata request, ``timeout`` seconds).
     Raises FileNotFoundError (not found) or ValueError (not a folder nor a hub id)."""
     import os
@@ -312,7 +312,7 @@ def check_model_path(path: str, key: str, *, local_files_only: bool = False, tim
         raise ValueError(f"no model: set {key} (a local folder or a hub id)")
     local = Path(path).expanduser()
     if local.is_dir():
-        if not (local / "config.json").is_file():
+        if not (local / "config.json").is_file() and not is_adapter_folder(local):
             raise FileNotFoundError(f"{key}={path!r}: the folder has no config.json (not a save_pretrained model; "
                                     f"a GGUF file? convert it with `vold convert-gguf`)")
         return
