@@ -300,7 +300,8 @@ def check_vocab_compatible(student: PreTrainedModel, teacher: PreTrainedModel, v
 
 def check_model_path(path: str, key: str, *, local_files_only: bool = False, timeout: float = 10.0) -> None:
     """Fail early, naming the config ``key``, when the model ``path`` cannot be loaded: a local folder must hold a
-    ``config.json`` (a model) or an ``adapter_config.json`` (a PEFT adapter, :func:`is_adapter_folder`); anything else must be a valid hub id, found in the local hub cache or (online, not
+    ``config.json`` (a model) or an ``adapter_config.json`` (a PEFT adapter, :func:`is_adapter_folder`);
+    anything else must be a valid hub id, found in the local hub cache or (online, not
     ``local_files_only``/``HF_HUB_OFFLINE``) on the hub (one metadata request, ``timeout`` seconds).
     Raises FileNotFoundError (not found) or ValueError (not a folder nor a hub id)."""
     import os
