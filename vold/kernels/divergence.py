@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, resolve_shard, run_chunks
+from .chunked import ChunkSpec, Head, compute_dtype, default_chunk_size, get_ops, resolve_shard, run_chunks
 
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
@@ -25,8 +25,9 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
     def backward(ctx, grad_div):
         s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_div = grad_div.float()
-        zeros = torch.zeros(s_hidden.shape[0], device=s_hidden.device)
+        acc = compute_dtype(s_weight.dtype)
+        grad_div = grad_div.to(acc)
+        zeros = torch.zeros(s_hidden.shape[0], dtype=acc, device=s_hidden.device)
         dummy = torch.zeros(s_hidden.shape[0], dtype=torch.long, device=s_hidden.device)
 
         def objective(start: int, end: int, stats: dict):
@@ -72,7 +73,8 @@ def fused_linear_divergence(
 
     ``p = softmax((student_hidden @ student_weight^T + b_s) / T)``, ``q`` likewise for the teacher.
     Shapes: ``student_hidden [..., Hs]``, ``student_weight [V, Hs]``, ``teacher_hidden [..., Ht]``,
-    ``teacher_weight [V, Ht]`` (Hs may differ from Ht) → ``[...]`` fp32:
+    ``teacher_weight [V, Ht]`` (Hs may differ from Ht) → ``[...]`` in promote(fp32, input dtype) (fp32 for
+    fp32 / bf16 / fp16 inputs, with both heads' logits accumulated and kept in fp32; fp64 for fp64 inputs):
 
     - ``"reverse_kl"``: KL(p || q) = sum_j p_j (log p_j - log q_j)   (VOLD's distillation term)
     - ``"forward_kl"``: KL(q || p) = sum_j q_j (log q_j - log p_j)
@@ -103,7 +105,8 @@ def fused_linear_divergence(
     chunk = max(1, chunk)
     out = FusedLinearDivergenceFunction.apply(
         s_hidden, student_weight[:vocab], s_bias, t_hidden, teacher_weight[:vocab].detach(), t_bias,
-        spec, get_ops(impl, s_hidden.device, chunk), chunk,
+        spec, get_ops(impl, s_hidden.device, chunk, torch.promote_types(student_weight.dtype, teacher_weight.dtype)),
+        chunk,
     )
     return out.view(leading)
 

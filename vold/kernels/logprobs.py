@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, resolve_shard, run_chunks
+from .chunked import ChunkSpec, Head, compute_dtype, default_chunk_size, get_ops, resolve_shard, run_chunks
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
@@ -16,7 +16,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         result = run_chunks(Head(hidden, weight, bias), None, targets, spec, ops, chunk_size, keep=("logp", "entropy"))
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.spec, ctx.ops, ctx.chunk_size = spec, ops, chunk_size
-        entropy = result.stats.get("entropy", hidden.new_empty(0, dtype=torch.float32))
+        entropy = result.stats.get("entropy", hidden.new_empty(0, dtype=compute_dtype(weight.dtype)))
         if not spec.need_entropy:
             ctx.mark_non_differentiable(entropy)
         return result.stats["logp"], entropy
@@ -25,10 +25,10 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n = hidden.shape[0]
-        grad_logp = torch.zeros(n, device=hidden.device) if grad_logp is None else grad_logp.float()
+        n, acc = hidden.shape[0], compute_dtype(weight.dtype)
+        grad_logp = torch.zeros(n, dtype=acc, device=hidden.device) if grad_logp is None else grad_logp.to(acc)
         use_ent = ctx.spec.need_entropy and grad_entropy is not None
-        grad_entropy = grad_entropy.float() if use_ent else None
+        grad_entropy = grad_entropy.to(acc) if use_ent else None
 
         def objective(start: int, end: int, stats: dict):
             return grad_logp[start:end], (grad_entropy[start:end] if use_ent else None), None
@@ -58,7 +58,10 @@ def fused_linear_logprobs(
     """Per-token log-prob of ``targets`` under ``softmax((hidden @ weight^T + bias) / temperature)``.
 
     Shapes: ``hidden [..., H]``, ``weight [V, H]``, ``bias [V]``, ``targets [...]`` → ``logp [...]``
-    fp32 (and ``entropy [...]`` = -sum_j p_j log p_j when ``return_entropy``). Only ``[chunk, V]``
+    (and ``entropy [...]`` = -sum_j p_j log p_j when ``return_entropy``) in promote(fp32, input dtype):
+    fp32 for fp32 / bf16 / fp16 inputs, whose logits are computed with an fp32 accumulation and kept in
+    fp32 (never rounded to the input dtype), and fp64 end to end for fp64 inputs (``impl="triton"``
+    computes in fp32: fp64 inputs raise ``ValueError`` there). Only ``[chunk, V]``
     logits exist at a time; under ``torch.no_grad()`` nothing is kept for a backward pass.
     Gradients flow to ``hidden``, ``weight`` and ``bias``. ``vocab_size=K`` uses rows ``[0, K)`` only.
     ``process_group``: ``weight``/``bias`` are this rank's equal vocabulary shard (rank r holds rows
@@ -78,7 +81,7 @@ def fused_linear_logprobs(
     chunk = chunk_size or default_chunk_size(vocab, hidden.device)
     spec = ChunkSpec(inv_temperature=1.0 / temperature, need_entropy=return_entropy, shard=shard)
     chunk = max(1, chunk)
-    ops = get_ops(impl, hidden.device, chunk)
+    ops = get_ops(impl, hidden.device, chunk, weight.dtype)
     logp, entropy = FusedLinearLogprobsFunction.apply(flat_hidden, weight, bias, flat_targets, spec, ops, chunk)
     logp = logp.view(leading)
     if return_entropy:
