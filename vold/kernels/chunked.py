@@ -221,8 +221,9 @@ def _scaled(logits: torch.Tensor, inv_t: float) -> torch.Tensor:
 
 
 class Workspace:
-    """Reusable ``[rows, V]`` scratch buffers (of the logits' dtype) for the eager engine, owned by one ``run_chunks`` call:
-    buffer ``i`` is allocated once and lent chunk after chunk (a ragged last chunk gets a row slice)."""
+    """Reusable ``[rows, V]`` scratch buffers (of the logits' dtype) for the eager engine, owned by one
+    ``run_chunks`` call: buffer ``i`` is allocated once and lent chunk after chunk (a ragged last chunk
+    gets a row slice)."""
 
     def __init__(self) -> None:
         self._buffers: dict[int, torch.Tensor] = {}
