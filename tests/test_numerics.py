@@ -247,3 +247,140 @@ def test_cuda_split_gemm_path_is_exact(monkeypatch):
     assert_rel(out, ref, BF16_TOL, "divergence", floor=0.0)
     for name, got, want in (("hidden", h.grad, h64.grad), ("weight", w.grad, w64.grad), ("bias", bias.grad, b64.grad)):
         assert_rel(got, want, BF16_TOL, f"grad {name}", floor=0.0, rounding=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. float64 end to end: gradcheck
+# ---------------------------------------------------------------------------------------------------
+
+F64 = torch.float64
+
+
+def _r64(*shape, generator, scale=0.7):
+    return (torch.randn(*shape, generator=generator, dtype=F64) * scale)
+
+
+def _gradcheck(fn, *inputs):
+    inputs = tuple(None if x is None else x.detach().clone().requires_grad_(True) for x in inputs)
+    args = tuple(x for x in inputs if x is not None)
+
+    def wrapped(*xs):
+        it = iter(xs)
+        return fn(*(None if x is None else next(it) for x in inputs))
+
+    assert torch.autograd.gradcheck(wrapped, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "torch_compile"])
+@pytest.mark.parametrize(
+    "case",
+    [dict(), dict(temperature=0.7, bias=True), dict(vocab_size=5, bias=True, temperature=1.3)],
+    ids=["plain", "temperature_bias", "vocab_size"],
+)
+def test_gradcheck_logprobs(impl, case):
+    case = dict(case)
+    g = torch.Generator().manual_seed(1)
+    bias = _r64(7, generator=g) if case.pop("bias", False) else None
+    vocab = case.get("vocab_size", 7)
+    hidden, weight = _r64(2, 3, 4, generator=g), _r64(7, 4, generator=g)
+    targets = torch.randint(0, vocab, (2, 3), generator=g)
+    out = fused_linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True, impl=impl, **case)
+    assert out[0].dtype == out[1].dtype == F64
+    _gradcheck(lambda h, w, b: fused_linear_logprobs(h, w, targets, bias=b, return_entropy=True, impl=impl,
+                                                     chunk_size=6, **case), hidden, weight, bias)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(divergence="reverse_kl"),
+        dict(divergence="forward_kl", temperature=0.7, bias=True),
+        dict(divergence="jsd", beta=0.3, bias=True),
+        dict(divergence="jsd", beta=0.7, vocab_size=5, temperature=1.4),
+    ],
+    ids=["reverse", "forward_temperature_bias", "jsd", "jsd_vocab_size"],
+)
+def test_gradcheck_divergence(case):
+    case = dict(case)
+    g = torch.Generator().manual_seed(2)
+    bias = _r64(7, generator=g) if case.pop("bias", False) else None
+    sh, sw = _r64(2, 3, 4, generator=g), _r64(7, 4, generator=g)
+    th, tw, tb = _r64(2, 3, 5, generator=g), _r64(7, 5, generator=g), _r64(7, generator=g)
+    out = fused_linear_divergence(sh, sw, th, tw, student_bias=bias, teacher_bias=tb, impl="torch", **case)
+    assert out.dtype == F64
+    _gradcheck(lambda h, w, b: fused_linear_divergence(h, w, th, tw, student_bias=b, teacher_bias=tb, impl="torch",
+                                                       chunk_size=4, **case), sh, sw, bias)
+
+
+VOLD_GRADCHECK_CASES = {
+    "grpo_token_full_reverse": dict(loss_type="grpo", ref_kl_coef=0.1, entropy_coef=0.05, distill_coef=0.5),
+    "bnpo_sequence_full_forward": dict(loss_type="bnpo", importance_sampling_level="sequence",
+                                       divergence="forward_kl", distill_coef=0.5),
+    "dr_grpo_token_jsd_temperature": dict(loss_type="dr_grpo", divergence="jsd", jsd_beta=0.3, temperature=0.7,
+                                          distill_coef=0.5, _bias=True),
+    "dapo_sequence_k1_dual_clip": dict(importance_sampling_level="sequence", distill_estimator="k1",
+                                       clip_ratio_c=2.0, ref_kl_coef=0.1, ref_kl_estimator="k2"),
+    "dapo_token_k2_from_head": dict(distill_estimator="k2", distill_coef=0.5, _no_teacher_logprobs=True),
+    "grpo_sequence_k3_vocab_size": dict(loss_type="grpo", importance_sampling_level="sequence",
+                                        distill_estimator="k3", distill_coef=0.3, ref_kl_coef=0.1,
+                                        ref_kl_estimator="k1", vocab_size=5, _bias=True),
+    "dapo_token_full_packed": dict(distill_coef=0.5, entropy_coef=0.05, _packed=True, temperature=1.3),
+    "grpo_sequence_k3_packed": dict(loss_type="grpo", importance_sampling_level="sequence",
+                                    distill_estimator="k3", distill_coef=0.3, _packed=True),
+}
+# old_logprobs=None (on-policy: ratio = exp(logp - logp.detach()) = 1 with the gradient of logp) is left out:
+# its value does not move with logp, so finite differences cannot see the gradient it defines.
+
+
+# every case on the torch engine; the packed ones (whole-chunk, so compiled) on torch_compile too
+_VOLD_GRADCHECK_PARAMS = [pytest.param("torch", case, id=f"torch-{name}")
+                          for name, case in VOLD_GRADCHECK_CASES.items()]
+_VOLD_GRADCHECK_PARAMS += [pytest.param("torch_compile", case, id=f"torch_compile-{name}")
+                           for name, case in VOLD_GRADCHECK_CASES.items() if case.get("_packed")]
+
+
+@pytest.mark.parametrize("impl,case", _VOLD_GRADCHECK_PARAMS)
+def test_gradcheck_vold_loss(impl, case):
+    options = {k: v for k, v in case.items() if not k.startswith("_")}
+    g = torch.Generator().manual_seed(3)
+    B, T, H, V = 2, 3, 4, 7
+    vocab = options.get("vocab_size", V)
+    sh, sw = _r64(B, T, H, generator=g), _r64(V, H, generator=g)
+    bias = _r64(V, generator=g) if case.get("_bias") else None
+    targets = torch.randint(0, vocab, (B, T), generator=g)
+    with torch.no_grad():
+        logp = fused_linear_logprobs(sh, sw, targets, bias=bias, vocab_size=vocab, impl="torch")
+    tensors = dict(
+        targets=targets, advantages=torch.tensor([0.8, -0.6], dtype=F64),
+        mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=F64),
+        teacher_hidden=_r64(B, T, 5, generator=g), teacher_weight=_r64(V, 5, generator=g),
+        ref_logprobs=logp + 0.4 * torch.randn(B, T, generator=g, dtype=F64),
+        teacher_logprobs=logp + 0.4 * torch.randn(B, T, generator=g, dtype=F64),
+    )
+    # ratios in [e^-0.9, e^0.9], away from the clip kinks by > 1e-3
+    tensors["old_logprobs"] = logp - torch.tensor([[0.5, -0.9, 0.0], [0.05, 0.7, -0.4]], dtype=F64)
+    if case.get("_no_teacher_logprobs"):
+        tensors.pop("teacher_logprobs")
+    if case.get("_packed"):
+        keep = tensors.pop("mask") > 0
+        tensors = {k: (v[keep] if v.shape[:2] == keep.shape else v) for k, v in tensors.items()}
+        tensors["cu_seqlens"] = torch.tensor([0, 2, 5])
+        sh = sh[keep]
+    chunk = sh.reshape(-1, H).shape[0] if case.get("_packed") else 4
+    loss, _ = vold_loss(sh, sw, student_bias=bias, impl=impl, chunk_size=chunk, **tensors, **options)
+    assert loss.dtype == F64
+    _gradcheck(lambda h, w, b: vold_loss(h, w, student_bias=b, impl=impl, chunk_size=chunk, **tensors,
+                                         **options)[0], sh, sw, bias)
+
+
+@pytest.mark.parametrize("fn", ["logprobs", "divergence", "vold_loss"])
+def test_triton_float64_is_a_clear_error(fn):
+    pytest.importorskip("triton")
+    h, w, y = torch.zeros(1, 1, 4, dtype=F64), torch.zeros(3, 4, dtype=F64), torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="impl='triton'"):
+        if fn == "logprobs":
+            fused_linear_logprobs(h, w, y, impl="triton")
+        elif fn == "divergence":
+            fused_linear_divergence(h, w, h, w, impl="triton")
+        else:
+            vold_loss(h, w, y, torch.zeros(1, dtype=F64), teacher_hidden=h, teacher_weight=w, impl="triton")
