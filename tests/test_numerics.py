@@ -14,6 +14,7 @@ Engines: torch, torch_compile (chunk sizes that make it compile) and Triton (int
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -21,12 +22,15 @@ from helpers import (
     BF16_TOL,
     FP32_TOL,
     TRITON,
+    TRITON_MISSING,
     assert_rel,
     compare_vold,
     make_vold_inputs,
     reference_cast,
     run_vold,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from reference import LOG_RATIO_CLAMP, leaf64, ref_divergence, ref_vold_loss
 
 from vold.kernels import fused_linear_divergence, fused_linear_logprobs, kl_estimate, vold_loss
@@ -384,3 +388,163 @@ def test_triton_float64_is_a_clear_error(fn):
             fused_linear_divergence(h, w, h, w, impl="triton")
         else:
             vold_loss(h, w, y, torch.zeros(1, dtype=F64), teacher_hidden=h, teacher_weight=w, impl="triton")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. fuzzing the kinds: extreme but legal inputs give finite outputs and gradients, or a ValueError
+# ---------------------------------------------------------------------------------------------------
+
+FUZZ_SETTINGS = settings(max_examples=int(os.environ.get("VOLD_FUZZ_EXAMPLES", "40")), deadline=None,
+                         suppress_health_check=[HealthCheck.too_slow])
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+# Arguments whose name a ValueError may carry for a fuzzed input (a -inf teacher log-prob on a token that
+# counts: the sampled-token KL to a teacher that gives the token probability 0 is +inf, not a number).
+NAMED_ARGUMENTS = ("teacher_logprobs", "ref_logprobs", "old_logprobs")
+
+
+@st.composite
+def extreme_problems(draw):
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    B, T = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    V = draw(st.sampled_from([1, 2, 5, 9]))  # V = 1: a single vocabulary row
+    H = draw(st.integers(1, 6))
+    logits = draw(st.sampled_from(["normal", "equal", "scaled"]))
+    scale = draw(st.sampled_from([1.0, 1e2, 1e3, 1e4])) if logits == "scaled" else 1.0
+    offsets = {name: draw(st.sampled_from([0.0, 0.5, -1e3, 1e3, 89.0, -89.0, 19.9, -19.9]))
+               for name in ("old", "ref", "teacher")}
+    teacher_inf = draw(st.sampled_from(["none", "masked", "unmasked"]))
+    estimator = draw(st.sampled_from(["full", "k1", "k2", "k3"]))
+    options = dict(
+        loss_type=draw(st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo"])),
+        importance_sampling_level=draw(st.sampled_from(["token", "sequence"])),
+        clip_ratio_c=draw(st.sampled_from([None, 3.0])),
+        ref_kl_coef=draw(st.sampled_from([0.0, 0.1])),
+        ref_kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
+        distill_coef=draw(st.sampled_from([0.0, 0.1, 1.0])),
+        distill_estimator=estimator,
+        entropy_coef=draw(st.sampled_from([0.0, 0.01])),
+        temperature=draw(st.sampled_from([1.0, 0.5, 2.0])),
+        chunk_size=draw(st.integers(1, B * T + 1)),
+    )
+    if estimator == "full":
+        options["divergence"] = draw(st.sampled_from(["reverse_kl", "forward_kl", "jsd"]))
+    zero_advantages = draw(st.sampled_from(["none", "some", "all"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dtype, B, T, V, H, logits, scale, offsets, teacher_inf, options, zero_advantages, seed
+
+
+def _extreme_inputs(dtype, B, T, V, H, logits, scale, offsets, teacher_inf, zero_advantages, seed):
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[dtype]
+    hidden = torch.randn(B, T, H, generator=g, dtype=F64)
+    weight = torch.randn(V, H, generator=g, dtype=F64)
+    if logits == "equal":
+        weight = weight[:1].expand(V, H).clone()  # every row the same: all logits equal
+    elif logits == "scaled":  # logits of size ~scale (entries of hidden and weight ~sqrt(scale / H))
+        hidden, weight = hidden * math.sqrt(scale / H), weight * math.sqrt(scale / H) * 1.7
+    t_hidden, t_weight = torch.randn(B, T, H, generator=g, dtype=F64), torch.randn(V, H, generator=g, dtype=F64)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.rand(B, T, generator=g) < 0.7).to(F64)
+    mask[0, 0] = 1.0
+    with torch.no_grad():
+        logp = ref_logprobs_of(hidden.to(dt), weight.to(dt), targets)
+    jitter = torch.randn(B, T, generator=g, dtype=F64) * 0.3
+    teacher = logp + offsets["teacher"] + jitter
+    if teacher_inf == "masked" and bool((mask == 0).any()):
+        teacher[mask == 0] = -math.inf
+    elif teacher_inf == "unmasked":
+        teacher[0, 0] = -math.inf
+    advantages = torch.randn(B, generator=g, dtype=F64)
+    if zero_advantages == "all":
+        advantages.zero_()
+    elif zero_advantages == "some":
+        advantages[0] = 0.0
+    return dict(
+        student_hidden=hidden.to(dt), student_weight=weight.to(dt), targets=targets, advantages=advantages,
+        old_logprobs=logp + offsets["old"] - jitter, mask=mask, ref_logprobs=logp + offsets["ref"] + jitter,
+        teacher_logprobs=teacher, teacher_hidden=t_hidden.to(dt), teacher_weight=t_weight.to(dt),
+    )
+
+
+def ref_logprobs_of(hidden, weight, targets):
+    return torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(-1, targets[..., None])[..., 0]
+
+
+def _check_finite_or_named_error(impl, problem):
+    dtype, B, T, V, H, logits, scale, offsets, teacher_inf, options, zero_advantages, seed = problem
+    tensors = _extreme_inputs(dtype, B, T, V, H, logits, scale, offsets, teacher_inf, zero_advantages, seed)
+    if options["distill_estimator"] == "full":
+        tensors.pop("teacher_logprobs")  # unused by the exact divergence
+    h = tensors.pop("student_hidden").requires_grad_(True)
+    w = tensors.pop("student_weight").requires_grad_(True)
+    try:
+        loss, metrics = vold_loss(h, w, impl=impl, **tensors, **options)
+        loss.backward()
+    except ValueError as error:
+        if "overflows float16" in str(error):  # a finite gradient beyond fp16's range: named, not inf
+            assert dtype == "fp16" and ("student_hidden" in str(error) or "student_weight" in str(error))
+            return
+        assert any(name in str(error) for name in NAMED_ARGUMENTS), f"unnamed ValueError: {error}"
+        assert teacher_inf == "unmasked", f"unexpected ValueError: {error}"
+        return
+    assert math.isfinite(loss.item()), f"loss {loss.item()}"
+    for key, value in metrics.items():
+        assert math.isfinite(value.item()), f"metric {key} = {value.item()}"
+    for name, grad in (("student_hidden", h.grad), ("student_weight", w.grad)):
+        assert grad is not None and grad.dtype == DTYPES[dtype], name
+        assert bool(torch.isfinite(grad).all()), f"grad {name} has NaN/inf"
+    # fused_linear_logprobs / fused_linear_divergence on the same heads
+    hs, ws = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    logp, entropy = fused_linear_logprobs(hs, ws, tensors["targets"], return_entropy=True, impl=impl,
+                                          temperature=options["temperature"])
+    div = fused_linear_divergence(hs, ws, tensors["teacher_hidden"], tensors["teacher_weight"], impl=impl,
+                                  divergence=options.get("divergence", "reverse_kl"),
+                                  temperature=options["temperature"])
+    try:
+        (logp.sum() + entropy.sum() + div.sum()).backward()
+    except ValueError as error:
+        assert dtype == "fp16" and "overflows float16" in str(error), str(error)
+        return
+    for name, value in (("logp", logp), ("entropy", entropy), ("divergence", div), ("grad hidden", hs.grad),
+                        ("grad weight", ws.grad)):
+        assert bool(torch.isfinite(value).all()), f"{name} has NaN/inf"
+
+
+@FUZZ_SETTINGS
+@given(problem=extreme_problems())
+def test_fuzz_extreme_inputs_torch(problem):
+    _check_finite_or_named_error("torch", problem)
+
+
+@settings(FUZZ_SETTINGS, max_examples=int(os.environ.get("VOLD_FUZZ_EXAMPLES", "10")))
+@given(problem=extreme_problems().filter(lambda p: p[0] != "fp64"))
+@pytest.mark.skipif(TRITON_MISSING, reason="triton is not installed")
+def test_fuzz_extreme_inputs_triton(problem):
+    _check_finite_or_named_error("triton", problem)
+
+
+@pytest.mark.slow
+@settings(FUZZ_SETTINGS, max_examples=int(os.environ.get("VOLD_FUZZ_EXAMPLES", "6")))
+@given(problem=extreme_problems())
+def test_fuzz_extreme_inputs_torch_compile(problem):
+    _check_finite_or_named_error("torch_compile", problem)
+
+
+@pytest.mark.parametrize("impl", ["torch", TRITON])
+def test_fp16_gradient_beyond_its_range_is_a_named_error(impl):
+    """Ratio e^19.9 (inside the clamp) with A < 0 on the unclipped branch: the exact gradient, ~4e8, is
+    finite but does not fit fp16: a ValueError naming the input, never an inf gradient."""
+    h = torch.full((1, 1, 2), 0.5, dtype=torch.float16, requires_grad=True)
+    w = torch.tensor([[1.0, -1.0], [0.5, 2.0]], dtype=torch.float16, requires_grad=True)
+    y = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        logp = fused_linear_logprobs(h, w, y, impl=impl)
+    loss, _ = vold_loss(h, w, y, torch.tensor([-1.0]), logp - 19.9, distill_coef=0.0, impl=impl)
+    assert math.isfinite(loss.item())
+    with pytest.raises(ValueError, match="student_(hidden|weight) overflows float16"):
+        loss.backward()
+    # the same gradient in bf16 fits
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    loss, _ = vold_loss(hb, wb, y, torch.tensor([-1.0]), logp - 19.9, distill_coef=0.0, impl=impl)
+    loss.backward()
+    assert bool(torch.isfinite(hb.grad).all()) and float(hb.grad.abs().max()) > 1e7

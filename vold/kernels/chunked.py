@@ -500,7 +500,10 @@ def run_chunks(
         teacher.dtype = acc
     want_grads = objective is not None and (grad_hidden or grad_weight or grad_bias)
     result = ChunkResult(stats={})
-    gh = torch.empty_like(student.hidden) if want_grads and grad_hidden else None
+    # fp16 gradients are returned in the compute dtype: the caller casts them (``cast_grad``), after any
+    # scaling, and says so if they do not fit fp16's range
+    grad_dtype = acc if dtype == torch.float16 else dtype
+    gh = torch.empty_like(student.hidden, dtype=grad_dtype) if want_grads and grad_hidden else None
     gw = torch.zeros(student.weight.shape, dtype=acc, device=device) if want_grads and grad_weight else None
     gb = torch.zeros(student.weight.shape[0], dtype=acc, device=device) if want_grads and grad_bias else None
     pieces: dict[str, list[torch.Tensor]] = {}
@@ -563,11 +566,25 @@ def run_chunks(
         if gh is not None and spec.shard is not None:
             spec.shard.sum(gh)  # each rank holds dz_shard @ W_shard; the hidden states are replicated
         result.grad_hidden = gh if gh is not None else None
-        result.grad_weight = None if gw is None else gw.to(dtype)
-        result.grad_bias = None if gb is None else gb.to(dtype)
+        result.grad_weight = None if gw is None else gw.to(grad_dtype)
+        result.grad_bias = None if gb is None else gb.to(grad_dtype)
         if n == 0 and gh is not None:
-            result.grad_hidden = torch.zeros_like(student.hidden)
+            result.grad_hidden = torch.zeros_like(student.hidden, dtype=grad_dtype)
     return result
+
+
+def cast_grad(name: str, grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``grad`` in ``dtype`` (the input's). A finite gradient that does not fit float16's range (|g| > 65504)
+    raises ``ValueError`` naming the input instead of coming back as inf."""
+    if grad is None or grad.dtype == dtype:
+        return grad
+    out = grad.to(dtype)
+    if dtype == torch.float16 and not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"the gradient w.r.t. {name} overflows float16 (max |g| = {float(grad.abs().max()):.3g} > 65504): "
+            "use bf16 or fp32 inputs, or scale the loss down"
+        )
+    return out
 
 
 def get_ops(impl: str, device: torch.device, chunk_size: int | None = None, dtype: torch.dtype = torch.float32):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .chunked import ChunkSpec, Head, compute_dtype, default_chunk_size, get_ops, resolve_shard, run_chunks
+from .chunked import ChunkSpec, Head, cast_grad, compute_dtype, default_chunk_size, get_ops, resolve_shard, run_chunks
 
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
@@ -38,7 +38,10 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             ctx.chunk_size, objective=objective, grad_hidden=need_h, grad_weight=need_w,
             grad_bias=need_b and s_bias is not None, keep=(),
         )
-        return result.grad_hidden, result.grad_weight, result.grad_bias, None, None, None, None, None, None
+        grads = (cast_grad(name, g, s_hidden.dtype) for name, g in (
+            ("student_hidden", result.grad_hidden), ("student_weight", result.grad_weight),
+            ("student_bias", result.grad_bias)))
+        return *grads, None, None, None, None, None, None
 
 
 def divergence_spec(divergence: str, beta: float, temperature: float, **extra) -> ChunkSpec:

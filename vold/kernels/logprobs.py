@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .chunked import ChunkSpec, Head, compute_dtype, default_chunk_size, get_ops, resolve_shard, run_chunks
+from .chunked import ChunkSpec, Head, cast_grad, compute_dtype, default_chunk_size, get_ops, resolve_shard, run_chunks
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
@@ -38,7 +38,9 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             objective=objective, grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b and bias is not None,
             keep=(),
         )
-        return result.grad_hidden, result.grad_weight, result.grad_bias, None, None, None, None
+        grads = (cast_grad(name, g, hidden.dtype) for name, g in
+                 (("hidden", result.grad_hidden), ("weight", result.grad_weight), ("bias", result.grad_bias)))
+        return *grads, None, None, None, None
 
 
 def fused_linear_logprobs(

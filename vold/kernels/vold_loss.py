@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import checks
-from .chunked import ChunkSpec, Head, compute_dtype, default_chunk_size, get_ops, resolve_shard, run_chunks
+from .chunked import ChunkSpec, Head, cast_grad, compute_dtype, default_chunk_size, get_ops, resolve_shard, run_chunks
 from .divergence import divergence_spec
 from .policy_loss import (
     DISTILL_ESTIMATORS,
@@ -96,7 +96,9 @@ class VoldLossFunction(torch.autograd.Function):
             call.metrics[key] = value if key == "policy_loss" else value / denom
         for key in call.metric_names:  # an all-masked batch still reports every metric (as 0)
             call.metrics.setdefault(key, torch.zeros((), dtype=total.dtype, device=s_hidden.device))
+        # fp16 inputs: the gradients stay in fp32 until backward has scaled them (cast_grad)
         ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
+        ctx.input_dtype = s_weight.dtype
         return total
 
     @staticmethod
@@ -104,10 +106,11 @@ class VoldLossFunction(torch.autograd.Function):
         gh, gw, gb = ctx.saved_tensors
         scale = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32))
 
-        def scaled(g):
-            return None if g is None else (g * scale).to(g.dtype)
+        def scaled(name, g):
+            return None if g is None else cast_grad(name, (g * scale).to(g.dtype), ctx.input_dtype)
 
-        return scaled(gh), scaled(gw), scaled(gb), None, None, None, None, None
+        return (scaled("student_hidden", gh), scaled("student_weight", gw), scaled("student_bias", gb),
+                None, None, None, None, None)
 
 
 def _per_token(name: str, value: torch.Tensor | None, num_seqs: int, seq_index: torch.Tensor,
