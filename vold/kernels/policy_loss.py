@@ -8,8 +8,8 @@ vectors (cheap: ``[chunk]`` elements); the engines turn them into logit gradient
 
 Per-token objective (sums run over completion tokens t of sequence i, weight ``m_t`` = mask)::
 
-    r_t      = exp(logp_t - old_t)                 (token level)
-             = exp(mean_{t in i}(logp_t - old_t))   (sequence level, GSPO), broadcast to tokens
+    r_t      = exp(clamp(logp_t - old_t, -B, B))                 (token level)
+             = exp(clamp(mean_{t in i}(logp_t - old_t), -B, B))   (sequence level, GSPO), broadcast to tokens
     pg_t     = -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i)
                and, with dual-clip c > 1, for A_i < 0: min(pg_t, -c A_i)
     l_t      = pg_t + ref_kl_coef * k(logp_t, ref_t) + distill_coef * w^d_t * D_t - entropy_coef * H_t

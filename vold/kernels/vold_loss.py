@@ -189,6 +189,16 @@ def vold_loss(
     the loss). Only ``[chunk, V]`` logits exist at a time; gradients reach the student only.
     ``process_group``: vocab-parallel lm_heads, each rank passing its equal vocabulary shard of both
     weights and the replicated hidden states (see ``fused_linear_logprobs``).
+
+    Overflow: the importance log-ratio (token, or the sequence mean for ``"sequence"``) and k3's log-ratio
+    (``ref_kl_estimator``/``distill_estimator="k3"``) are clamped to +-20 (``LOG_RATIO_CLAMP``) before
+    ``exp``: exact inside, the value at the bound with gradient 0 outside, so loss and gradients are finite
+    for any finite log-probs (metrics ``ratio_clamp_frac``, ``ref_kl_clamp_frac``, ``distill_clamp_frac``:
+    masked fraction of clamped tokens). Dtypes: per-token math, loss and metrics in promote(fp32, heads'
+    dtype): fp32 for fp32/bf16/fp16 heads (logits accumulated and kept in fp32), fp64 for fp64 heads.
+    Raises ``ValueError`` (naming the argument) for bad shapes/options, NaN/inf in hidden states or in
+    the log-probs/advantages of tokens that count (``check_finite``), fp64 with ``impl="triton"``, and,
+    in backward, an fp16 gradient beyond fp16's range.
     """
     for name, value, choices in (
         ("loss_type", loss_type, LOSS_TYPES), ("importance_sampling_level", importance_sampling_level, IS_LEVELS),
