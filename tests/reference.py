@@ -45,12 +45,18 @@ def full_log_softmax(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
 ) -> torch.Tensor:
-    """``log_softmax((hidden @ weight[:K]^T + bias[:K]) / temperature)`` in float64, shape ``[..., K]``."""
+    """``log_softmax(f(hidden @ weight[:K]^T + bias[:K]) / temperature)`` in float64, shape ``[..., K]``,
+    with ``f(z) = c tanh(s z / c)`` (``s = logit_scale``, ``c = final_logit_softcapping``; ``s z`` if c is None)."""
     k = weight.shape[0] if vocab_size is None else vocab_size
     logits = hidden.to(torch.float64) @ weight.to(torch.float64)[:k].T
     if bias is not None:
         logits = logits + bias.to(torch.float64)[:k]
+    logits = logits * logit_scale
+    if final_logit_softcapping is not None:
+        logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
@@ -96,9 +102,11 @@ def ref_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p(target), entropy)``, both shaped like ``targets``, float64."""
-    logp_all = full_log_softmax(hidden, weight, bias, temperature, vocab_size)
+    logp_all = full_log_softmax(hidden, weight, bias, temperature, vocab_size, logit_scale, final_logit_softcapping)
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
@@ -115,12 +123,18 @@ def ref_divergence(
     t_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
 ) -> torch.Tensor:
     """Exact per-token divergence between student and teacher heads over the whole vocabulary."""
     if vocab_size is None and s_weight.shape[0] != t_weight.shape[0]:
         raise ValueError("student and teacher vocabularies differ; pass vocab_size")
-    logp = full_log_softmax(s_hidden, s_weight, s_bias, temperature, vocab_size)
-    logq = full_log_softmax(t_hidden, t_weight, t_bias, temperature, vocab_size)
+    logp = full_log_softmax(s_hidden, s_weight, s_bias, temperature, vocab_size, student_logit_scale,
+                            student_final_logit_softcapping)
+    logq = full_log_softmax(t_hidden, t_weight, t_bias, temperature, vocab_size, teacher_logit_scale,
+                            teacher_final_logit_softcapping)
     return divergence_from_log_probs(logp, logq, divergence, beta)
 
 
@@ -186,6 +200,10 @@ def ref_vold_loss(
     impl: str | None = None,  # accepted (and ignored) so that tests can pass vold_loss's kwargs unchanged
     chunk_size: int | None = None,
     check_finite: bool | None = None,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The VOLD objective in float64 from full logits. Returns ``(loss, metrics)``.
 
@@ -219,7 +237,8 @@ def ref_vold_loss(
     w_distill = _to_tokens("distill_mask", distill_mask, seqs, token_shape)
 
     # Student: full log-softmax over the (restricted) vocabulary.
-    logp_all = full_log_softmax(h, student_weight, student_bias, temperature, vocab_size)
+    logp_all = full_log_softmax(h, student_weight, student_bias, temperature, vocab_size, student_logit_scale,
+                                student_final_logit_softcapping)
     logp = logp_all.gather(1, y[:, None]).squeeze(1)
     entropy = -(logp_all.exp() * logp_all).sum(1)
 
@@ -231,7 +250,8 @@ def ref_vold_loss(
             raise ValueError("student and teacher vocabularies differ; pass vocab_size")
         t_h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
         t_b = None if teacher_bias is None else teacher_bias.detach()
-        logq_all = full_log_softmax(t_h, teacher_weight.detach(), t_b, temperature, vocab_size)
+        logq_all = full_log_softmax(t_h, teacher_weight.detach(), t_b, temperature, vocab_size, teacher_logit_scale,
+                                    teacher_final_logit_softcapping)
 
     # Importance ratio.
     old = logp.detach() if old_logprobs is None else old_logprobs.reshape(-1).to(f64)

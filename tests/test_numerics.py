@@ -278,8 +278,9 @@ def _gradcheck(fn, *inputs):
 @pytest.mark.parametrize("impl", ["torch", "torch_compile"])
 @pytest.mark.parametrize(
     "case",
-    [dict(), dict(temperature=0.7, bias=True), dict(vocab_size=5, bias=True, temperature=1.3)],
-    ids=["plain", "temperature_bias", "vocab_size"],
+    [dict(), dict(temperature=0.7, bias=True), dict(vocab_size=5, bias=True, temperature=1.3),
+     dict(logit_scale=1.7, final_logit_softcapping=1.5, bias=True)],
+    ids=["plain", "temperature_bias", "vocab_size", "scale_softcap"],
 )
 def test_gradcheck_logprobs(impl, case):
     case = dict(case)
@@ -331,6 +332,8 @@ VOLD_GRADCHECK_CASES = {
     "dapo_token_full_packed": dict(distill_coef=0.5, entropy_coef=0.05, _packed=True, temperature=1.3),
     "grpo_sequence_k3_packed": dict(loss_type="grpo", importance_sampling_level="sequence",
                                     distill_estimator="k3", distill_coef=0.3, _packed=True),
+    "dapo_token_full_softcap": dict(distill_coef=0.5, entropy_coef=0.05, student_logit_scale=1.5,
+                                    student_final_logit_softcapping=1.2, teacher_final_logit_softcapping=0.9),
 }
 # old_logprobs=None (on-policy: ratio = exp(logp - logp.detach()) = 1 with the gradient of logp) is left out:
 # its value does not move with logp, so finite differences cannot see the gradient it defines.

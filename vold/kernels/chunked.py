@@ -63,6 +63,42 @@ def mm_has_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
     return _MM_OUT_DTYPE[key]
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """``z -> c tanh(z s / c)`` (``softcap`` c, Gemma-2's final_logit_softcapping) or ``z -> z s`` (no cap),
+    with ``s = logit_scale`` (Cohere's), applied to a head's logits ``h W^T + b`` before the temperature,
+    as TRL's chunked kernels order them. Its derivative is ``s (1 - (z'/c)^2)`` at the capped ``z'``."""
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.logit_scale == 1.0 and self.softcap is None
+
+    def apply_(self, z: torch.Tensor) -> torch.Tensor:
+        if self.softcap is not None:
+            return z.mul_(self.logit_scale / self.softcap).tanh_().mul_(self.softcap)
+        return z.mul_(self.logit_scale) if self.logit_scale != 1.0 else z
+
+    def backward_(self, dz: torch.Tensor, capped: torch.Tensor | None) -> torch.Tensor:
+        """dL/dz from dL/dz' (in place); ``capped``: z' of the chunk (consumed), needed with a soft cap."""
+        if self.softcap is not None:
+            dz.mul_(capped.div_(self.softcap).square_().neg_().add_(1.0))
+        return dz.mul_(self.logit_scale) if self.logit_scale != 1.0 else dz
+
+
+def logit_transform(prefix: str, logit_scale: float, final_logit_softcapping: float | None) -> LogitTransform:
+    """Validated ``LogitTransform``: ``{prefix}logit_scale`` finite and > 0, ``{prefix}final_logit_softcapping``
+    None or finite and > 0 (``ValueError`` naming the argument otherwise)."""
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"{prefix}logit_scale must be finite and > 0, got {logit_scale}")
+    cap = final_logit_softcapping
+    if cap is not None and not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"{prefix}final_logit_softcapping must be None or finite and > 0, got {cap}")
+    return LogitTransform(float(logit_scale), None if cap is None else float(cap))
+
+
 @dataclass
 class Head:
     """One model's last hidden states ``[N, H]`` and lm_head ``weight [V, H]``, ``bias [V]``.
@@ -78,6 +114,7 @@ class Head:
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    transform: LogitTransform = LogitTransform()
 
     def __post_init__(self) -> None:
         self.dtype = compute_dtype(self.weight.dtype)
@@ -91,7 +128,10 @@ class Head:
         return self._upcast
 
     def logits(self, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``hidden[start:end] @ weight^T (+ bias)`` in ``self.dtype``, written into ``out`` when given."""
+        """``transform(hidden[start:end] @ weight^T (+ bias))`` in ``self.dtype``, into ``out`` when given."""
+        return self.transform.apply_(self._linear(start, end, out))
+
+    def _linear(self, start: int, end: int, out: torch.Tensor | None) -> torch.Tensor:
         h = self.hidden[start:end]
         if h.dtype == self.dtype:
             weight, bias = self.weight, self.bias
@@ -513,6 +553,10 @@ def run_chunks(
     workspace = Workspace()  # the eager engine's intermediates, freed when this call returns
     rows = min(chunk_size, n)
     z_buf = torch.empty(rows, student.weight.shape[0], dtype=acc, device=device)
+    # a soft cap's derivative needs the capped logits, which the backward overwrites with dz: a copy
+    capped_buf = None
+    if want_grads and student.transform.softcap is not None:
+        capped_buf = torch.empty_like(z_buf)
     u_buf = None
     if use_teacher:
         u_buf = torch.empty(rows, teacher.weight.shape[0], dtype=teacher.dtype, device=device)
@@ -530,8 +574,11 @@ def run_chunks(
         g_logp, g_ent, g_div = objective(start, end, stats)
         if not want_grads:
             continue
+        capped = None if capped_buf is None else capped_buf[: end - start].copy_(cache["z"])
         dz = ops.backward(cache, g_logp, g_ent, g_div, spec)
         del cache
+        if not student.transform.identity:
+            dz = student.transform.backward_(dz, capped)
         gb_done = False
         h = student.hidden[start:end]
         if dtype == acc:

@@ -5,20 +5,31 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .chunked import ChunkSpec, Head, cast_grad, compute_dtype, default_chunk_size, get_ops, resolve_shard, run_chunks
+from .chunked import (
+    ChunkSpec,
+    Head,
+    cast_grad,
+    compute_dtype,
+    default_chunk_size,
+    get_ops,
+    logit_transform,
+    resolve_shard,
+    run_chunks,
+)
 
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
     """Forward keeps only ``[N]`` divergences; backward recomputes both chunks' logits."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, spec: ChunkSpec, ops, chunk_size: int):
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, spec: ChunkSpec, ops, chunk_size: int,
+                transforms):
         dummy = torch.zeros(s_hidden.shape[0], dtype=torch.long, device=s_hidden.device)
-        teacher = Head(t_hidden, t_weight, t_bias)
-        student = Head(s_hidden, s_weight, s_bias)
+        student = Head(s_hidden, s_weight, s_bias, transforms[0])
+        teacher = Head(t_hidden, t_weight, t_bias, transforms[1])
         result = run_chunks(student, teacher, dummy, spec, ops, chunk_size, keep=("divergence",))
         ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
-        ctx.spec, ctx.ops, ctx.chunk_size = spec, ops, chunk_size
+        ctx.spec, ctx.ops, ctx.chunk_size, ctx.transforms = spec, ops, chunk_size, transforms
         return result.stats["divergence"]
 
     @staticmethod
@@ -34,14 +45,15 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             return zeros[start:end], None, grad_div[start:end]
 
         result = run_chunks(
-            Head(s_hidden, s_weight, s_bias), Head(t_hidden, t_weight, t_bias), dummy, ctx.spec, ctx.ops,
+            Head(s_hidden, s_weight, s_bias, ctx.transforms[0]), Head(t_hidden, t_weight, t_bias, ctx.transforms[1]),
+            dummy, ctx.spec, ctx.ops,
             ctx.chunk_size, objective=objective, grad_hidden=need_h, grad_weight=need_w,
             grad_bias=need_b and s_bias is not None, keep=(),
         )
         grads = (cast_grad(name, g, s_hidden.dtype) for name, g in (
             ("student_hidden", result.grad_hidden), ("student_weight", result.grad_weight),
             ("student_bias", result.grad_bias)))
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
 
 
 def divergence_spec(divergence: str, beta: float, temperature: float, **extra) -> ChunkSpec:
@@ -71,6 +83,10 @@ def fused_linear_divergence(
     chunk_size: int | None = None,
     check_finite: bool = True,
     process_group=None,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
 ) -> torch.Tensor:
     """Exact per-token divergence between student p and teacher q over the whole vocabulary.
 
@@ -87,10 +103,14 @@ def fused_linear_divergence(
     Gradients flow to the student only; the teacher is frozen. Heads with different V need
     ``vocab_size=`` (rows ``[0, vocab_size)`` of both are compared), else ``ValueError``.
     ``process_group``: both weights are this rank's equal vocabulary shard (see ``fused_linear_logprobs``).
+    ``{student,teacher}_logit_scale`` s and ``{student,teacher}_final_logit_softcapping`` c transform each
+    head's logits before the temperature, in TRL's order: ``z' = c tanh(s z / c) / T``.
     """
     checks.check_linear_head("student_", student_hidden, student_weight, student_bias, finite=check_finite)
     checks.check_linear_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, finite=check_finite)
     checks.check_choice("impl", impl, checks.IMPLS)
+    transforms = (logit_transform("student_", student_logit_scale, student_final_logit_softcapping),
+                  logit_transform("teacher_", teacher_logit_scale, teacher_final_logit_softcapping))
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} "
@@ -109,7 +129,7 @@ def fused_linear_divergence(
     out = FusedLinearDivergenceFunction.apply(
         s_hidden, student_weight[:vocab], s_bias, t_hidden, teacher_weight[:vocab].detach(), t_bias,
         spec, get_ops(impl, s_hidden.device, chunk, torch.promote_types(student_weight.dtype, teacher_weight.dtype)),
-        chunk,
+        chunk, transforms,
     )
     return out.view(leading)
 

@@ -12,7 +12,18 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import checks
-from .chunked import ChunkSpec, Head, cast_grad, compute_dtype, default_chunk_size, get_ops, resolve_shard, run_chunks
+from .chunked import (
+    ChunkSpec,
+    Head,
+    LogitTransform,
+    cast_grad,
+    compute_dtype,
+    default_chunk_size,
+    get_ops,
+    logit_transform,
+    resolve_shard,
+    run_chunks,
+)
 from .divergence import divergence_spec
 from .policy_loss import (
     DISTILL_ESTIMATORS,
@@ -37,6 +48,8 @@ class _Call:
     chunk_size: int
     metric_names: tuple[str, ...] = ()
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    student_transform: LogitTransform = LogitTransform()
+    teacher_transform: LogitTransform = LogitTransform()
 
 
 class VoldLossFunction(torch.autograd.Function):
@@ -45,8 +58,8 @@ class VoldLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, targets, call: _Call):
         cfg, inputs = call.cfg, call.inputs
-        student = Head(s_hidden, s_weight, s_bias)
-        teacher = None if t_hidden is None else Head(t_hidden, t_weight, t_bias)
+        student = Head(s_hidden, s_weight, s_bias, call.student_transform)
+        teacher = None if t_hidden is None else Head(t_hidden, t_weight, t_bias, call.teacher_transform)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         sequence_level = cfg.importance_sampling_level == "sequence"
         total = torch.zeros((), dtype=call.inputs.norm.dtype, device=s_hidden.device)
@@ -164,6 +177,10 @@ def vold_loss(
     chunk_size: int | None = None,
     check_finite: bool = True,
     process_group=None,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The VOLD stage-2 objective: GRPO + ref KL + distill_coef * D(student || teacher) - entropy bonus.
 
@@ -190,6 +207,9 @@ def vold_loss(
     ``process_group``: vocab-parallel lm_heads, each rank passing its equal vocabulary shard of both
     weights and the replicated hidden states (see ``fused_linear_logprobs``).
 
+    ``{student,teacher}_logit_scale`` s and ``{student,teacher}_final_logit_softcapping`` c transform each
+    head's logits before the temperature, in TRL's order: ``z' = c tanh(s z / c) / T`` (Gemma-2 / Cohere heads).
+
     Overflow: the importance log-ratio (token, or the sequence mean for ``"sequence"``) and k3's log-ratio
     (``ref_kl_estimator``/``distill_estimator="k3"``) are clamped to +-20 (``LOG_RATIO_CLAMP``) before
     ``exp``: exact inside, the value at the bound with gradient 0 outside, so loss and gradients are finite
@@ -210,6 +230,8 @@ def vold_loss(
         raise ValueError(f"epsilon_low/epsilon_high must be >= 0, got {epsilon_low}, {epsilon_high}")
     if clip_ratio_c is not None and not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {clip_ratio_c}")
+    student_transform = logit_transform("student_", student_logit_scale, student_final_logit_softcapping)
+    teacher_transform = logit_transform("teacher_", teacher_logit_scale, teacher_final_logit_softcapping)
     checks.check_linear_head("student_", student_hidden, student_weight, student_bias, finite=check_finite)
     has_teacher_head = teacher_hidden is not None or teacher_weight is not None
     if has_teacher_head:
@@ -327,7 +349,8 @@ def vold_loss(
     if distill_estimator != "full" and (need_teacher_logp or teacher_logprobs is not None):
         metric_names += ("distill_clamp_frac",)
     ops = get_ops(impl, s_hidden.device, chunk, acc)
-    call = _Call(inputs=inputs, cfg=cfg, spec=spec, ops=ops, chunk_size=chunk, metric_names=metric_names)
+    call = _Call(inputs=inputs, cfg=cfg, spec=spec, ops=ops, chunk_size=chunk, metric_names=metric_names,
+                 student_transform=student_transform, teacher_transform=teacher_transform)
     s_bias = None if student_bias is None else student_bias[:vocab]
     loss = VoldLossFunction.apply(s_hidden, student_weight[:vocab], s_bias, t_hidden, t_weight, t_bias,
                                   s_targets, call)
