@@ -22,11 +22,12 @@ FP64_TOL = 1e-10
 
 
 def half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Half the spacing of ``dtype`` at ``|x|``: the largest error of rounding ``x`` to ``dtype`` (normal range)."""
+    """Half the spacing of ``dtype`` at ``|x|``: the largest error of rounding ``x`` to ``dtype`` (subnormals:
+    half their constant spacing ``eps * tiny``)."""
     info = torch.finfo(dtype)
     mantissa_bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}[dtype]
     exponent = torch.floor(torch.log2(x.detach().double().abs().clamp(min=info.tiny)))
-    return torch.pow(2.0, exponent - mantissa_bits)
+    return torch.pow(2.0, exponent - mantissa_bits).clamp(min=info.eps * info.tiny / 2)
 
 
 def _triton_engine_missing() -> bool:

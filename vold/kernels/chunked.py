@@ -44,9 +44,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def mm_out_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mm_out_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` of two bf16/fp16 matrices with an fp32 accumulation and an fp32 output (cuBLAS)."""
-    return torch.mm(a, b, out_dtype=torch.float32)
+    if out is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
 
 
 def mm_has_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
@@ -136,9 +138,8 @@ class Head:
         if h.dtype == self.dtype:
             weight, bias = self.weight, self.bias
         elif self.dtype == torch.float32 and mm_has_out_dtype(h.device, h.dtype):
-            z = mm_out_fp32(h, self.weight.t())
-            z = z if self.bias is None else z.add_(self.bias)
-            return z if out is None else out.copy_(z)
+            z = mm_out_fp32(h, self.weight.t(), out=out)
+            return z if self.bias is None else z.add_(self.bias)
         else:
             h = h.to(self.dtype)
             weight, bias = self.upcast()
@@ -587,15 +588,17 @@ def run_chunks(
             if gw is not None:
                 gw.addmm_(dz.t(), h)
         elif acc == torch.float32 and mm_has_out_dtype(device, dtype):
-            # dz = hi + lo to ~2^-16 relative (bf16), two low-precision GEMMs each with an fp32 output
-            hi = dz.to(dtype)
+            # dz = (hi + lo) / k to ~2^-16 relative (bf16), two low-precision GEMMs each with an fp32 output;
+            # k, a power of two bringing max|dz| near 1 (no host sync), keeps tiny dz out of fp16's subnormals
+            k = torch.exp2(-torch.floor(torch.log2(dz.abs().amax().clamp(min=torch.finfo(acc).tiny))))
+            hi = dz.mul_(k).to(dtype)
             lo = dz.sub_(hi).to(dtype)
             if gh is not None:
-                gh[start:end] = mm_out_fp32(hi, student.weight).add_(mm_out_fp32(lo, student.weight))
+                gh[start:end] = mm_out_fp32(hi, student.weight).add_(mm_out_fp32(lo, student.weight)).div_(k)
             if gw is not None:
-                gw += mm_out_fp32(hi.t(), h).add_(mm_out_fp32(lo.t(), h))
+                gw += mm_out_fp32(hi.t(), h).add_(mm_out_fp32(lo.t(), h)).div_(k)
             if gb is not None:
-                gb += hi.sum(0, dtype=acc).add_(lo.sum(0, dtype=acc))
+                gb += hi.sum(0, dtype=acc).add_(lo.sum(0, dtype=acc)).div_(k)
                 gb_done = True
         else:  # no such GEMM here: the weight upcast made for the logits serves the backward GEMMs too
             weight_acc, _ = student.upcast()
