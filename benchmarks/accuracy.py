@@ -4,8 +4,13 @@
 
 For each function / mode / engine / dtype, the error is ``max|a - b| / max(1, max|b|)`` for values and
 ``max|a - b| / max|b|`` for gradients (the tests' ``assert_rel`` norms), ``b`` being the float64
-reference evaluated on the same (dtype-rounded) inputs. The triton engine runs under the interpreter
-on the CPU (set automatically when no GPU is present), so its shapes stay small.
+reference evaluated on the same (dtype-rounded) inputs. bf16/fp16 gradients are returned in that dtype,
+so for them the error is counted beyond half an ulp of each element (the rounding of the result itself,
+which no computation avoids; ``assert_rel(..., rounding=dtype)``): logits are accumulated and kept in fp32,
+so what is left is fp32 arithmetic. fp64 inputs compute in fp64 (torch engine; the Triton kernels are
+fp32). The "near convergence" rows are issue 11's kind: teacher hidden states = student's + 0.02 noise,
+the same head. The triton engine runs under the interpreter on the CPU (set automatically when no GPU is
+present), so its shapes stay small.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ if not os.environ.get("TRITON_INTERPRET"):
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import half_ulp  # noqa: E402
 from reference import leaf64, ref_divergence, ref_logprobs, ref_vold_loss  # noqa: E402
 
 from vold.kernels import fused_linear_divergence, fused_linear_logprobs, vold_loss  # noqa: E402
@@ -38,9 +44,13 @@ VOLD_MODES: dict[str, dict] = {
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, floor: float) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    scale = max(floor, float(b.abs().max()))
-    return float((a - b).abs().max()) / scale if scale else 0.0
+    """The tests' norm; a bf16/fp16 ``a`` (a returned gradient) is judged beyond its own rounding."""
+    low = a.dtype in (torch.bfloat16, torch.float16)
+    diff = (a.detach().double() - b.detach().double()).abs()
+    if low:
+        diff = (diff - half_ulp(b, a.dtype)).clamp(min=0.0)
+    scale = max(floor, float(b.detach().double().abs().max()))
+    return float(diff.max()) / scale if scale else 0.0
 
 
 def _inputs(n_seq: int, seq_len: int, hidden: int, vocab: int, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -79,6 +89,8 @@ def measure(engines: list[str], dtypes: list[torch.dtype], shape: tuple[int, int
         base = _inputs(n_seq, seq_len, hidden, vocab, dtype)
         to64 = lambda t: leaf64(t.detach(), requires_grad=False)  # noqa: E731
         for engine in engines:
+            if engine == "triton" and dtype == torch.float64:
+                continue  # the Triton kernels compute in fp32 (ValueError)
             for mode, options in VOLD_MODES.items():
                 tensors = dict(base)
                 if options.get("distill_estimator", "full") != "full":
@@ -104,17 +116,23 @@ def measure(engines: list[str], dtypes: list[torch.dtype], shape: tuple[int, int
                              dtype=str(dtype).split(".")[-1], loss=max(_rel(logp, rlogp, 1.0), _rel(ent, rent, 1.0)),
                              **{"grad hidden": _rel(h.grad, h64.grad, 0.0),
                                 "grad weight": _rel(w.grad, w64.grad, 0.0)}))
-            for divergence, beta in (("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)):
+            g = torch.Generator().manual_seed(1)
+            near = (base["student_hidden"].double() + 0.02 * torch.randn(base["student_hidden"].shape, generator=g,
+                                                                         dtype=torch.float64)).to(dtype)
+            for divergence, beta, near_convergence in (("reverse_kl", 0.5, False), ("forward_kl", 0.5, False),
+                                                       ("jsd", 0.3, False), ("reverse_kl", 0.5, True)):
+                t_hidden = near if near_convergence else base["teacher_hidden"]
+                t_weight = base["student_weight"] if near_convergence else base["teacher_weight"]
                 h = base["student_hidden"].detach().clone().requires_grad_(True)
                 w = base["student_weight"].detach().clone().requires_grad_(True)
-                d = fused_linear_divergence(h, w, base["teacher_hidden"], base["teacher_weight"], divergence=divergence,
+                d = fused_linear_divergence(h, w, t_hidden, t_weight, divergence=divergence,
                                             beta=beta, impl=engine, chunk_size=16)
                 d.sum().backward()
                 h64, w64 = leaf64(h.detach()), leaf64(w.detach())
-                rd = ref_divergence(h64, w64, to64(base["teacher_hidden"]), to64(base["teacher_weight"]), divergence,
-                                    beta)
+                rd = ref_divergence(h64, w64, to64(t_hidden), to64(t_weight), divergence, beta)
                 rd.sum().backward()
-                rows.append(dict(function="fused_linear_divergence", mode=divergence, engine=engine,
+                mode = divergence + (" near convergence" if near_convergence else "")
+                rows.append(dict(function="fused_linear_divergence", mode=mode, engine=engine,
                                  dtype=str(dtype).split(".")[-1], loss=_rel(d, rd, 1.0),
                                  **{"grad hidden": _rel(h.grad, h64.grad, 0.0),
                                     "grad weight": _rel(w.grad, w64.grad, 0.0)}))
@@ -136,13 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", default=["torch", "triton"])
     parser.add_argument("--shape", nargs=4, type=int, default=[4, 24, 32, 1000], metavar=("B", "T", "H", "V"))
     args = parser.parse_args(argv)
-    rows = measure(args.engines, [torch.float32, torch.bfloat16], tuple(args.shape))
+    rows = measure(args.engines, [torch.float32, torch.bfloat16, torch.float16, torch.float64], tuple(args.shape))
     table = to_markdown(rows)
     print(table)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(dict(shape=args.shape, rows=rows), indent=1))
-    (out / "accuracy.md").write_text(f"Errors vs the float64 reference, B,T,H,V = {args.shape}\n\n{table}\n")
+    note = ("bf16/fp16 gradients: error beyond half an ulp of each returned element (see benchmarks/accuracy.py)")
+    (out / "accuracy.md").write_text(f"Errors vs the float64 reference, B,T,H,V = {args.shape}; {note}\n\n{table}\n")
     return 0
 
 

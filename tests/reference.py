@@ -16,7 +16,10 @@ Conventions (the same as the docstrings of ``vold.kernels``):
   ``JSD = beta KL(q || m) + (1 - beta) KL(p || m)``, and by convention beta = 0 is forward KL(q || p)
   and beta = 1 is reverse KL(p || q) (the formula itself would give 0 at both ends);
 - KL estimators of KL(pi || other) from a token sampled from pi, x = logp - other_logp:
-  k1 = x, k2 = x^2 / 2, k3 = exp(-x) - 1 + x.
+  k1 = x, k2 = x^2 / 2, k3 = exp(-x) - 1 + x;
+- every exponentiated log-ratio (the importance ratio, token or sequence level, and k3's x) is first
+  clamped to [-20, 20] (``LOG_RATIO_CLAMP``, the documented bound of vold.kernels): the value beyond
+  the bound is that at the bound and the gradient through a clamped log-ratio is 0.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+LOG_RATIO_CLAMP = 20.0
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
@@ -41,12 +45,18 @@ def full_log_softmax(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
 ) -> torch.Tensor:
-    """``log_softmax((hidden @ weight[:K]^T + bias[:K]) / temperature)`` in float64, shape ``[..., K]``."""
+    """``log_softmax(f(hidden @ weight[:K]^T + bias[:K]) / temperature)`` in float64, shape ``[..., K]``,
+    with ``f(z) = c tanh(s z / c)`` (``s = logit_scale``, ``c = final_logit_softcapping``; ``s z`` if c is None)."""
     k = weight.shape[0] if vocab_size is None else vocab_size
     logits = hidden.to(torch.float64) @ weight.to(torch.float64)[:k].T
     if bias is not None:
         logits = logits + bias.to(torch.float64)[:k]
+    logits = logits * logit_scale
+    if final_logit_softcapping is not None:
+        logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
@@ -73,13 +83,14 @@ def divergence_from_log_probs(logp: torch.Tensor, logq: torch.Tensor, divergence
 
 
 def kl_estimator(logp: torch.Tensor, other_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Schulman's sampled-token estimators of KL(pi || other)."""
+    """Schulman's sampled-token estimators of KL(pi || other); k3 at the clamped log-ratio."""
     x = logp.to(torch.float64) - other_logp.to(torch.float64)
     if estimator == "k1":
         return x
     if estimator == "k2":
         return x * x / 2.0
     if estimator == "k3":
+        x = torch.clamp(x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         return torch.exp(-x) - 1.0 + x
     raise ValueError(f"unknown estimator {estimator!r}")
 
@@ -91,9 +102,11 @@ def ref_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p(target), entropy)``, both shaped like ``targets``, float64."""
-    logp_all = full_log_softmax(hidden, weight, bias, temperature, vocab_size)
+    logp_all = full_log_softmax(hidden, weight, bias, temperature, vocab_size, logit_scale, final_logit_softcapping)
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
@@ -110,12 +123,18 @@ def ref_divergence(
     t_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
 ) -> torch.Tensor:
     """Exact per-token divergence between student and teacher heads over the whole vocabulary."""
     if vocab_size is None and s_weight.shape[0] != t_weight.shape[0]:
         raise ValueError("student and teacher vocabularies differ; pass vocab_size")
-    logp = full_log_softmax(s_hidden, s_weight, s_bias, temperature, vocab_size)
-    logq = full_log_softmax(t_hidden, t_weight, t_bias, temperature, vocab_size)
+    logp = full_log_softmax(s_hidden, s_weight, s_bias, temperature, vocab_size, student_logit_scale,
+                            student_final_logit_softcapping)
+    logq = full_log_softmax(t_hidden, t_weight, t_bias, temperature, vocab_size, teacher_logit_scale,
+                            teacher_final_logit_softcapping)
     return divergence_from_log_probs(logp, logq, divergence, beta)
 
 
@@ -181,6 +200,10 @@ def ref_vold_loss(
     impl: str | None = None,  # accepted (and ignored) so that tests can pass vold_loss's kwargs unchanged
     chunk_size: int | None = None,
     check_finite: bool | None = None,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The VOLD objective in float64 from full logits. Returns ``(loss, metrics)``.
 
@@ -214,7 +237,8 @@ def ref_vold_loss(
     w_distill = _to_tokens("distill_mask", distill_mask, seqs, token_shape)
 
     # Student: full log-softmax over the (restricted) vocabulary.
-    logp_all = full_log_softmax(h, student_weight, student_bias, temperature, vocab_size)
+    logp_all = full_log_softmax(h, student_weight, student_bias, temperature, vocab_size, student_logit_scale,
+                                student_final_logit_softcapping)
     logp = logp_all.gather(1, y[:, None]).squeeze(1)
     entropy = -(logp_all.exp() * logp_all).sum(1)
 
@@ -226,7 +250,8 @@ def ref_vold_loss(
             raise ValueError("student and teacher vocabularies differ; pass vocab_size")
         t_h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
         t_b = None if teacher_bias is None else teacher_bias.detach()
-        logq_all = full_log_softmax(t_h, teacher_weight.detach(), t_b, temperature, vocab_size)
+        logq_all = full_log_softmax(t_h, teacher_weight.detach(), t_b, temperature, vocab_size, teacher_logit_scale,
+                                    teacher_final_logit_softcapping)
 
     # Importance ratio.
     old = logp.detach() if old_logprobs is None else old_logprobs.reshape(-1).to(f64)
@@ -242,14 +267,15 @@ def ref_vold_loss(
         log_ratio = _per_sequence_to_tokens(means, seqs)
     else:
         raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}")
-    ratio = torch.exp(log_ratio)
+    ratio_clamped = (log_ratio.detach().abs() > LOG_RATIO_CLAMP).to(f64)
+    ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
     pg = -torch.min(ratio * adv, clipped * adv)
     if clip_ratio_c is not None:
         pg = torch.where(adv < 0, torch.min(pg, -clip_ratio_c * adv), pg)
 
     per_token = pg
-    metrics_tokens: dict[str, torch.Tensor] = {"entropy": entropy, "ratio": ratio}
+    metrics_tokens: dict[str, torch.Tensor] = {"entropy": entropy, "ratio": ratio, "ratio_clamp_frac": ratio_clamped}
     metrics_tokens["clip_low"] = ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(f64)
     metrics_tokens["clip_high"] = ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(f64)
 
@@ -257,6 +283,8 @@ def ref_vold_loss(
     if ref_logprobs is not None:
         ref_kl = kl_estimator(logp, ref_logprobs.reshape(-1), ref_kl_estimator)
         metrics_tokens["ref_kl"] = ref_kl
+        x = (logp - ref_logprobs.reshape(-1).to(f64)).detach()
+        metrics_tokens["ref_kl_clamp_frac"] = ((x.abs() > LOG_RATIO_CLAMP) & (ref_kl_estimator == "k3")).to(f64)
         per_token = per_token + ref_kl_coef * ref_kl
     elif ref_kl_coef != 0.0:
         raise ValueError("ref_kl_coef != 0 needs ref_logprobs")
@@ -275,6 +303,8 @@ def ref_vold_loss(
             teacher_logp = None
         if teacher_logp is not None:
             distill = kl_estimator(logp, teacher_logp, distill_estimator)
+            x = (logp - teacher_logp).detach()
+            metrics_tokens["distill_clamp_frac"] = ((x.abs() > LOG_RATIO_CLAMP) & (distill_estimator == "k3")).to(f64)
     if distill is not None:
         metrics_tokens["distill_kl"] = distill
         weighted = distill if w_distill is None else w_distill * distill

@@ -48,6 +48,7 @@ Examples:
   python -m benchmarks.kernels                    # default sweep for this device (CPU: ~30 min timing, + memory)
   python -m benchmarks.kernels --preset quick     # smoke run, < 1 min on CPU
   python -m benchmarks.kernels --preset headline  # (N,H,V) = (4096,1024,32768) and (2048,896,151936), fp32
+  python -m benchmarks.kernels --preset headline --dtype bf16  # the same shapes, bf16 inputs (fp32 logits)
   python -m benchmarks.kernels --preset memory    # N=16384, V=32768: peak memory vs one [N, V] fp32 tensor
   python -m benchmarks.kernels --preset logprobs  # the log-prob pass alone: vold vs TRL, no_grad and with grad
   python -m benchmarks.kernels --preset gpu       # CUDA: N=4k/16k/64k, H=2048/3584, V=151936, bf16

@@ -35,20 +35,117 @@ _CHUNK_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 27}
 _MIN_CHUNK, _MAX_CHUNK = 256, 16384
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of every logit, statistic and accumulation for inputs of ``dtype``: promote(fp32, dtype),
+    i.e. fp32 for bf16 / fp16 / fp32 inputs and fp64 for fp64 inputs."""
+    return torch.promote_types(torch.float32, dtype)
+
+
+_MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def mm_out_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` of two bf16/fp16 matrices with an fp32 accumulation and an fp32 output (cuBLAS)."""
+    if out is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def mm_has_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` inputs on this device type
+    (a low-precision GEMM with fp32 accumulation and an fp32 output: cuBLAS in torch >= 2.8; not on the
+    CPU in torch 2.13). Probed once per (device type, dtype) with a 2x2 product."""
+    key = (device.type, dtype)
+    if key not in _MM_OUT_DTYPE:
+        try:
+            a = torch.zeros(2, 2, dtype=dtype, device=device)
+            _MM_OUT_DTYPE[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, NotImplementedError, TypeError):
+            _MM_OUT_DTYPE[key] = False
+    return _MM_OUT_DTYPE[key]
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """``z -> c tanh(z s / c)`` (``softcap`` c, Gemma-2's final_logit_softcapping) or ``z -> z s`` (no cap),
+    with ``s = logit_scale`` (Cohere's), applied to a head's logits ``h W^T + b`` before the temperature,
+    as TRL's chunked kernels order them. Its derivative is ``s (1 - (z'/c)^2)`` at the capped ``z'``."""
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.logit_scale == 1.0 and self.softcap is None
+
+    def apply_(self, z: torch.Tensor) -> torch.Tensor:
+        if self.softcap is not None:
+            return z.mul_(self.logit_scale / self.softcap).tanh_().mul_(self.softcap)
+        return z.mul_(self.logit_scale) if self.logit_scale != 1.0 else z
+
+    def backward_(self, dz: torch.Tensor, capped: torch.Tensor | None) -> torch.Tensor:
+        """dL/dz from dL/dz' (in place); ``capped``: z' of the chunk (consumed), needed with a soft cap."""
+        if self.softcap is not None:
+            dz.mul_(capped.div_(self.softcap).square_().neg_().add_(1.0))
+        return dz.mul_(self.logit_scale) if self.logit_scale != 1.0 else dz
+
+
+def logit_transform(prefix: str, logit_scale: float, final_logit_softcapping: float | None) -> LogitTransform:
+    """Validated ``LogitTransform``: ``{prefix}logit_scale`` finite and > 0, ``{prefix}final_logit_softcapping``
+    None or finite and > 0 (``ValueError`` naming the argument otherwise)."""
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"{prefix}logit_scale must be finite and > 0, got {logit_scale}")
+    cap = final_logit_softcapping
+    if cap is not None and not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"{prefix}final_logit_softcapping must be None or finite and > 0, got {cap}")
+    return LogitTransform(float(logit_scale), None if cap is None else float(cap))
+
+
 @dataclass
 class Head:
-    """One model's last hidden states ``[N, H]`` and lm_head ``weight [V, H]``, ``bias [V]``."""
+    """One model's last hidden states ``[N, H]`` and lm_head ``weight [V, H]``, ``bias [V]``.
+
+    Its logits are computed in ``compute_dtype(weight.dtype)`` with an accumulation of that precision
+    whatever the input dtype, and never rounded to the input dtype: bf16/fp16 inputs on CUDA use a
+    low-precision GEMM with an fp32 output (``torch.mm(out_dtype=torch.float32)``); elsewhere (the CPU:
+    torch 2.13 has no such GEMM there) the weight is upcast once per call (V x H x 4 bytes, kept while
+    the call runs) and each chunk's hidden rows when they are used. ``dtype`` may be raised by
+    ``run_chunks`` to the other head's compute dtype.
+    """
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    transform: LogitTransform = LogitTransform()
+
+    def __post_init__(self) -> None:
+        self.dtype = compute_dtype(self.weight.dtype)
+        self._upcast: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def upcast(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias)`` in ``self.dtype`` (made once, on first use)."""
+        if self._upcast is None or self._upcast[0].dtype != self.dtype:
+            bias = None if self.bias is None else self.bias.to(self.dtype)
+            self._upcast = (self.weight.to(self.dtype), bias)
+        return self._upcast
 
     def logits(self, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``hidden[start:end] @ weight^T (+ bias)``, written into ``out`` (``[end - start, V]``) when given."""
+        """``transform(hidden[start:end] @ weight^T (+ bias))`` in ``self.dtype``, into ``out`` when given."""
+        return self.transform.apply_(self._linear(start, end, out))
+
+    def _linear(self, start: int, end: int, out: torch.Tensor | None) -> torch.Tensor:
         h = self.hidden[start:end]
-        if self.bias is None:
-            return torch.mm(h, self.weight.t(), out=out)
-        return torch.addmm(self.bias, h, self.weight.t(), out=out)
+        if h.dtype == self.dtype:
+            weight, bias = self.weight, self.bias
+        elif self.dtype == torch.float32 and mm_has_out_dtype(h.device, h.dtype):
+            z = mm_out_fp32(h, self.weight.t(), out=out)
+            return z if self.bias is None else z.add_(self.bias)
+        else:
+            h = h.to(self.dtype)
+            weight, bias = self.upcast()
+        if bias is None:
+            return torch.mm(h, weight.t(), out=out)
+        return torch.addmm(bias, h, weight.t(), out=out)
 
 
 @dataclass(frozen=True)
@@ -160,13 +257,14 @@ _DIVERGENCE_CODE = {None: 0, "reverse_kl": 1, "forward_kl": 2, "jsd": 3}
 
 
 def _scaled(logits: torch.Tensor, inv_t: float) -> torch.Tensor:
-    x = logits.float()
+    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     return x * inv_t if inv_t != 1.0 else x
 
 
 class Workspace:
-    """Reusable fp32 ``[rows, V]`` scratch buffers for the eager engine, owned by one ``run_chunks`` call:
-    buffer ``i`` is allocated once and lent chunk after chunk (a ragged last chunk gets a row slice)."""
+    """Reusable ``[rows, V]`` scratch buffers (of the logits' dtype) for the eager engine, owned by one
+    ``run_chunks`` call: buffer ``i`` is allocated once and lent chunk after chunk (a ragged last chunk
+    gets a row slice)."""
 
     def __init__(self) -> None:
         self._buffers: dict[int, torch.Tensor] = {}
@@ -174,8 +272,9 @@ class Workspace:
     def get(self, index: int, like: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(index)
         rows, cols = like.shape
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.device != like.device:
-            buf = self._buffers[index] = torch.empty(rows, cols, dtype=torch.float32, device=like.device)
+        if (buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.device != like.device
+                or buf.dtype != like.dtype):
+            buf = self._buffers[index] = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
         return buf[:rows]
 
 
@@ -259,8 +358,8 @@ def chunk_statistics(
 
 
 def _shifted(logits: torch.Tensor, inv_t: float, lse: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """``logits * inv_t - lse[:, None]`` in fp32; over the logits' own buffer when ``in_place`` and fp32."""
-    if not (in_place and logits.dtype == torch.float32):
+    """``logits * inv_t - lse[:, None]``; over the logits' own buffer when ``in_place`` and fp32/fp64."""
+    if not (in_place and logits.dtype in (torch.float32, torch.float64)):
         return _scaled(logits, inv_t) - lse[:, None]
     if inv_t != 1.0:
         logits.mul_(inv_t)
@@ -375,10 +474,10 @@ class TorchChunkOps:
     def backward(self, cache: dict, g_logp, g_ent, g_div, spec: ChunkSpec) -> torch.Tensor:
         """dL/dz of the chunk. Consumes the chunk's logits: dz is written over ``z`` when z is fp32."""
         z = cache["z"]
-        args = (cache["u"], cache["targets"], cache["stats"], g_logp.float(), g_ent, g_div,
+        args = (cache["u"], cache["targets"], cache["stats"], g_logp.to(z.dtype), g_ent, g_div,
                 spec.inv_temperature, cache["code"], spec.beta, spec.shard)
         if self.compiled and z.shape[0] == self.chunk_rows and spec.shard is None:
-            if z.dtype == torch.float32 and z.is_contiguous():
+            if z.dtype in (torch.float32, torch.float64) and z.is_contiguous():
                 _compiled(_logit_grad_into)(z, *args)
                 return z
             return _compiled(chunk_logit_grad)(z, *args)
@@ -423,27 +522,45 @@ def run_chunks(
 ) -> ChunkResult:
     """Run ``ops`` over all chunks; with ``objective``, also return the student's gradients.
 
-    Statistics named in ``keep`` are gathered into ``[N]`` vectors. Gradients w.r.t. the student's
-    weight and bias are accumulated in fp32 and returned in the weight's dtype.
+    Logits and statistics are in the heads' common compute dtype (``compute_dtype``: fp32, or fp64 when
+    an input is fp64);
+    statistics named in ``keep`` are gathered into ``[N]`` vectors of that dtype. The logit gradient
+    ``dL/dz`` is computed in that dtype and is *not* rounded to a bf16/fp16 input dtype before the dX / dW
+    GEMMs: near convergence (student ~ teacher) that rounding alone put 1-2.6e-3 of the gradient's max
+    on top of the gradient's own final rounding (measured on issue 11's case). On the CPU the GEMMs run
+    on the fp32 weight copy made for the logits; on CUDA dz is split into two bf16 parts (hi + lo) and
+    each goes through a bf16 GEMM with an fp32 output. Gradients w.r.t. the student's weight and bias
+    are accumulated across chunks in the compute dtype and returned in the input's dtype.
     """
     n = student.hidden.shape[0]
     device = student.hidden.device
     dtype = student.weight.dtype
+    acc = student.dtype if teacher is None else torch.promote_types(student.dtype, teacher.dtype)
+    student.dtype = acc
+    if teacher is not None:
+        teacher.dtype = acc
     want_grads = objective is not None and (grad_hidden or grad_weight or grad_bias)
     result = ChunkResult(stats={})
-    gh = torch.empty_like(student.hidden) if want_grads and grad_hidden else None
-    gw = torch.zeros(student.weight.shape, dtype=torch.float32, device=device) if want_grads and grad_weight else None
-    gb = torch.zeros(student.weight.shape[0], dtype=torch.float32, device=device) if want_grads and grad_bias else None
+    # fp16 gradients are returned in the compute dtype: the caller casts them (``cast_grad``), after any
+    # scaling, and says so if they do not fit fp16's range
+    grad_dtype = acc if dtype == torch.float16 else dtype
+    gh = torch.empty_like(student.hidden, dtype=grad_dtype) if want_grads and grad_hidden else None
+    gw = torch.zeros(student.weight.shape, dtype=acc, device=device) if want_grads and grad_weight else None
+    gb = torch.zeros(student.weight.shape[0], dtype=acc, device=device) if want_grads and grad_bias else None
     pieces: dict[str, list[torch.Tensor]] = {}
     # One logits buffer per model for the whole call, reused chunk after chunk (the backward overwrites
     # it with dz): a new [chunk, V] tensor per chunk would be a fresh, page-faulted allocation each time.
     use_teacher = teacher is not None and spec.needs_teacher
     workspace = Workspace()  # the eager engine's intermediates, freed when this call returns
     rows = min(chunk_size, n)
-    z_buf = torch.empty(rows, student.weight.shape[0], dtype=student.weight.dtype, device=device)
+    z_buf = torch.empty(rows, student.weight.shape[0], dtype=acc, device=device)
+    # a soft cap's derivative needs the capped logits, which the backward overwrites with dz: a copy
+    capped_buf = None
+    if want_grads and student.transform.softcap is not None:
+        capped_buf = torch.empty_like(z_buf)
     u_buf = None
     if use_teacher:
-        u_buf = torch.empty(rows, teacher.weight.shape[0], dtype=teacher.weight.dtype, device=device)
+        u_buf = torch.empty(rows, teacher.weight.shape[0], dtype=teacher.dtype, device=device)
     for start in range(0, n, chunk_size):
         end = min(n, start + chunk_size)
         z = student.logits(start, end, out=z_buf[: end - start])
@@ -458,39 +575,79 @@ def run_chunks(
         g_logp, g_ent, g_div = objective(start, end, stats)
         if not want_grads:
             continue
+        capped = None if capped_buf is None else capped_buf[: end - start].copy_(cache["z"])
         dz = ops.backward(cache, g_logp, g_ent, g_div, spec)
         del cache
-        dz_mm = dz if dz.dtype == dtype else dz.to(dtype)
+        if not student.transform.identity:
+            dz = student.transform.backward_(dz, capped)
+        gb_done = False
         h = student.hidden[start:end]
-        if gh is not None:
-            torch.mm(dz_mm, student.weight, out=gh[start:end])
-        if gw is not None:
-            if dtype == torch.float32:
-                gw.addmm_(dz_mm.t(), h)
-            else:
-                gw += (dz_mm.t() @ h).float()
-        if gb is not None:
-            gb += dz.float().sum(0)
-        del dz, dz_mm
-    result.stats = {k: torch.cat(v) if v else torch.empty(0, device=device) for k, v in pieces.items()}
+        if dtype == acc:
+            if gh is not None:
+                torch.mm(dz, student.weight, out=gh[start:end])
+            if gw is not None:
+                gw.addmm_(dz.t(), h)
+        elif acc == torch.float32 and mm_has_out_dtype(device, dtype):
+            # dz = (hi + lo) / k to ~2^-16 relative (bf16), two low-precision GEMMs each with an fp32 output;
+            # k, a power of two bringing max|dz| near 1 (no host sync), keeps tiny dz out of fp16's subnormals
+            k = torch.exp2(-torch.floor(torch.log2(dz.abs().amax().clamp(min=torch.finfo(acc).tiny))))
+            hi = dz.mul_(k).to(dtype)
+            lo = dz.sub_(hi).to(dtype)
+            if gh is not None:
+                gh[start:end] = mm_out_fp32(hi, student.weight).add_(mm_out_fp32(lo, student.weight)).div_(k)
+            if gw is not None:
+                gw += mm_out_fp32(hi.t(), h).add_(mm_out_fp32(lo.t(), h)).div_(k)
+            if gb is not None:
+                gb += hi.sum(0, dtype=acc).add_(lo.sum(0, dtype=acc)).div_(k)
+                gb_done = True
+        else:  # no such GEMM here: the weight upcast made for the logits serves the backward GEMMs too
+            weight_acc, _ = student.upcast()
+            if gh is not None:
+                gh[start:end] = dz @ weight_acc
+            if gw is not None:
+                gw.addmm_(dz.t(), h.to(acc))
+        if gb is not None and not gb_done:
+            gb += dz.sum(0)
+        del dz
+    result.stats = {k: torch.cat(v) if v else torch.empty(0, dtype=acc, device=device) for k, v in pieces.items()}
     if n == 0:
-        result.stats = {k: torch.empty(0, device=device) for k in keep}
+        result.stats = {k: torch.empty(0, dtype=acc, device=device) for k in keep}
     if want_grads:
         if gh is not None and spec.shard is not None:
             spec.shard.sum(gh)  # each rank holds dz_shard @ W_shard; the hidden states are replicated
         result.grad_hidden = gh if gh is not None else None
-        result.grad_weight = None if gw is None else gw.to(dtype)
-        result.grad_bias = None if gb is None else gb.to(dtype)
+        result.grad_weight = None if gw is None else gw.to(grad_dtype)
+        result.grad_bias = None if gb is None else gb.to(grad_dtype)
         if n == 0 and gh is not None:
-            result.grad_hidden = torch.zeros_like(student.hidden)
+            result.grad_hidden = torch.zeros_like(student.hidden, dtype=grad_dtype)
     return result
 
 
-def get_ops(impl: str, device: torch.device, chunk_size: int | None = None):
+def cast_grad(name: str, grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``grad`` in ``dtype`` (the input's). A finite gradient that does not fit float16's range (|g| > 65504)
+    raises ``ValueError`` naming the input instead of coming back as inf."""
+    if grad is None or grad.dtype == dtype:
+        return grad
+    out = grad.to(dtype)
+    if dtype == torch.float16 and not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"the gradient w.r.t. {name} overflows float16 (max |g| = {float(grad.abs().max()):.3g} > 65504): "
+            "use bf16 or fp32 inputs, or scale the loss down"
+        )
+    return out
+
+
+def get_ops(impl: str, device: torch.device, chunk_size: int | None = None, dtype: torch.dtype = torch.float32):
     """The engine for ``impl``: "torch", "torch_compile", "triton" or "auto" (triton on CUDA when
-    installed, else torch). ``chunk_size``: the row count torch_compile compiles for."""
+    installed and the inputs are not fp64, else torch). ``chunk_size``: the row count torch_compile
+    compiles for. ``dtype``: the inputs' dtype; the Triton kernels compute in fp32, so fp64 inputs with
+    ``impl="triton"`` raise ``ValueError``."""
     if impl == "auto":
-        impl = "triton" if device.type == "cuda" and _triton_available() else "torch"
+        use_triton = device.type == "cuda" and dtype != torch.float64 and _triton_available()
+        impl = "triton" if use_triton else "torch"
+    if impl == "triton" and dtype == torch.float64:
+        raise ValueError("impl='triton' computes in fp32 and does not take float64 inputs; use impl='torch' "
+                         "(or 'torch_compile', or 'auto') for float64 math end to end")
     if impl == "torch":
         return TorchChunkOps()
     if impl == "torch_compile":

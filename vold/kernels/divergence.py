@@ -5,39 +5,55 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, resolve_shard, run_chunks
+from .chunked import (
+    ChunkSpec,
+    Head,
+    cast_grad,
+    compute_dtype,
+    default_chunk_size,
+    get_ops,
+    logit_transform,
+    resolve_shard,
+    run_chunks,
+)
 
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
     """Forward keeps only ``[N]`` divergences; backward recomputes both chunks' logits."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, spec: ChunkSpec, ops, chunk_size: int):
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, spec: ChunkSpec, ops, chunk_size: int,
+                transforms):
         dummy = torch.zeros(s_hidden.shape[0], dtype=torch.long, device=s_hidden.device)
-        teacher = Head(t_hidden, t_weight, t_bias)
-        student = Head(s_hidden, s_weight, s_bias)
+        student = Head(s_hidden, s_weight, s_bias, transforms[0])
+        teacher = Head(t_hidden, t_weight, t_bias, transforms[1])
         result = run_chunks(student, teacher, dummy, spec, ops, chunk_size, keep=("divergence",))
         ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
-        ctx.spec, ctx.ops, ctx.chunk_size = spec, ops, chunk_size
+        ctx.spec, ctx.ops, ctx.chunk_size, ctx.transforms = spec, ops, chunk_size, transforms
         return result.stats["divergence"]
 
     @staticmethod
     def backward(ctx, grad_div):
         s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_div = grad_div.float()
-        zeros = torch.zeros(s_hidden.shape[0], device=s_hidden.device)
+        acc = compute_dtype(s_weight.dtype)
+        grad_div = grad_div.to(acc)
+        zeros = torch.zeros(s_hidden.shape[0], dtype=acc, device=s_hidden.device)
         dummy = torch.zeros(s_hidden.shape[0], dtype=torch.long, device=s_hidden.device)
 
         def objective(start: int, end: int, stats: dict):
             return zeros[start:end], None, grad_div[start:end]
 
         result = run_chunks(
-            Head(s_hidden, s_weight, s_bias), Head(t_hidden, t_weight, t_bias), dummy, ctx.spec, ctx.ops,
+            Head(s_hidden, s_weight, s_bias, ctx.transforms[0]), Head(t_hidden, t_weight, t_bias, ctx.transforms[1]),
+            dummy, ctx.spec, ctx.ops,
             ctx.chunk_size, objective=objective, grad_hidden=need_h, grad_weight=need_w,
             grad_bias=need_b and s_bias is not None, keep=(),
         )
-        return result.grad_hidden, result.grad_weight, result.grad_bias, None, None, None, None, None, None
+        grads = (cast_grad(name, g, s_hidden.dtype) for name, g in (
+            ("student_hidden", result.grad_hidden), ("student_weight", result.grad_weight),
+            ("student_bias", result.grad_bias)))
+        return *grads, None, None, None, None, None, None, None
 
 
 def divergence_spec(divergence: str, beta: float, temperature: float, **extra) -> ChunkSpec:
@@ -67,12 +83,17 @@ def fused_linear_divergence(
     chunk_size: int | None = None,
     check_finite: bool = True,
     process_group=None,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
 ) -> torch.Tensor:
     """Exact per-token divergence between student p and teacher q over the whole vocabulary.
 
     ``p = softmax((student_hidden @ student_weight^T + b_s) / T)``, ``q`` likewise for the teacher.
     Shapes: ``student_hidden [..., Hs]``, ``student_weight [V, Hs]``, ``teacher_hidden [..., Ht]``,
-    ``teacher_weight [V, Ht]`` (Hs may differ from Ht) → ``[...]`` fp32:
+    ``teacher_weight [V, Ht]`` (Hs may differ from Ht) → ``[...]`` in promote(fp32, input dtype) (fp32 for
+    fp32 / bf16 / fp16 inputs, with both heads' logits accumulated and kept in fp32; fp64 for fp64 inputs):
 
     - ``"reverse_kl"``: KL(p || q) = sum_j p_j (log p_j - log q_j)   (VOLD's distillation term)
     - ``"forward_kl"``: KL(q || p) = sum_j q_j (log q_j - log p_j)
@@ -82,10 +103,14 @@ def fused_linear_divergence(
     Gradients flow to the student only; the teacher is frozen. Heads with different V need
     ``vocab_size=`` (rows ``[0, vocab_size)`` of both are compared), else ``ValueError``.
     ``process_group``: both weights are this rank's equal vocabulary shard (see ``fused_linear_logprobs``).
+    ``{student,teacher}_logit_scale`` s and ``{student,teacher}_final_logit_softcapping`` c transform each
+    head's logits before the temperature, in TRL's order: ``z' = c tanh(s z / c) / T``.
     """
     checks.check_linear_head("student_", student_hidden, student_weight, student_bias, finite=check_finite)
     checks.check_linear_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, finite=check_finite)
     checks.check_choice("impl", impl, checks.IMPLS)
+    transforms = (logit_transform("student_", student_logit_scale, student_final_logit_softcapping),
+                  logit_transform("teacher_", teacher_logit_scale, teacher_final_logit_softcapping))
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} "
@@ -103,7 +128,8 @@ def fused_linear_divergence(
     chunk = max(1, chunk)
     out = FusedLinearDivergenceFunction.apply(
         s_hidden, student_weight[:vocab], s_bias, t_hidden, teacher_weight[:vocab].detach(), t_bias,
-        spec, get_ops(impl, s_hidden.device, chunk), chunk,
+        spec, get_ops(impl, s_hidden.device, chunk, torch.promote_types(student_weight.dtype, teacher_weight.dtype)),
+        chunk, transforms,
     )
     return out.view(leading)
 

@@ -8,8 +8,8 @@ vectors (cheap: ``[chunk]`` elements); the engines turn them into logit gradient
 
 Per-token objective (sums run over completion tokens t of sequence i, weight ``m_t`` = mask)::
 
-    r_t      = exp(logp_t - old_t)                 (token level)
-             = exp(mean_{t in i}(logp_t - old_t))   (sequence level, GSPO), broadcast to tokens
+    r_t      = exp(clamp(logp_t - old_t, -B, B))                 (token level)
+             = exp(clamp(mean_{t in i}(logp_t - old_t), -B, B))   (sequence level, GSPO), broadcast to tokens
     pg_t     = -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i)
                and, with dual-clip c > 1, for A_i < 0: min(pg_t, -c A_i)
     l_t      = pg_t + ref_kl_coef * k(logp_t, ref_t) + distill_coef * w^d_t * D_t - entropy_coef * H_t
@@ -18,6 +18,17 @@ Per-token objective (sums run over completion tokens t of sequence i, weight ``m
 
 KL estimators of KL(pi || other) from a token sampled from pi, with ``x = logp - other_logp``:
 k1 = x, k2 = x^2 / 2, k3 = exp(-x) - 1 + x (Schulman's estimators).
+
+Overflow: every exponentiated log-ratio (the importance ratio, token and sequence level, and k3 for
+the reference KL and the distillation term) is clamped first, ``x -> clamp(x, -B, B)`` with
+``B = LOG_RATIO_CLAMP = 20`` (e^20 ~ 4.85e8; verl clamps its ratio's log-ratio at the same bound).
+The clamped expression is what is differentiated: where ``|x| > B`` the value is that at ``x = +-B``
+and the gradient through ``x`` is exactly 0 (``torch.clamp``'s); where ``|x| <= B`` the value and
+the gradient are the exact ones. So values and gradients stay finite (``e^B`` times any finite
+advantage or coefficient fits fp32 easily), and a ratio beyond e^20 is far outside any PPO clip
+range: the clipped branch (gradient 0) is the one selected unless A < 0 without dual clip. The
+fractions of clamped tokens are reported as ``ratio_clamp_frac``, ``ref_kl_clamp_frac`` and
+``distill_clamp_frac``. k1 and k2 exponentiate nothing and are never clamped.
 """
 
 from __future__ import annotations
@@ -30,19 +41,45 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 DISTILL_ESTIMATORS = ("full", *KL_ESTIMATORS)
-METRIC_NAMES = ("loss", "policy_loss", "distill_kl", "entropy", "ref_kl", "ratio", "clip_low", "clip_high")
+METRIC_NAMES = ("loss", "policy_loss", "distill_kl", "entropy", "ref_kl", "ratio", "clip_low", "clip_high",
+                "ratio_clamp_frac", "ref_kl_clamp_frac", "distill_clamp_frac")
+# Bound on |log-ratio| before any exponentiation (importance ratio, k3): e^20 ~ 4.85e8 (verl's bound for its
+# ratio's log). A ratio beyond e^+-20 is far outside every PPO clip range.
+LOG_RATIO_CLAMP = 20.0
+
+
+def clamp_log_ratio(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(clamp(x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), |x| > LOG_RATIO_CLAMP)``; the gradient through a
+    clamped element is exactly 0."""
+    return x.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), x.detach().abs() > LOG_RATIO_CLAMP
+
+
+def kl_estimate_clamped(
+    logp: torch.Tensor, other_logp: torch.Tensor, estimator: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(kl_estimate(...), clamped [N] bool or None)``: k3 is evaluated at the clamped log-ratio."""
+    x = logp - other_logp
+    if estimator == "k1":
+        return x, None
+    if estimator == "k2":
+        return 0.5 * x * x, None
+    if estimator == "k3":
+        xc, clamped = clamp_log_ratio(x)
+        return torch.expm1(-xc) + xc, clamped
+    raise ValueError(f"estimator={estimator!r} is not one of {KL_ESTIMATORS}")
 
 
 def kl_estimate(logp: torch.Tensor, other_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi || other) from tokens sampled from pi: k1, k2 or k3."""
-    x = logp - other_logp
-    if estimator == "k1":
-        return x
-    if estimator == "k2":
-        return 0.5 * x * x
-    if estimator == "k3":
-        return torch.expm1(-x) + x
-    raise ValueError(f"estimator={estimator!r} is not one of {KL_ESTIMATORS}")
+    """Per-token estimate of KL(pi || other) from tokens sampled from pi (Schulman, "Approximating KL
+    divergence", 2020), with ``x = logp - other_logp``:
+
+    - ``"k1"``: ``x``;  ``"k2"``: ``x^2 / 2``;
+    - ``"k3"``: ``e^{-x'} - 1 + x'`` with ``x' = clamp(x, -20, 20)`` (``LOG_RATIO_CLAMP``): exact for
+      ``|x| <= 20``, the value at the bound (gradient 0) beyond it, so never inf/NaN.
+
+    Shapes: any, broadcast; returns the promoted float dtype. Raises ``ValueError`` for another estimator.
+    """
+    return kl_estimate_clamped(logp, other_logp, estimator)[0]
 
 
 @dataclass(frozen=True)
@@ -82,7 +119,7 @@ def normalization_weights(
     - dr_grpo: n_t = m_t / (B * max_completion_length)  constant denominator (Dr. GRPO)
     - dapo:    n_t = m_t / token_normalizer           global token count (default: this batch's)
     """
-    mask = mask.float()
+    mask = mask if mask.is_floating_point() else mask.float()
     if loss_type == "grpo":
         lengths = torch.zeros(num_seqs, dtype=mask.dtype, device=mask.device).index_add_(0, seq_index, mask)
         return mask / (num_seqs * lengths.clamp(min=1.0)[seq_index])
@@ -108,18 +145,21 @@ def policy_gradient_loss(
     mask: torch.Tensor,
     seq_index: torch.Tensor | None = None,
     num_seqs: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate per token. Returns ``(pg [N], ratio [N], clipped_low [N], clipped_high [N])``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate per token. Returns ``(pg [N], ratio [N], clipped_low [N], clipped_high [N], clamped [N])``.
 
-    Token level works on any subset of tokens; sequence level needs every token of each sequence
-    (``seq_index``/``num_seqs`` given) since r_i = exp(mean over the sequence of logp - old).
+Token level works on any subset of tokens; sequence level needs every token of each sequence
+    (``seq_index``/``num_seqs`` given) since r_i = exp(mean over the sequence of logp - old). The
+    log-ratio (the sequence mean at sequence level) is clamped to +-LOG_RATIO_CLAMP before ``exp``;
+    ``clamped [N]`` marks the tokens where that happened.
     """
     log_ratio = logp - (logp.detach() if old_logp is None else old_logp)
     if cfg.importance_sampling_level == "sequence":
-        m = mask.float()
+        m = mask
         sums = torch.zeros(num_seqs, dtype=log_ratio.dtype, device=logp.device).index_add(0, seq_index, log_ratio * m)
         lengths = torch.zeros(num_seqs, dtype=m.dtype, device=m.device).index_add_(0, seq_index, m)
         log_ratio = (sums / lengths.clamp(min=1.0))[seq_index]
+    log_ratio, clamped = clamp_log_ratio(log_ratio)
     ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)
     pg = -torch.min(ratio * advantages, clipped * advantages)
@@ -127,7 +167,7 @@ def policy_gradient_loss(
         pg = torch.where(advantages < 0, torch.min(pg, -cfg.clip_ratio_c * advantages), pg)
     clip_low = (ratio < 1.0 - cfg.epsilon_low) & (advantages < 0)
     clip_high = (ratio > 1.0 + cfg.epsilon_high) & (advantages > 0)
-    return pg, ratio.detach(), clip_low, clip_high
+    return pg, ratio.detach(), clip_low, clip_high, clamped
 
 
 @dataclass
@@ -160,7 +200,7 @@ class TokenInputs:
 
 
 def _leaf(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.detach().float().requires_grad_(True)
+    return None if x is None else x.detach().requires_grad_(True)
 
 
 def token_objective(
@@ -182,11 +222,11 @@ def token_objective(
     """
     with torch.enable_grad():
         logp_leaf, ent_leaf, div_leaf = _leaf(logp), _leaf(entropy), _leaf(divergence)
-        m = inputs.mask.float()
+        m = inputs.mask
         per_token = torch.zeros_like(logp_leaf)
         sums: dict[str, torch.Tensor] = {}
         if include_policy:
-            pg, ratio, low, high = policy_gradient_loss(
+            pg, ratio, low, high, clamped = policy_gradient_loss(
                 cfg, logp_leaf, inputs.old_logp, inputs.advantages, mask=m,
                 seq_index=inputs.seq_index, num_seqs=inputs.num_seqs,
             )
@@ -195,17 +235,20 @@ def token_objective(
             sums["ratio"] = (m * ratio).sum()
             sums["clip_low"] = (m * low).sum()
             sums["clip_high"] = (m * high).sum()
+            sums["ratio_clamp_frac"] = (m * clamped).sum()
         if include_local and cfg.ref_kl_coef != 0.0 and inputs.ref_logp is not None:
-            ref_kl = kl_estimate(logp_leaf, inputs.ref_logp, cfg.ref_kl_estimator)
+            ref_kl, clamped = kl_estimate_clamped(logp_leaf, inputs.ref_logp, cfg.ref_kl_estimator)
             per_token = per_token + cfg.ref_kl_coef * ref_kl
             sums["ref_kl"] = (m * ref_kl).sum().detach()
+            sums["ref_kl_clamp_frac"] = (m * clamped).sum() if clamped is not None else m.new_zeros(())
         distill = None
         if not include_local:
             pass
         elif cfg.distill_estimator == "full":
             distill = div_leaf
         elif inputs.teacher_logp is not None:
-            distill = kl_estimate(logp_leaf, inputs.teacher_logp, cfg.distill_estimator)
+            distill, clamped = kl_estimate_clamped(logp_leaf, inputs.teacher_logp, cfg.distill_estimator)
+            sums["distill_clamp_frac"] = (m * clamped).sum() if clamped is not None else m.new_zeros(())
         if distill is not None:
             sums["distill_kl"] = (m * distill).sum().detach()
             if cfg.distill_coef != 0.0:

@@ -12,7 +12,18 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import checks
-from .chunked import ChunkSpec, Head, default_chunk_size, get_ops, resolve_shard, run_chunks
+from .chunked import (
+    ChunkSpec,
+    Head,
+    LogitTransform,
+    cast_grad,
+    compute_dtype,
+    default_chunk_size,
+    get_ops,
+    logit_transform,
+    resolve_shard,
+    run_chunks,
+)
 from .divergence import divergence_spec
 from .policy_loss import (
     DISTILL_ESTIMATORS,
@@ -37,6 +48,8 @@ class _Call:
     chunk_size: int
     metric_names: tuple[str, ...] = ()
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    student_transform: LogitTransform = LogitTransform()
+    teacher_transform: LogitTransform = LogitTransform()
 
 
 class VoldLossFunction(torch.autograd.Function):
@@ -45,11 +58,11 @@ class VoldLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, targets, call: _Call):
         cfg, inputs = call.cfg, call.inputs
-        student = Head(s_hidden, s_weight, s_bias)
-        teacher = None if t_hidden is None else Head(t_hidden, t_weight, t_bias)
+        student = Head(s_hidden, s_weight, s_bias, call.student_transform)
+        teacher = None if t_hidden is None else Head(t_hidden, t_weight, t_bias, call.teacher_transform)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         sequence_level = cfg.importance_sampling_level == "sequence"
-        total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
+        total = torch.zeros((), dtype=call.inputs.norm.dtype, device=s_hidden.device)
         sums: dict[str, torch.Tensor] = {}
 
         def add(parts: dict[str, torch.Tensor]) -> None:
@@ -90,37 +103,40 @@ class VoldLossFunction(torch.autograd.Function):
             student, teacher, targets, call.spec, call.ops, call.chunk_size, objective=objective,
             grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b and s_bias is not None, keep=(),
         )
-        denom = inputs.mask.float().sum().clamp(min=1.0)
+        denom = inputs.mask.sum().clamp(min=1.0)
         call.metrics["loss"] = total.detach()
         for key, value in sums.items():
             call.metrics[key] = value if key == "policy_loss" else value / denom
         for key in call.metric_names:  # an all-masked batch still reports every metric (as 0)
-            call.metrics.setdefault(key, torch.zeros((), device=s_hidden.device))
+            call.metrics.setdefault(key, torch.zeros((), dtype=total.dtype, device=s_hidden.device))
+        # fp16 inputs: the gradients stay in fp32 until backward has scaled them (cast_grad)
         ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
+        ctx.input_dtype = s_weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
         gh, gw, gb = ctx.saved_tensors
-        scale = grad_output.float()
+        scale = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32))
 
-        def scaled(g):
-            return None if g is None else (g * scale).to(g.dtype)
+        def scaled(name, g):
+            return None if g is None else cast_grad(name, (g * scale).to(g.dtype), ctx.input_dtype)
 
-        return scaled(gh), scaled(gw), scaled(gb), None, None, None, None, None
+        return (scaled("student_hidden", gh), scaled("student_weight", gw), scaled("student_bias", gb),
+                None, None, None, None, None)
 
 
 def _per_token(name: str, value: torch.Tensor | None, num_seqs: int, seq_index: torch.Tensor,
-               token_shape: torch.Size) -> torch.Tensor | None:
-    """Broadcast a per-sequence ``[B]`` tensor to tokens, or flatten a per-token one."""
+               token_shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+    """Broadcast a per-sequence ``[B]`` tensor to tokens, or flatten a per-token one (as ``dtype``)."""
     if value is None:
         return None
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.shape == (num_seqs,):
-        return value.float()[seq_index]
+        return value.to(dtype)[seq_index]
     if value.shape == token_shape:
-        return value.reshape(-1).float()
+        return value.reshape(-1).to(dtype)
     raise ValueError(f"{name} must be [B={num_seqs}] per sequence or {tuple(token_shape)} per token, "
                      f"got {tuple(value.shape)}")
 
@@ -161,6 +177,10 @@ def vold_loss(
     chunk_size: int | None = None,
     check_finite: bool = True,
     process_group=None,
+    student_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The VOLD stage-2 objective: GRPO + ref KL + distill_coef * D(student || teacher) - entropy bonus.
 
@@ -186,6 +206,19 @@ def vold_loss(
     the loss). Only ``[chunk, V]`` logits exist at a time; gradients reach the student only.
     ``process_group``: vocab-parallel lm_heads, each rank passing its equal vocabulary shard of both
     weights and the replicated hidden states (see ``fused_linear_logprobs``).
+
+    ``{student,teacher}_logit_scale`` s and ``{student,teacher}_final_logit_softcapping`` c transform each
+    head's logits before the temperature, in TRL's order: ``z' = c tanh(s z / c) / T`` (Gemma-2 / Cohere heads).
+
+    Overflow: the importance log-ratio (token, or the sequence mean for ``"sequence"``) and k3's log-ratio
+    (``ref_kl_estimator``/``distill_estimator="k3"``) are clamped to +-20 (``LOG_RATIO_CLAMP``) before
+    ``exp``: exact inside, the value at the bound with gradient 0 outside, so loss and gradients are finite
+    for any finite log-probs (metrics ``ratio_clamp_frac``, ``ref_kl_clamp_frac``, ``distill_clamp_frac``:
+    masked fraction of clamped tokens). Dtypes: per-token math, loss and metrics in promote(fp32, heads'
+    dtype): fp32 for fp32/bf16/fp16 heads (logits accumulated and kept in fp32), fp64 for fp64 heads.
+    Raises ``ValueError`` (naming the argument) for bad shapes/options, NaN/inf in hidden states or in
+    the log-probs/advantages of tokens that count (``check_finite``), fp64 with ``impl="triton"``, and,
+    in backward, an fp16 gradient beyond fp16's range.
     """
     for name, value, choices in (
         ("loss_type", loss_type, LOSS_TYPES), ("importance_sampling_level", importance_sampling_level, IS_LEVELS),
@@ -197,6 +230,8 @@ def vold_loss(
         raise ValueError(f"epsilon_low/epsilon_high must be >= 0, got {epsilon_low}, {epsilon_high}")
     if clip_ratio_c is not None and not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {clip_ratio_c}")
+    student_transform = logit_transform("student_", student_logit_scale, student_final_logit_softcapping)
+    teacher_transform = logit_transform("teacher_", teacher_logit_scale, teacher_final_logit_softcapping)
     checks.check_linear_head("student_", student_hidden, student_weight, student_bias, finite=check_finite)
     has_teacher_head = teacher_hidden is not None or teacher_weight is not None
     if has_teacher_head:
@@ -253,11 +288,15 @@ def vold_loss(
     if ref_kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("ref_kl_coef != 0 needs ref_logprobs")
 
-    flat_mask = mask.reshape(-1).float()
+    # Per-token math in promote(fp32, the heads' dtypes): fp32, or fp64 end to end for fp64 inputs.
+    acc = compute_dtype(student_weight.dtype)
+    if has_teacher_head:
+        acc = torch.promote_types(acc, teacher_weight.dtype)
+    flat_mask = mask.reshape(-1).to(acc)
     norm = normalization_weights(flat_mask, seq_index, num_seqs, loss_type,
                                  max_completion_length=max_completion_length, token_normalizer=token_normalizer)
-    flat_adv = _per_token("advantages", advantages, num_seqs, seq_index, token_shape)
-    flat_dmask = _per_token("distill_mask", distill_mask, num_seqs, seq_index, token_shape)
+    flat_adv = _per_token("advantages", advantages, num_seqs, seq_index, token_shape, acc)
+    flat_dmask = _per_token("distill_mask", distill_mask, num_seqs, seq_index, token_shape, acc)
 
     # ---- keep only tokens that count (mask != 0); padding never reaches the vocabulary ----------
     active = flat_mask.nonzero().view(-1)
@@ -267,9 +306,9 @@ def vold_loss(
 
     inputs = TokenInputs(
         norm=norm.index_select(0, active), mask=pick(flat_mask), advantages=pick(flat_adv),
-        old_logp=pick(None if old_logprobs is None else old_logprobs.float()),
-        ref_logp=pick(None if ref_logprobs is None else ref_logprobs.float()),
-        teacher_logp=pick(None if teacher_logprobs is None else teacher_logprobs.float()),
+        old_logp=pick(None if old_logprobs is None else old_logprobs.to(acc)),
+        ref_logp=pick(None if ref_logprobs is None else ref_logprobs.to(acc)),
+        teacher_logp=pick(None if teacher_logprobs is None else teacher_logprobs.to(acc)),
         distill_weight=pick(flat_dmask), seq_index=pick(seq_index), num_seqs=num_seqs,
     )
     if check_finite:
@@ -302,13 +341,16 @@ def vold_loss(
         entropy_coef=entropy_coef,
     )
     chunk = max(1, chunk_size or default_chunk_size(vocab, s_hidden.device))
-    metric_names = ("loss", "policy_loss", "entropy", "ratio", "clip_low", "clip_high")
+    metric_names = ("loss", "policy_loss", "entropy", "ratio", "clip_low", "clip_high", "ratio_clamp_frac")
     if ref_kl_coef != 0.0:
-        metric_names += ("ref_kl",)
+        metric_names += ("ref_kl", "ref_kl_clamp_frac")
     if use_full or need_teacher_logp or (distill_estimator != "full" and teacher_logprobs is not None):
         metric_names += ("distill_kl",)
-    call = _Call(inputs=inputs, cfg=cfg, spec=spec, ops=get_ops(impl, s_hidden.device, chunk), chunk_size=chunk,
-                 metric_names=metric_names)
+    if distill_estimator != "full" and (need_teacher_logp or teacher_logprobs is not None):
+        metric_names += ("distill_clamp_frac",)
+    ops = get_ops(impl, s_hidden.device, chunk, acc)
+    call = _Call(inputs=inputs, cfg=cfg, spec=spec, ops=ops, chunk_size=chunk, metric_names=metric_names,
+                 student_transform=student_transform, teacher_transform=teacher_transform)
     s_bias = None if student_bias is None else student_bias[:vocab]
     loss = VoldLossFunction.apply(s_hidden, student_weight[:vocab], s_bias, t_hidden, t_weight, t_bias,
                                   s_targets, call)
