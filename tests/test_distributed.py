@@ -328,7 +328,7 @@ def test_example_gpu_configs_divide_over_their_ranks(name, world):
     assert cfg.data.batch_size % world == 0 and (rollouts // world) % micro_batches == 0
     assert rollouts // world // cfg.optim.grad_accum == 10  # micro-batches of 10 rollouts
     step = cfg.sft.batch_size * cfg.sft.grad_accum
-    assert step == 64 and step % world == 0 and step // world >= cfg.sft.grad_accum
+    assert step == 256 and step % world == 0 and step // world >= cfg.sft.grad_accum
     assert cfg.rollout.tensor_parallel_size == 1 and cfg.optim.packing and cfg.sft.packing
     assert cfg.distributed.backend == "deepspeed" and Path(ROOT / cfg.distributed.deepspeed_config).is_file()
     assert (ROOT / "scripts" / f"launch_{world // 8}x8.sh").is_file()
