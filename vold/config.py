@@ -144,7 +144,8 @@ class LossConfig:
     scale_rewards: str = "group"  # group: (r - mean) / (std + eps); none: r - mean (Dr. GRPO)
     # TRL's name (DAPO's overlong filtering, Yu et al. 2025 §3.4): a completion that hit rollout.max_new_tokens
     # without EOS gets mask 0 in the loss (no policy gradient, no KL terms) and leaves the normalisation counts
-    # (tokens, sequences); it still counts in its group's reward statistics and in every logged metric
+    # (tokens, sequences); it still counts in its group's reward statistics and in the rollout metrics (rewards,
+    # lengths, completion/truncated_frac), not in the loss metrics (kl, clip fractions: over the loss's tokens)
     mask_truncated_completions: bool = False
     impl: str = "auto"  # kernels engine: auto | torch | torch_compile | triton
     chunk_size: int | None = None
