@@ -322,3 +322,28 @@ def test_frozen_tower_and_lora_under_two_gloo_ranks(tmp_path):
     frozen_unchanged(start, got, {"vision_tower", "projector"})
     errors = weight_errors(got, want, start)
     assert errors["rel"] < 1e-5 and errors["norm_vs_update"] < 2e-3, errors
+
+
+def test_default_lora_student_in_train_mode_is_the_merged_policy(tiny):
+    """With the default ``model.lora`` settings the trainer's student (train mode, as in ``optimize``) computes
+    the log-probs of the merged model the rollouts sample from (a LoRA dropout > 0 would not: checked too)."""
+    pytest.importorskip("peft")
+    logps = {}
+    for dropout in (None, 0.5):
+        extra = [] if dropout is None else [f"model.lora.dropout={dropout}"]
+        cfg = load_config(CONFIG, [*tiny_overrides(tiny, "unused"), "model.lora.enabled=true", *extra])
+        student, processor = student_from_config(cfg.model, torch.device("cpu"))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in student.named_parameters():
+                if "lora_B" in name:  # B starts at 0: give the adapters something to do
+                    param.copy_(0.1 * torch.randn(param.shape, generator=g))
+        merged = merged_copy(student).eval()
+        examples = load_examples([str(tiny["train"])])[:2]
+        batch = build_prompt_batch(examples, processor)
+        ids = torch.randint(0, 100, (2, 6), generator=g)
+        args = (batch.student_inputs, batch.num_images, ids, torch.ones_like(ids))
+        student.train()
+        logps[dropout] = [score(m, *args, micro_size=2, vocab_size=None) for m in (student, merged)]
+    torch.testing.assert_close(logps[None][0], logps[None][1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logps[0.5][0], logps[0.5][1], atol=1e-3)

@@ -37,7 +37,10 @@ class LoraSettings:
     enabled: bool = False
     r: int = 16  # TRL's ModelConfig.lora_r
     alpha: float = 32.0  # lora_alpha
-    dropout: float = 0.05  # lora_dropout
+    # lora_dropout: 0 (PEFT's and verl's default; TRL's ModelConfig has 0.05). The trainer runs the student in
+    # train mode, so a dropout > 0 makes the policy that is trained (and scored against the teacher) a noisy
+    # copy of the merged one that samples the rollouts: the on-policy ratio is no longer 1
+    dropout: float = 0.0
     # module names (peft target_modules: exact suffixes) in the language model; default: the attention and MLP
     # projections of Qwen/Llama blocks. The vision tower gets adapters only when it is not frozen.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
