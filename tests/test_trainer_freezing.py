@@ -347,3 +347,13 @@ def test_default_lora_student_in_train_mode_is_the_merged_policy(tiny):
         logps[dropout] = [score(m, *args, micro_size=2, vocab_size=None) for m in (student, merged)]
     torch.testing.assert_close(logps[None][0], logps[None][1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(logps[0.5][0], logps[0.5][1], atol=1e-3)
+
+
+def test_lora_student_refuses_trainable_base_weights(tiny):
+    """model.trainable may not unfreeze a LoRA student's base weights: the adapter checkpoints (PEFT's
+    adapter_model.safetensors) hold the lora_* tensors only, so that training would be lost on save/resume."""
+    pytest.importorskip("peft")
+    cfg = load_config(CONFIG, [*tiny_overrides(tiny, "unused"), "model.lora.enabled=true",
+                               r"model.trainable=[^lm_head\.]"])
+    with pytest.raises(ValueError, match=re.escape("model.trainable ['^lm_head\\\\.'] unfreezes base weights")):
+        student_from_config(cfg.model, torch.device("cpu"))

@@ -347,7 +347,8 @@ def apply_freezing(model: torch.nn.Module, mc: ModelConfig) -> tuple[int, int]:
     ``.grad``, DDP no bucket and ZeRO no partition, and it is saved as loaded.
 
     Raises ``ValueError`` (naming the key) when a vision switch is set for a model without a vision tower,
-    a pattern matches no parameter, or nothing is left to train."""
+    a pattern matches no parameter, ``trainable`` unfreezes a base weight of a LoRA student (its adapter
+    checkpoints would drop it), or nothing is left to train."""
     names = [name for name, _ in model.named_parameters()]
     parts = {name: parameter_part(name) for name in names}
     switches = (("freeze_vision_tower", "vision_tower"), ("freeze_projector", "projector"),
@@ -379,6 +380,12 @@ def apply_freezing(model: torch.nn.Module, mc: ModelConfig) -> tuple[int, int]:
         if any(regex.search(name) for regex in patterns["trainable"]):
             train = True
         param.requires_grad_(train)
+    if lora_wrapper(model) is not None:  # PEFT's adapter checkpoints hold the lora_* tensors only
+        base = [name for name, param in model.named_parameters() if param.requires_grad and "lora_" not in name]
+        if base:
+            raise ValueError(f"model.trainable {[r.pattern for r in patterns['trainable']]} unfreezes base weights "
+                             f"of a LoRA student ({base[0]!r}, ...), which its adapter checkpoints would not save: "
+                             f"with model.lora.enabled only the adapters train")
     trainable, frozen = parameter_counts(model)
     if trainable == 0:
         raise ValueError("model.freeze_* / model.frozen leave no trainable parameter in the student")
