@@ -357,3 +357,23 @@ def test_lora_student_refuses_trainable_base_weights(tiny):
                                r"model.trainable=[^lm_head\.]"])
     with pytest.raises(ValueError, match=re.escape("model.trainable ['^lm_head\\\\.'] unfreezes base weights")):
         student_from_config(cfg.model, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("overrides", "tower_trains"), [
+    (["sft.freeze_vision_tower=true"], False),  # RL with cold start: the ViT frozen for SFT only
+    (["model.freeze_vision_tower=true", "sft.freeze_vision_tower=false"], True),  # the stage's switch wins
+    (["model.freeze_vision_tower=true"], False),  # None: model.freeze_* holds
+])
+def test_sft_freezing_switches_override_the_model_ones(tiny, overrides, tower_trains):
+    """``sft.freeze_*`` (when not None) decide what `vold sft` trains; ``vold train`` keeps ``model.freeze_*``."""
+    from vold.sft import sft_model_config
+
+    cfg = load_config(CONFIG, [*tiny_overrides(tiny, "unused"), *overrides])
+    model, _ = student_from_config(sft_model_config(cfg), torch.device("cpu"))
+    tower = [p.requires_grad for n, p in model.named_parameters() if parameter_part(n) == "vision_tower"]
+    rest = [p.requires_grad for n, p in model.named_parameters() if parameter_part(n) != "vision_tower"]
+    assert tower and all(t == tower_trains for t in tower) and all(rest)
+    assert sft_model_config(cfg).freeze_projector is cfg.model.freeze_projector  # unset stage switch: the model's
+    rl_model, _ = student_from_config(cfg.model, torch.device("cpu"))
+    assert all(p.requires_grad != cfg.model.freeze_vision_tower for n, p in rl_model.named_parameters()
+               if parameter_part(n) == "vision_tower")
