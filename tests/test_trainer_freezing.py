@@ -106,6 +106,18 @@ def test_apply_freezing_bad_input_names_the_key(overrides, message):
         apply_freezing(model, load_config(None, overrides).model)
 
 
+def test_freezing_errors_name_the_stage_key(tiny, traces, tmp_path):
+    """An error from switches that ``vold sft`` took from ``sft.freeze_*`` names those keys, not model.freeze_*."""
+    from vold.sft import train_sft
+
+    cfg = load_config(CONFIG, [*tiny_overrides(tiny, tmp_path), f"sft.train_files=[{traces}]",
+                               "model.freeze_vision_tower=true", "sft.freeze_projector=true",
+                               "sft.freeze_language_model=true"])
+    with pytest.raises(ValueError, match=re.escape("model.freeze_vision_tower, sft.freeze_projector, "
+                                                   "sft.freeze_language_model (with model.frozen=[]) leave no")):
+        train_sft(cfg)
+
+
 def test_vision_switch_on_a_text_student_is_an_error():
     model = make_tiny_text_student(make_tiny_tokenizer())
     with pytest.raises(ValueError, match="model.freeze_vision_tower=true but the student has no vision tower"):
