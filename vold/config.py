@@ -72,7 +72,8 @@ class ModelConfig:
     # which student parameters train (vold.models.apply_freezing; sft, train and sophia). A VLM has three parts:
     # the vision tower (Qwen2.5-VL: visual.patch_embed + visual.blocks), the projector (visual.merger) and the
     # language model (embeddings, decoder, lm_head). Frozen parameters get no gradient, no optimizer state and
-    # no DDP/ZeRO traffic, and are saved unchanged.
+    # no gradient traffic (no DDP bucket, no ZeRO gradient partition; ZeRO-3 still shards and gathers their
+    # weights), and are saved unchanged.
     freeze_vision_tower: bool = False
     freeze_projector: bool = False
     freeze_language_model: bool = False

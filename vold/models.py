@@ -346,7 +346,8 @@ def apply_freezing(model: torch.nn.Module, mc: ModelConfig, *,
     names them. Returns ``(trainable, frozen)`` element counts (:func:`parameter_counts`).
 
     A frozen parameter has ``requires_grad=False``: ``make_optimizer`` gives it no AdamW state, autograd no
-    ``.grad``, DDP no bucket and ZeRO no partition, and it is saved as loaded.
+    ``.grad``, DDP no bucket and ZeRO no gradient or optimizer partition (ZeRO-3 still shards its weight, as
+    it shards every module parameter), and it is saved as loaded.
 
     ``switch_keys``: the config key each freezing switch of ``mc`` came from, for the error messages (default
     ``model.<switch>``; ``vold sft`` names its ``sft.freeze_*`` overrides).
