@@ -53,6 +53,28 @@ def test_the_systems_compute_the_same_objective() -> None:
     assert kl > 0 and abs(losses["trl_distill"][0] - kl) <= 1e-4 * kl, (losses, kl)
 
 
+def test_the_systems_agree_on_ragged_completions(monkeypatch) -> None:
+    """The same with completions of different lengths (the benchmark's own are all full): the rows' token
+    normalisation (dapo: the batch's unmasked tokens) and the KL's mask agree where equal lengths cannot tell."""
+    make = bt.make_rollouts
+
+    def ragged(s: bt.Settings, length: int) -> dict[str, torch.Tensor]:
+        batch = make(s, length)
+        batch["completion_mask"][0, length // 4:] = 0  # row 0 ended early (right padding after it)
+        return batch
+
+    monkeypatch.setattr(bt, "make_rollouts", ragged)
+    s = bt.Settings(**{**bt.QUICK, "batch": 3})
+    losses = {system: two_steps(system, s, 16) for system in ("vold_train", "vold_trl", "trl_grpo")}
+    vold = losses["vold_train"]
+    for system in ("vold_trl", "trl_grpo"):
+        for got, want in zip(losses[system], vold, strict=True):
+            assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (system, losses)
+    # and the ragged mask matters: the full-mask batch gives another loss
+    monkeypatch.setattr(bt, "make_rollouts", make)
+    assert abs(two_steps("vold_train", s, 16)[0] - vold[0]) > 1e-4
+
+
 def test_k2_rows_agree() -> None:
     s = bt.Settings(**{**bt.QUICK, "estimator": "k2"})
     a, b = two_steps("vold_train", s, 16), two_steps("vold_trl", s, 16)

@@ -50,7 +50,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
 WORLD = 2
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+# optimize() on a fixed batch: every loss type padded and packed, and packed with rows left out of the loss
+# (loss.mask_truncated_completions: the token/sequence counts are global over the ranks' kept rows)
+OPTIMIZE_CASES = {f"{t}/{p}{'/masked' if m else ''}": (t, p, m) for t in LOSS_TYPES
+                  for p, m in ((False, False), (True, False), (True, True))}
 
 
 # ---- the jobs ------------------------------------------------------------------------------------
@@ -81,9 +85,10 @@ def rl_args(tiny: dict, out: Path, *extra: str) -> list[str]:
             *extra]
 
 
-def fixed_experience() -> Experience:
+def fixed_experience(masked: bool = False) -> Experience:
     """4 prompts x 3 completions of a tiny text model (random ids, ragged masks, old log-probs): the
-    rollout batch of one step, prompt-major."""
+    rollout batch of one step, prompt-major. ``masked``: rows 1, 6 (rank 0's) and 10 (rank 1's) left out of the
+    loss as loss.mask_truncated_completions leaves truncated rows (so the ranks keep 4 and 5 rows)."""
     g = torch.Generator().manual_seed(11)
     n, tp, tc = 12, 6, 9
     prompt_mask = (torch.arange(tp)[None] >= torch.randint(0, 4, (n // 3,), generator=g)[:, None]).long()
@@ -96,14 +101,17 @@ def fixed_experience() -> Experience:
         num_images=[0] * n, completion_ids=torch.randint(10, 90, (n, tc), generator=g) * mask,
         completion_mask=mask, advantages=torch.randn(n, generator=g), distill_mask=torch.rand(n, generator=g),
         old_logprobs=-(torch.rand(n, tc, generator=g) * 3 + 3) * mask,
+        loss_rows=torch.tensor([0.0 if i in (1, 6, 10) else 1.0 for i in range(n)]) if masked else None,
     )
 
 
-def optimize_weights(loss_type: str, packing: bool, runtime: Runtime | None) -> dict[str, torch.Tensor]:
-    """One step's updates (2 PPO epochs x 2 micro-batches, SGD lr 1) on this rank's prompts of the fixed batch."""
+def optimize_weights(loss_type: str, packing: bool, runtime: Runtime | None,
+                     masked: bool = False) -> dict[str, torch.Tensor]:
+    """One step's updates (2 PPO epochs x 2 micro-batches, SGD lr 1) on this rank's prompts of the fixed batch
+    (``masked``: with rows left out of the loss, :func:`fixed_experience`)."""
     cfg = load_config(None, [f"loss.loss_type={loss_type}", "loss.distill_coef=0", "optim.ppo_epochs=2",
                              "optim.grad_accum=2", f"optim.packing={packing}", "rollout.max_new_tokens=9"])
-    exp = fixed_experience()
+    exp = fixed_experience(masked)
     if runtime is not None:  # this rank's prompts (rank-strided), with their G rows each
         prompts = runtime.shard(range(len(exp) // 3))
         exp = exp.select([3 * p + k for p in prompts for k in range(3)])
@@ -129,10 +137,10 @@ def _worker(rank: int, port: int, jobs: list, errors) -> None:
             started = time.perf_counter()
             if job[0] == "optimize":
                 out = {}
-                for loss_type in LOSS_TYPES:
-                    for packing in (False, True):
-                        runtime = Runtime(DistributedConfig(), "cpu")
-                        out[f"{loss_type}/{packing}"] = optimize_weights(loss_type, packing, runtime)
+                for key in OPTIMIZE_CASES:
+                    loss_type, packing, masked = OPTIMIZE_CASES[key]
+                    runtime = Runtime(DistributedConfig(), "cpu")
+                    out[key] = optimize_weights(loss_type, packing, runtime, masked)
                 if rank == 0:
                     torch.save(out, job[1])
             else:
@@ -203,7 +211,7 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path, capsys):
     t0 = time.perf_counter()
     assert main(sft_args(tiny, tmp_path / "one", rows)) == 0
     assert main(rl_args(tiny, tmp_path / "one")) == 0
-    reference = {f"{t}/{p}": optimize_weights(t, p, None) for t in LOSS_TYPES for p in (False, True)}
+    reference = {key: optimize_weights(t, p, None, m) for key, (t, p, m) in OPTIMIZE_CASES.items()}
     t1 = time.perf_counter()
 
     # the 2-rank jobs, in one spawn
@@ -328,7 +336,7 @@ def test_example_gpu_configs_divide_over_their_ranks(name, world):
     assert cfg.data.batch_size % world == 0 and (rollouts // world) % micro_batches == 0
     assert rollouts // world // cfg.optim.grad_accum == 10  # micro-batches of 10 rollouts
     step = cfg.sft.batch_size * cfg.sft.grad_accum
-    assert step == 64 and step % world == 0 and step // world >= cfg.sft.grad_accum
+    assert step == 256 and step % world == 0 and step // world >= cfg.sft.grad_accum
     assert cfg.rollout.tensor_parallel_size == 1 and cfg.optim.packing and cfg.sft.packing
     assert cfg.distributed.backend == "deepspeed" and Path(ROOT / cfg.distributed.deepspeed_config).is_file()
     assert (ROOT / "scripts" / f"launch_{world // 8}x8.sh").is_file()

@@ -137,3 +137,35 @@ def _section_lines(lines: list[str], section: str) -> list[str]:
         if inside:
             out.append(line)
     return out
+
+
+# the keys in which the multi-GPU examples may differ from the VOLD config: how the same global batches are split
+# over ranks and micro-batches, the attention kernel packing needs, one vLLM engine per rank, where runs go
+MULTI_GPU_ONLY = {"model.attn_implementation", "sft.batch_size", "sft.grad_accum", "sft.packing", "optim.grad_accum",
+                  "optim.packing", "rollout.tensor_parallel_size", "output_dir", "distributed"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, item in tree.items():
+        name = prefix + key
+        if isinstance(item, dict) and name != "distributed":
+            out.update(_flat(item, name + "."))
+        else:
+            out[name] = item
+    return out
+
+
+@pytest.mark.parametrize("file", ["paper_1x8_gpu.yaml", "paper_2x8_gpu.yaml"])
+def test_the_multi_gpu_examples_are_the_vold_config(configs, file):
+    """configs/paper_{1,2}x8_gpu.yaml say they are the paper's setting: every value but the split over ranks
+    and micro-batches is the VOLD config's, and the SFT step holds the same rows."""
+    import dataclasses
+
+    single = _flat(dataclasses.asdict(configs["VOLD"]))
+    multi_cfg = load_config(ROOT / "configs" / file)
+    multi = _flat(dataclasses.asdict(multi_cfg))
+    differ = {key for key in single if single[key] != multi[key]} - MULTI_GPU_ONLY
+    assert not differ, {key: (single[key], multi[key]) for key in sorted(differ)}
+    assert value(multi_cfg, "sft.batch_size * sft.grad_accum") == value(configs["VOLD"],
+                                                                       "sft.batch_size * sft.grad_accum")

@@ -106,6 +106,18 @@ def test_apply_freezing_bad_input_names_the_key(overrides, message):
         apply_freezing(model, load_config(None, overrides).model)
 
 
+def test_freezing_errors_name_the_stage_key(tiny, traces, tmp_path):
+    """An error from switches that ``vold sft`` took from ``sft.freeze_*`` names those keys, not model.freeze_*."""
+    from vold.sft import train_sft
+
+    cfg = load_config(CONFIG, [*tiny_overrides(tiny, tmp_path), f"sft.train_files=[{traces}]",
+                               "model.freeze_vision_tower=true", "sft.freeze_projector=true",
+                               "sft.freeze_language_model=true"])
+    with pytest.raises(ValueError, match=re.escape("model.freeze_vision_tower, sft.freeze_projector, "
+                                                   "sft.freeze_language_model (with model.frozen=[]) leave no")):
+        train_sft(cfg)
+
+
 def test_vision_switch_on_a_text_student_is_an_error():
     model = make_tiny_text_student(make_tiny_tokenizer())
     with pytest.raises(ValueError, match="model.freeze_vision_tower=true but the student has no vision tower"):
@@ -322,3 +334,58 @@ def test_frozen_tower_and_lora_under_two_gloo_ranks(tmp_path):
     frozen_unchanged(start, got, {"vision_tower", "projector"})
     errors = weight_errors(got, want, start)
     assert errors["rel"] < 1e-5 and errors["norm_vs_update"] < 2e-3, errors
+
+
+def test_default_lora_student_in_train_mode_is_the_merged_policy(tiny):
+    """With the default ``model.lora`` settings the trainer's student (train mode, as in ``optimize``) computes
+    the log-probs of the merged model the rollouts sample from (a LoRA dropout > 0 would not: checked too)."""
+    pytest.importorskip("peft")
+    logps = {}
+    for dropout in (None, 0.5):
+        extra = [] if dropout is None else [f"model.lora.dropout={dropout}"]
+        cfg = load_config(CONFIG, [*tiny_overrides(tiny, "unused"), "model.lora.enabled=true", *extra])
+        student, processor = student_from_config(cfg.model, torch.device("cpu"))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in student.named_parameters():
+                if "lora_B" in name:  # B starts at 0: give the adapters something to do
+                    param.copy_(0.1 * torch.randn(param.shape, generator=g))
+        merged = merged_copy(student).eval()
+        examples = load_examples([str(tiny["train"])])[:2]
+        batch = build_prompt_batch(examples, processor)
+        ids = torch.randint(0, 100, (2, 6), generator=g)
+        args = (batch.student_inputs, batch.num_images, ids, torch.ones_like(ids))
+        student.train()
+        logps[dropout] = [score(m, *args, micro_size=2, vocab_size=None) for m in (student, merged)]
+    torch.testing.assert_close(logps[None][0], logps[None][1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logps[0.5][0], logps[0.5][1], atol=1e-3)
+
+
+def test_lora_student_refuses_trainable_base_weights(tiny):
+    """model.trainable may not unfreeze a LoRA student's base weights: the adapter checkpoints (PEFT's
+    adapter_model.safetensors) hold the lora_* tensors only, so that training would be lost on save/resume."""
+    pytest.importorskip("peft")
+    cfg = load_config(CONFIG, [*tiny_overrides(tiny, "unused"), "model.lora.enabled=true",
+                               r"model.trainable=[^lm_head\.]"])
+    with pytest.raises(ValueError, match=re.escape("model.trainable ['^lm_head\\\\.'] unfreezes base weights")):
+        student_from_config(cfg.model, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("overrides", "tower_trains"), [
+    (["sft.freeze_vision_tower=true"], False),  # RL with cold start: the ViT frozen for SFT only
+    (["model.freeze_vision_tower=true", "sft.freeze_vision_tower=false"], True),  # the stage's switch wins
+    (["model.freeze_vision_tower=true"], False),  # None: model.freeze_* holds
+])
+def test_sft_freezing_switches_override_the_model_ones(tiny, overrides, tower_trains):
+    """``sft.freeze_*`` (when not None) decide what `vold sft` trains; ``vold train`` keeps ``model.freeze_*``."""
+    from vold.sft import sft_model_config
+
+    cfg = load_config(CONFIG, [*tiny_overrides(tiny, "unused"), *overrides])
+    model, _ = student_from_config(sft_model_config(cfg), torch.device("cpu"))
+    tower = [p.requires_grad for n, p in model.named_parameters() if parameter_part(n) == "vision_tower"]
+    rest = [p.requires_grad for n, p in model.named_parameters() if parameter_part(n) != "vision_tower"]
+    assert tower and all(t == tower_trains for t in tower) and all(rest)
+    assert sft_model_config(cfg).freeze_projector is cfg.model.freeze_projector  # unset stage switch: the model's
+    rl_model, _ = student_from_config(cfg.model, torch.device("cpu"))
+    assert all(p.requires_grad != cfg.model.freeze_vision_tower for n, p in rl_model.named_parameters()
+               if parameter_part(n) == "vision_tower")

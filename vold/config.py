@@ -37,7 +37,10 @@ class LoraSettings:
     enabled: bool = False
     r: int = 16  # TRL's ModelConfig.lora_r
     alpha: float = 32.0  # lora_alpha
-    dropout: float = 0.05  # lora_dropout
+    # lora_dropout: 0 (PEFT's and verl's default; TRL's ModelConfig has 0.05). The trainer runs the student in
+    # train mode, so a dropout > 0 makes the policy that is trained (and scored against the teacher) a noisy
+    # copy of the merged one that samples the rollouts: the on-policy ratio is no longer 1
+    dropout: float = 0.0
     # module names (peft target_modules: exact suffixes) in the language model; default: the attention and MLP
     # projections of Qwen/Llama blocks. The vision tower gets adapters only when it is not frozen.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -69,7 +72,8 @@ class ModelConfig:
     # which student parameters train (vold.models.apply_freezing; sft, train and sophia). A VLM has three parts:
     # the vision tower (Qwen2.5-VL: visual.patch_embed + visual.blocks), the projector (visual.merger) and the
     # language model (embeddings, decoder, lm_head). Frozen parameters get no gradient, no optimizer state and
-    # no DDP/ZeRO traffic, and are saved unchanged.
+    # no gradient traffic (no DDP bucket, no ZeRO gradient partition; ZeRO-3 still shards and gathers their
+    # weights), and are saved unchanged.
     freeze_vision_tower: bool = False
     freeze_projector: bool = False
     freeze_language_model: bool = False
@@ -144,7 +148,8 @@ class LossConfig:
     scale_rewards: str = "group"  # group: (r - mean) / (std + eps); none: r - mean (Dr. GRPO)
     # TRL's name (DAPO's overlong filtering, Yu et al. 2025 §3.4): a completion that hit rollout.max_new_tokens
     # without EOS gets mask 0 in the loss (no policy gradient, no KL terms) and leaves the normalisation counts
-    # (tokens, sequences); it still counts in its group's reward statistics and in every logged metric
+    # (tokens, sequences); it still counts in its group's reward statistics and in the rollout metrics (rewards,
+    # lengths, completion/truncated_frac), not in the loss metrics (kl, clip fractions: over the loss's tokens)
     mask_truncated_completions: bool = False
     impl: str = "auto"  # kernels engine: auto | torch | torch_compile | triton
     chunk_size: int | None = None

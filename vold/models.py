@@ -348,14 +348,15 @@ def check_model_path(path: str, key: str, *, local_files_only: bool = False, tim
                                 f"give a local folder, or set HF_HUB_OFFLINE=1 to use the hub cache") from None
 
 
-def student_from_config(mc: ModelConfig, device: torch.device, path: str | None = None) -> tuple[PreTrainedModel, Any]:
+def student_from_config(mc: ModelConfig, device: torch.device, path: str | None = None, *,
+                        switch_keys: dict[str, str] | None = None) -> tuple[PreTrainedModel, Any]:
     """The student (``path`` or ``mc.student``) in training mode and its processor (or tokenizer), with
     ``model.lora`` adapters (:func:`add_lora`) and ``model.freeze_*``/``frozen``/``trainable`` applied
     (:func:`apply_freezing`).
 
     ``path`` may be a LoRA adapter folder (a checkpoint's or ``final/`` of a LoRA run, :func:`is_adapter_folder`):
     its base model is loaded and, with ``model.lora.enabled``, the adapter goes on training (resume); without,
-    it is merged into the base weights."""
+    it is merged into the base weights. ``switch_keys``: see :func:`apply_freezing`."""
     path = path or mc.student
     if not path:
         raise ValueError("no student model: set model.student (a local folder or a hub id)")
@@ -364,7 +365,7 @@ def student_from_config(mc: ModelConfig, device: torch.device, path: str | None 
                          gradient_checkpointing=mc.gradient_checkpointing, trainable_adapter=mc.lora.enabled)
     if mc.lora.enabled and lora_wrapper(model) is None:
         model = add_lora(model, mc.lora, freeze_vision_tower=mc.freeze_vision_tower)
-    apply_freezing(model, mc)
+    apply_freezing(model, mc, switch_keys=switch_keys)
     processor = load_processor(mc.student_tokenizer or path, vision=is_vision_config(model.config),
                                local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code,
                                min_pixels=mc.min_pixels, max_pixels=mc.max_pixels)
@@ -387,26 +388,33 @@ def parameter_part(name: str) -> str:
     return "language_model"
 
 
-def apply_freezing(model: torch.nn.Module, mc: ModelConfig) -> tuple[int, int]:
+def apply_freezing(model: torch.nn.Module, mc: ModelConfig, *,
+                   switch_keys: dict[str, str] | None = None) -> tuple[int, int]:
     """Set ``requires_grad`` from ``model.freeze_vision_tower``/``freeze_projector``/``freeze_language_model``,
     then ``model.frozen`` (freeze the parameters whose name matches, ``re.search``), then ``model.trainable``
     (unfreeze what matches). Parameters already frozen (LoRA's base weights) stay frozen unless ``trainable``
     names them. Returns ``(trainable, frozen)`` element counts (:func:`parameter_counts`).
 
     A frozen parameter has ``requires_grad=False``: ``make_optimizer`` gives it no AdamW state, autograd no
-    ``.grad``, DDP no bucket and ZeRO no partition, and it is saved as loaded.
+    ``.grad``, DDP no bucket and ZeRO no gradient or optimizer partition (ZeRO-3 still shards its weight, as
+    it shards every module parameter), and it is saved as loaded.
+
+    ``switch_keys``: the config key each freezing switch of ``mc`` came from, for the error messages (default
+    ``model.<switch>``; ``vold sft`` names its ``sft.freeze_*`` overrides).
 
     Raises ``ValueError`` (naming the key) when a vision switch is set for a model without a vision tower,
-    a pattern matches no parameter, or nothing is left to train."""
+    a pattern matches no parameter, ``trainable`` unfreezes a base weight of a LoRA student (its adapter
+    checkpoints would drop it), or nothing is left to train."""
     names = [name for name, _ in model.named_parameters()]
     parts = {name: parameter_part(name) for name in names}
     switches = (("freeze_vision_tower", "vision_tower"), ("freeze_projector", "projector"),
                 ("freeze_language_model", "language_model"))
+    keys = {key: (switch_keys or {}).get(key, f"model.{key}") for key, _ in switches}
     frozen_parts = set()
     for key, part in switches:
         if getattr(mc, key):
             if part not in parts.values():
-                raise ValueError(f"model.{key}=true but the student has no {part.replace('_', ' ')} parameters "
+                raise ValueError(f"{keys[key]}=true but the student has no {part.replace('_', ' ')} parameters "
                                  f"(a text-only model?)")
             frozen_parts.add(part)
     patterns = {}
@@ -429,9 +437,16 @@ def apply_freezing(model: torch.nn.Module, mc: ModelConfig) -> tuple[int, int]:
         if any(regex.search(name) for regex in patterns["trainable"]):
             train = True
         param.requires_grad_(train)
+    if lora_wrapper(model) is not None:  # PEFT's adapter checkpoints hold the lora_* tensors only
+        base = [name for name, param in model.named_parameters() if param.requires_grad and "lora_" not in name]
+        if base:
+            raise ValueError(f"model.trainable {[r.pattern for r in patterns['trainable']]} unfreezes base weights "
+                             f"of a LoRA student ({base[0]!r}, ...), which its adapter checkpoints would not save: "
+                             f"with model.lora.enabled only the adapters train")
     trainable, frozen = parameter_counts(model)
     if trainable == 0:
-        raise ValueError("model.freeze_* / model.frozen leave no trainable parameter in the student")
+        raise ValueError(f"{', '.join(keys[k] for k, _ in switches if getattr(mc, k)) or 'model.frozen'} "
+                         f"(with model.frozen={list(mc.frozen)}) leave no trainable parameter in the student")
     return trainable, frozen
 
 

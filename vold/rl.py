@@ -35,7 +35,7 @@ no reference KL):
    micro-batch by its share of the minibatch's sequences (exact: their n_t are per sequence).
    ``loss.mask_truncated_completions`` (DAPO's overlong filtering, TRL's name): completions that hit
    ``rollout.max_new_tokens`` without EOS get mask 0 in the loss and leave both counts; they still shape
-   their group's advantages and every logged metric.
+   their group's advantages and count in the rollout metrics (not in the loss metrics: kl, clip fractions).
 7. Gradient clipping, AdamW, lr schedule, then ``rollout_engine.update_weights(student)`` (the vLLM sync).
 
 All log-probs use the sampling temperature (``softmax(logits / T)``), the teacher's too. The trainer

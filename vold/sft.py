@@ -89,10 +89,12 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, Any], *, normalizer: float
     return -(logp * mask).sum() / normalizer
 
 
+SWITCHES = ("freeze_vision_tower", "freeze_projector", "freeze_language_model")
+
+
 def sft_model_config(cfg: Config) -> ModelConfig:
     """``cfg.model`` with this stage's freezing switches (``sft.freeze_*`` that are not None) in place."""
-    switches = ("freeze_vision_tower", "freeze_projector", "freeze_language_model")
-    return dataclasses.replace(cfg.model, **{k: getattr(cfg.sft, k) for k in switches
+    return dataclasses.replace(cfg.model, **{k: getattr(cfg.sft, k) for k in SWITCHES
                                              if getattr(cfg.sft, k) is not None})
 
 
@@ -121,7 +123,8 @@ def train_sft(cfg: Config) -> Path:
 
     device = runtime.device
     model, processor = student_from_config(sft_model_config(cfg), device,
-                                           path=str(checkpoint / "model") if checkpoint else None)
+                                           path=str(checkpoint / "model") if checkpoint else None,
+                                           switch_keys={k: f"sft.{k}" for k in SWITCHES if getattr(sc, k) is not None})
     oc = cfg.optim
     optimizer = make_optimizer(model, sc.lr, weight_decay=oc.weight_decay if sc.weight_decay is None
                                else sc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps)
