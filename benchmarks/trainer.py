@@ -11,7 +11,7 @@ reference KL) + ``--distill-coef`` (0.1) x exact reverse KL(student || teacher) 
 distillation term alone (DistillationTrainer has no policy term). One timed step of a row is:
 
 (a) vold_train   ``vold train``'s update: the calls ``vold.rl.add_scores`` makes for the teacher
-                 (``vold.rl.score``, no grad: its hidden states for "full", log-probs for k2) then
+                 (``vold.scoring.score``, no grad: its hidden states for "full", log-probs for k2) then
                  ``vold.rl.optimize`` (student forward + backward through ``vold_loss``, grad clip 1.0, AdamW
                  step, scheduler step) with vold's own optimizer (``vold.runs.make_optimizer``).
 (b) vold_trl     vold's ``VoldGRPOTrainer`` (vold/adapters/trl.py) in TRL: ``Trainer.training_step`` (its
@@ -183,8 +183,9 @@ Step = Callable[[], float]
 def _vold_train_step(s: Settings, student: torch.nn.Module, teacher: torch.nn.Module,
                      batch: dict[str, torch.Tensor], length: int) -> Step:
     from vold.config import load_config
-    from vold.rl import Experience, optimize, score
+    from vold.rl import Experience, optimize
     from vold.runs import make_optimizer, make_scheduler
+    from vold.scoring import score
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny_cpu.yaml", [
         "sft.enabled=false", f"device={s.device}", f"model.dtype={'float32' if s.dtype == 'fp32' else 'bfloat16'}",
@@ -224,7 +225,7 @@ def _vold_train_step(s: Settings, student: torch.nn.Module, teacher: torch.nn.Mo
 def _tokenizer_and_data(s: Settings) -> tuple[Any, Any]:
     import datasets
 
-    from vold.testing import make_tiny_tokenizer
+    from vold.tiny import make_tiny_tokenizer
 
     return make_tiny_tokenizer(), datasets.Dataset.from_dict({"prompt": ["x"] * s.batch})
 

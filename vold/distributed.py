@@ -29,7 +29,8 @@ What every rank does (W ranks, rank r):
 - **files**: rank 0 alone writes logs, samples, config, checkpoints (model, scheduler, sampler, every
   rank's RNG state; DDP: rank 0's optimizer state, which is every rank's; DeepSpeed: the engine's
   partitioned optimizer state in ``step_N/deepspeed/``, written by every rank) and the final model.
-  ``output_dir`` must be one shared folder for multi-node runs.
+  ``output_dir`` must be one shared folder for multi-node runs. What a checkpoint holds and how a resume
+  restores it is the run's lifecycle, :class:`vold.stage.Stage`; this module is the process topology only.
 
 All student passes that take gradients run inside :class:`StudentPasses` (the module DDP/DeepSpeed wrap):
 the fused losses read the lm_head weight instead of calling the head, so the whole loss, not only the
@@ -43,10 +44,8 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,21 +53,7 @@ import torch.distributed as dist
 
 from vold.config import DistributedConfig
 from vold.models import is_vision_config, lm_head_bias, lm_head_weight, resolve_device
-from vold.runs import (
-    checkpoint_dir,
-    clip_grad_norm,
-    load_checkpoint_state,
-    replan_schedule,
-    reset_logs,
-    restore_run,
-    rng_state,
-    save_checkpoint,
-    save_model,
-    set_rng_state,
-)
-
-DEEPSPEED_DIR = "deepspeed"  # inside a checkpoint folder: the engine's own checkpoint (ZeRO partitions)
-DEEPSPEED_TAG = "zero"
+from vold.runs import clip_grad_norm
 
 
 def prompt_seeds(seed: int, step: int, positions: Iterable[int]) -> list[int]:
@@ -172,7 +157,8 @@ def install_vision_dummy(model: torch.nn.Module) -> list[Any]:
 
 
 class Runtime:
-    """Where this process stands (rank, world size, device) and the data-parallel plumbing of one run.
+    """Where this process stands (rank, world size, device) and the data-parallel plumbing of one run: process
+    group, the student's wrapper (forward, backward, accumulation, optimizer step) and the collectives.
 
     Built from the run config at the start of a stage; attaches to a process group that is already
     initialised (the tests' spawned workers), else initialises one when launched with ``WORLD_SIZE > 1``
@@ -387,104 +373,3 @@ class Runtime:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
-
-    # ---- checkpoints ---------------------------------------------------------------------------
-
-    def save_checkpoint(self, run: Path, step: int, processor: Any, state: dict[str, Any], *,
-                        keep_last: int) -> None:
-        """``runs.save_checkpoint`` by rank 0 (model, state.pt), plus every rank's RNG state and, for DeepSpeed,
-        the engine's partitioned optimizer state written by all ranks into the same ``.tmp`` folder first."""
-        state = {**state, "rng_ranks": self.gather_objects(rng_state()), "world_size": self.world_size}
-        if self.kind == "deepspeed":
-            state.pop("optimizer", None)
-            tmp = checkpoint_dir(run, step)
-            tmp = tmp.with_name(tmp.name + ".tmp")
-            if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            self.barrier()
-            self.engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
-            self.barrier()
-        with self.full_parameters():
-            if self.is_main:
-                save_checkpoint(run, step, self.model, processor, state, keep_last=keep_last,
-                                clear_tmp=self.kind != "deepspeed")
-        self.barrier()
-
-    def save_training_checkpoint(self, run: Path, step: int, processor: Any, *, scheduler: Any, sampler: Any,
-                                 optimizer: torch.optim.Optimizer, checkpoint_cfg: Any) -> None:
-        """Every ``checkpoint_cfg.every`` steps: scheduler, sampler position and (unless DeepSpeed saves its own
-        partitions) optimizer state, through :meth:`save_checkpoint`. Shared by ``vold sft`` and ``vold train``."""
-        if not checkpoint_cfg.every or step % checkpoint_cfg.every:
-            return
-        state = {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
-        if checkpoint_cfg.save_optimizer and self.kind != "deepspeed":  # DeepSpeed: the engine saves it
-            state["optimizer"] = optimizer.state_dict()
-        self.save_checkpoint(run, step, processor, state, keep_last=checkpoint_cfg.keep_last)
-
-    def finish(self, processor: Any, run: Path, logger: Any, stage: str, step: int, *, merged: bool = False) -> Path:
-        """Close the logger, save the final model to ``run/final`` (``merged``: a LoRA student's merged weights
-        in ``final/merged`` too) and release the process group."""
-        if logger is not None:
-            logger.close()
-        final = self.save_model(processor, run / "final", merged=merged)
-        if self.is_main:
-            print(f"{stage}: {step} steps -> {final}")
-        self.close()
-        return final
-
-    def resume(self, run: Path, checkpoint: Path | None, optimizer: torch.optim.Optimizer, scheduler: Any,
-               sampler: Any, stage: str, max_steps: int | None = None) -> int:
-        """Continue a run from ``checkpoint`` (scheduler, sampler position, logs cut back to its step, optimizer
-        state and this rank's RNG; call after :meth:`wrap`), or start its logs afresh when it is None.
-        Returns the step to continue from (0 for a fresh run).
-
-        The lr schedule is the one of *this* config, fast-forwarded to the checkpoint: ``scheduler`` was built
-        for this run's total (``max_steps``), its position (``last_epoch``, optimizer updates so far) comes from
-        the checkpoint and every group's lr is recomputed from it (:func:`vold.runs.replan_schedule`). A run
-        extended with a larger ``max_steps`` thus continues on the schedule planned for the new total, from the
-        step it reached (a run of the same length continues exactly). A checkpoint past ``max_steps`` is refused.
-        """
-        if checkpoint is None:
-            if self.is_main:
-                reset_logs(run)
-            return 0
-        state = load_checkpoint_state(checkpoint)
-        if max_steps is not None and state["step"] > max_steps:
-            raise ValueError(f"--resume: {checkpoint} is at step {state['step']}, past this config's max_steps="
-                             f"{max_steps}: raise max_steps to extend the run, or start a new one")
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        if self.is_main:
-            restore_run(run, state)
-            print(f"{stage}: resumed from {checkpoint} (step {state['step']})")
-        self.load_checkpoint(checkpoint, optimizer, state, scheduler)
-        replan_schedule(optimizer, scheduler)
-        return state["step"]
-
-    def load_checkpoint(self, checkpoint: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                        scheduler: Any = None) -> None:
-        """Optimizer state (DDP/single: ``state["optimizer"]``; DeepSpeed: the engine's partitions) and this
-        rank's RNG state (call after :meth:`wrap` and after loading ``scheduler``'s state)."""
-        if self.kind == "deepspeed":
-            folder = checkpoint / DEEPSPEED_DIR
-            if folder.is_dir():
-                self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                            load_lr_scheduler_states=False)
-            if scheduler is not None:  # the schedule's current lr, whatever the engine restored
-                for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-                    group["lr"] = lr
-        elif "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-        ranks = state.get("rng_ranks")
-        if ranks is not None and len(ranks) == self.world_size:
-            set_rng_state(ranks[self.rank])
-        else:
-            set_rng_state(state["rng"])
-
-    def save_model(self, processor: Any, path: Path, *, merged: bool = False) -> Path:
-        """The final model (``save_pretrained``), written by rank 0; every rank returns after it exists."""
-        with self.full_parameters():
-            if self.is_main:
-                save_model(self.model, processor, path, merged=merged)
-        self.barrier()
-        return path

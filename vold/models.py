@@ -265,6 +265,23 @@ def lm_head_bias(model: PreTrainedModel) -> torch.Tensor | None:
     return getattr(model.get_output_embeddings(), "bias", None)
 
 
+def logit_options(model: PreTrainedModel, prefix: str = "") -> dict[str, float]:
+    """The kernels' logit-transform keywords for ``model``'s head, read from its config (the language model's
+    ``text_config`` for a VLM): ``{prefix}logit_scale`` (Cohere's ``logit_scale`` s) and
+    ``{prefix}final_logit_softcapping`` (Gemma-2's cap c), so the fused losses see the distribution the model's own
+    forward (and ``generate``) gives, ``z' = c tanh(s z / c) / T`` (``vold.kernels``). Only the keys the config
+    sets (a number; ``None`` caps are left out): ``{}`` for Qwen, Llama and most models. ``prefix``: ``""`` for
+    ``fused_linear_logprobs``, ``"student_"``/``"teacher_"`` for ``vold_loss`` and ``fused_linear_divergence``."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    out = {}
+    for key in ("logit_scale", "final_logit_softcapping"):
+        value = getattr(config, key, None)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[prefix + key] = float(value)
+    return out
+
+
 def check_vocab_compatible(student: PreTrainedModel, teacher: PreTrainedModel, vocab_size: int | None = None,
                            student_tokenizer: Any | None = None, teacher_tokenizer: Any | None = None) -> int:
     """The vocabulary size ``K`` shared by student and teacher (rows ``[0, K)`` of both heads).

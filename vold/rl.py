@@ -49,11 +49,9 @@ CUDA is synchronised around each phase); :func:`train_rl` logs them as ``time/<p
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,37 +70,26 @@ from vold.data import (
 )
 from vold.data import tokenizer_of as tokenizer_of_processor
 from vold.distributed import Runtime, prompt_seeds
-from vold.kernels import fused_linear_logprobs, vold_loss
+from vold.kernels import vold_loss
 from vold.models import (
     autocast,
     check_model_path,
     check_vocab_compatible,
     completion_hidden_states,
     head_for_loss,
-    is_adapter_folder,
     lm_head_bias,
     lm_head_weight,
     load_student,
+    logit_options,
     student_from_config,
     teacher_from_config,
 )
-from vold.packing import pack, packed_completion_hidden_states, unpack
+from vold.packing import pack, packed_completion_hidden_states
 from vold.rewards import RewardFunctions, group_advantages
 from vold.rollout import RolloutEngine, make_rollout_engine
-from vold.runs import (
-    Logger,
-    distill_metric,
-    log_names,
-    make_optimizer,
-    make_scheduler,
-    prepare_run,
-    print_start,
-    progress_bar,
-    run_dir,
-    scalar_metrics,
-    seed_everything,
-    start_run,
-)
+from vold.runs import distill_metric, seed_everything
+from vold.scoring import score
+from vold.stage import Stage, phase_timer, student_start
 
 # LossConfig keys vold_loss lacks
 TRAINER_ONLY = ("distill_on_wrong_only", "distill_mask_reward", "scale_rewards", "mask_truncated_completions")
@@ -117,25 +104,6 @@ PHASES = {
     "update_actor": "policy update: forward + backward of every micro-batch, clipping, AdamW (optimize)",
     "update_weights": "rollout_engine.update_weights after each update: the vLLM weight sync (optimize)",
 }
-
-
-@contextlib.contextmanager
-def phase_timer(timings: dict[str, float] | None, name: str, device: torch.device | None = None) -> Iterator[None]:
-    """Add the wall seconds of the block to ``timings[name]`` (nothing when ``timings`` is None); on CUDA
-    the device is synchronised before and after, so queued kernels count in the phase that launched them."""
-    if timings is None:
-        yield
-        return
-    sync = device is not None and device.type == "cuda"
-    if sync:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        if sync:
-            torch.cuda.synchronize(device)
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -187,11 +155,14 @@ def compute_loss(student: torch.nn.Module, exp: Experience, lc: LossConfig, *,
                  teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None, vocab_size: int | None = None,
                  temperature: float = 1.0, max_completion_length: int | None = None,
                  token_normalizer: float | None = None, autocast_dtype: str | None = None,
-                 packing: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 packing: bool = False, teacher_logits: dict[str, float] | None = None,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The trainer's loss on one micro-batch: the student's hidden states (with grad) -> ``vold_loss``.
 
     ``teacher_head`` is the teacher's ``(lm_head weight, bias)``, needed by ``distill_estimator="full"``
-    with ``exp.teacher_hidden``; k1/k2/k3 read ``exp.teacher_logprobs``. ``packing``: one packed row of
+    with ``exp.teacher_hidden``, and ``teacher_logits`` its logit transform (``logit_options(teacher,
+    "teacher_")``); k1/k2/k3 read ``exp.teacher_logprobs``. The student's logit transform (Cohere's
+    ``logit_scale``, Gemma-2's ``final_logit_softcapping``) comes from its config. ``packing``: one packed row of
     real tokens (``vold.packing``) and the loss in its packed layout (``cu_seqlens``): no padding anywhere.
     """
     ids, mask = exp.completion_ids, exp.completion_mask
@@ -210,45 +181,15 @@ def compute_loss(student: torch.nn.Module, exp: Experience, lc: LossConfig, *,
         if exp.teacher_hidden is None or teacher_head is None:
             raise ValueError("distill_estimator='full' needs the teacher's hidden states and head")
         teacher = {"teacher_hidden": tokens(exp.teacher_hidden).to(ids.device), "teacher_weight": teacher_head[0],
-                   "teacher_bias": teacher_head[1]}
+                   "teacher_bias": teacher_head[1], **(teacher_logits or {})}
     elif lc.distill_coef != 0.0:
         teacher = {"teacher_logprobs": tokens(exp.teacher_logprobs)}
     return vold_loss(
         hidden, weight, tokens(ids), exp.advantages, tokens(exp.old_logprobs), tokens(loss_mask), student_bias=bias,
         ref_logprobs=tokens(exp.ref_logprobs), distill_mask=exp.distill_mask, temperature=temperature,
         max_completion_length=max_completion_length, token_normalizer=token_normalizer, vocab_size=vocab_size,
-        cu_seqlens=cu_seqlens, **teacher, **loss_options(lc),
+        cu_seqlens=cu_seqlens, **teacher, **logit_options(student, "student_"), **loss_options(lc),
     )
-
-
-@torch.no_grad()
-def score(model: torch.nn.Module, prompt_inputs: dict[str, torch.Tensor], num_images: list[int], ids: torch.Tensor,
-          mask: torch.Tensor, *, micro_size: int, vocab_size: int | None, temperature: float = 1.0,
-          keep_hidden: bool = False, autocast_dtype: str | None = None, packing: bool = False) -> torch.Tensor:
-    """``log p(y_t) * m_t [N, T]`` of a frozen pass of ``model`` over the completions (micro-batched), or,
-    with ``keep_hidden``, its hidden states ``[N, T, H]`` on the CPU (for the exact divergence).
-    ``packing``: each micro-batch as one packed row (``vold.packing``), results scattered back to ``[N, T]``."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, ids.shape[0], micro_size):
-        rows = list(range(start, min(start + micro_size, ids.shape[0])))
-        inputs = {k: v.to(device) for k, v in select_rows(prompt_inputs, num_images, rows).items()}
-        part_ids, part_mask = ids[rows].to(device), mask[rows].to(device)
-        select = None
-        with autocast(device, autocast_dtype):
-            if packing:
-                hidden, _, select = packed_completion_hidden_states(model, inputs, part_ids, part_mask)
-            else:
-                hidden = completion_hidden_states(model, inputs, part_ids, part_mask)
-        if keep_hidden:
-            out.append((hidden if select is None else unpack(hidden, select)).cpu())
-            continue
-        hidden, weight, bias = head_for_loss(model, hidden, autocast_dtype)
-        targets = part_ids if select is None else pack(part_ids, select)
-        logp = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                     vocab_size=vocab_size)
-        out.append(logp * part_mask if select is None else unpack(logp, select) * part_mask)
-    return torch.cat(out)
 
 
 def distill_weights(per_function: dict[str, torch.Tensor], lc: LossConfig) -> torch.Tensor:
@@ -358,77 +299,132 @@ def add_scores(exp: Experience, batch: PromptBatch, cfg: Config, *, student: tor
                                          packing=oc.packing))
 
 
+@dataclass
+class LossScale:
+    """How the micro-batch losses of one minibatch are normalised, so that their gradients add up to the
+    minibatch's loss over all ranks. The gradients are averaged over the W ranks, so every rank's loss is scaled
+    by W over the *global* counts (rows left out by ``loss.mask_truncated_completions`` count in neither):
+
+    - dapo/bnpo: ``vold_loss`` divides by ``token_normalizer`` = minibatch tokens / W and ``scale`` is 1, so the
+      micro-batch split changes nothing;
+    - grpo/dr_grpo: each micro-batch's loss is weighted by ``scale = len(micro) * W / minibatch rows`` (exact:
+      their per-token weights are per sequence)."""
+
+    token_normalizer: float | None  # dapo/bnpo; None: grpo/dr_grpo
+    rows: float  # the minibatch's rows in the loss, over all ranks
+    world: int
+
+    @classmethod
+    def of(cls, exp: Experience, minibatch: torch.Tensor, loss_type: str, rt: Runtime) -> LossScale:
+        rows = minibatch.to(exp.completion_mask.device)
+        kept = len(minibatch) if exp.loss_rows is None else float(exp.loss_rows[rows].sum())
+        tokens, kept = rt.sum([float(exp.loss_mask()[rows].sum()), kept])
+        by_tokens = loss_type in ("dapo", "bnpo")
+        return cls(max(tokens, 1.0) / rt.world_size if by_tokens else None, kept, rt.world_size)
+
+    def scale(self, micro_rows: int) -> float:
+        """The factor on the loss of a micro-batch of ``micro_rows`` rows."""
+        return 1.0 if self.token_normalizer is not None else micro_rows * self.world / max(self.rows, 1.0)
+
+
+class UpdateMetrics:
+    """The loss metrics of one training step's updates: ``loss`` and ``policy_loss`` as the sums of the
+    micro-batches' scaled losses (one total per update, then the mean over updates and ranks), every other
+    ``vold_loss`` metric token-weighted over the micro-batches of all updates and ranks; ``grad_norm`` the mean
+    over updates, ``lr`` the first update's."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.tokens: dict[str, float] = {}
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.lrs: list[float] = []
+        self.update_loss = 0.0
+
+    def add_micro(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], *, scale: float, tokens: float) -> None:
+        """One micro-batch: its loss (before ``scale``), its ``vold_loss`` metrics, its loss tokens."""
+        self.update_loss += float(loss.detach()) * scale
+        for key, value in metrics.items():
+            if key not in ("loss", "policy_loss"):
+                self.sums[key] = self.sums.get(key, 0.0) + float(value) * tokens
+                self.tokens[key] = self.tokens.get(key, 0.0) + tokens
+        if "policy_loss" in metrics:
+            self.sums["policy_loss"] = self.sums.get("policy_loss", 0.0) + float(metrics["policy_loss"]) * scale
+
+    def end_update(self, *, lr: float, grad_norm: float) -> None:
+        self.lrs.append(lr)
+        self.grad_norms.append(grad_norm)
+        self.losses.append(self.update_loss)
+        self.update_loss = 0.0
+
+    def result(self, rt: Runtime) -> dict[str, float]:
+        """Over the ranks: the losses are means of the ranks' (W-scaled) shares, the token metrics token-weighted."""
+        world, updates, keys = rt.world_size, len(self.losses), sorted(self.tokens)
+        total_loss, policy_loss, *parts = rt.sum([sum(self.losses), self.sums.get("policy_loss", 0.0),
+                                                  *(self.sums[k] for k in keys), *(self.tokens[k] for k in keys)])
+        out = {"loss": total_loss / world / updates, "grad_norm": sum(self.grad_norms) / updates, "lr": self.lrs[0],
+               "policy_loss": policy_loss / world / updates}
+        out.update({key: parts[i] / max(parts[len(keys) + i], 1.0) for i, key in enumerate(keys)})
+        return out
+
+
+def minibatches(n: int, count: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """One epoch's ``count`` minibatches of the rows ``0..n-1``: shuffled by ``generator`` when ``count > 1``."""
+    order = torch.randperm(n, generator=generator) if count > 1 else torch.arange(n)
+    return order.tensor_split(count)
+
+
+def check_updates(exp: Experience, cfg: Config) -> None:
+    """The rollout batch fills ``minibatches * grad_accum`` micro-batches, and several updates have old log-probs."""
+    oc = cfg.optim
+    if len(exp) < oc.minibatches * oc.grad_accum:
+        raise ValueError(f"{len(exp)} rollouts cannot fill optim.minibatches * optim.grad_accum = "
+                         f"{oc.minibatches * oc.grad_accum} micro-batches")
+    if exp.old_logprobs is None and oc.ppo_epochs * oc.minibatches > 1:
+        raise ValueError("several updates per rollout batch need exp.old_logprobs (the sampling policy's log-probs)")
+
+
 def optimize(student: torch.nn.Module, exp: Experience, cfg: Config, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, *, generator: torch.Generator,
              teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None, vocab_size: int | None,
              after_update: Any = None, timings: dict[str, float] | None = None,
-             runtime: Runtime | None = None) -> dict[str, float]:
-    """ppo_epochs x minibatches optimizer updates on one rollout batch; returns the step's loss metrics.
-    ``timings``: adds the ``update_actor`` seconds (forward, backward, clipping, optimizer) and the
-    ``update_weights`` seconds (``after_update``, the rollout engine's weight sync).
+             runtime: Runtime | None = None, teacher_logits: dict[str, float] | None = None) -> dict[str, float]:
+    """ppo_epochs x minibatches optimizer updates on one rollout batch; returns the step's loss metrics
+    (:class:`UpdateMetrics`). Each update: the micro-batches' losses (:func:`compute_loss`), scaled by
+    :class:`LossScale`, backward, then clip + AdamW + lr schedule. ``timings``: adds the ``update_actor`` seconds
+    (forward, backward, clipping, optimizer) and the ``update_weights`` seconds (``after_update``, the rollout
+    engine's weight sync).
 
     ``runtime`` (data parallel, ``vold.distributed``): ``exp`` is this rank's shard; the forward/backward
     passes run through its DDP/DeepSpeed wrapper, the normalisers use the global (all-reduced) minibatch
     token and sequence counts, and the returned metrics are over all ranks."""
     oc, lc = cfg.optim, cfg.loss
     rt = runtime or Runtime.single(student)
-    world = rt.world_size
-    n, device = len(exp), exp.completion_ids.device
-    if n < oc.minibatches * oc.grad_accum:
-        raise ValueError(f"{n} rollouts cannot fill optim.minibatches * optim.grad_accum = "
-                         f"{oc.minibatches * oc.grad_accum} micro-batches")
-    if exp.old_logprobs is None and oc.ppo_epochs * oc.minibatches > 1:
-        raise ValueError("several updates per rollout batch need exp.old_logprobs (the sampling policy's log-probs)")
-    sums: dict[str, float] = {}
-    tokens: dict[str, float] = {}
-    losses, grad_norms, lrs = [], [], []
+    check_updates(exp, cfg)
+    device = exp.completion_ids.device
+    options = {"teacher_head": teacher_head, "teacher_logits": teacher_logits, "vocab_size": vocab_size,
+               "temperature": cfg.rollout.temperature, "max_completion_length": cfg.rollout.max_new_tokens,
+               "autocast_dtype": cfg.model.autocast, "packing": oc.packing}
+    tally = UpdateMetrics()
     for _ in range(oc.ppo_epochs):
-        order = torch.randperm(n, generator=generator) if oc.minibatches > 1 else torch.arange(n)
-        for minibatch in order.tensor_split(oc.minibatches):
+        for minibatch in minibatches(len(exp), oc.minibatches, generator):
             with phase_timer(timings, "update_actor", device):
-                # global counts: the gradients are averaged over the ranks, so each rank's loss is scaled by W
-                # (rows left out by loss.mask_truncated_completions count in neither)
-                rows = minibatch.to(exp.completion_mask.device)
-                kept = len(minibatch) if exp.loss_rows is None else float(exp.loss_rows[rows].sum())
-                minibatch_tokens, minibatch_rows = rt.sum([float(exp.loss_mask()[rows].sum()), kept])
-                update_loss = 0.0
+                norm = LossScale.of(exp, minibatch, lc.loss_type, rt)
                 micros = minibatch.tensor_split(oc.grad_accum)
-                # dapo and bnpo: divided by the minibatch's token count, so the micro-batch split changes nothing
-                by_tokens = lc.loss_type in ("dapo", "bnpo")
                 for index, micro in enumerate(micros):
                     part = exp.select(micro.tolist())
                     with rt.accumulate(last=index == len(micros) - 1):
-                        loss, metrics = rt.forward(
-                            compute_loss, part, lc, teacher_head=teacher_head, vocab_size=vocab_size,
-                            temperature=cfg.rollout.temperature, max_completion_length=cfg.rollout.max_new_tokens,
-                            token_normalizer=max(minibatch_tokens, 1.0) / world if by_tokens else None,
-                            autocast_dtype=cfg.model.autocast, packing=oc.packing,
-                        )
-                        scale = 1.0 if by_tokens else len(micro) * world / max(minibatch_rows, 1.0)
+                        loss, metrics = rt.forward(compute_loss, part, lc, token_normalizer=norm.token_normalizer,
+                                                   **options)
+                        scale = norm.scale(len(micro))
                         rt.backward(loss * scale)
-                    update_loss += float(loss.detach()) * scale
-                    count = float(part.loss_mask().sum())
-                    for key, value in metrics.items():
-                        if key not in ("loss", "policy_loss"):
-                            sums[key] = sums.get(key, 0.0) + float(value) * count
-                            tokens[key] = tokens.get(key, 0.0) + count
-                    if "policy_loss" in metrics:
-                        sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(metrics["policy_loss"]) * scale
-                lrs.append(scheduler.get_last_lr()[0])
-                grad_norms.append(rt.step(optimizer, scheduler, oc.max_grad_norm))
-                losses.append(update_loss)
+                    tally.add_micro(loss, metrics, scale=scale, tokens=float(part.loss_mask().sum()))
+                lr = scheduler.get_last_lr()[0]
+                tally.end_update(lr=lr, grad_norm=rt.step(optimizer, scheduler, oc.max_grad_norm))
             if after_update is not None:
                 with phase_timer(timings, "update_weights", device):
                     after_update()
-    updates = len(losses)
-    # over the ranks: the losses are means of the ranks' (W-scaled) shares, the token metrics token-weighted
-    keys = sorted(tokens)
-    total_loss, policy_loss, *parts = rt.sum([sum(losses), sums.pop("policy_loss", 0.0),
-                                              *(sums[k] for k in keys), *(tokens[k] for k in keys)])
-    out = {"loss": total_loss / world / updates, "grad_norm": sum(grad_norms) / updates, "lr": lrs[0],
-           "policy_loss": policy_loss / world / updates}
-    out.update({key: parts[i] / max(parts[len(keys) + i], 1.0) for i, key in enumerate(keys)})
-    return out
+    return tally.result(rt)
 
 
 def check_num_generations(cfg: Config) -> None:
@@ -459,22 +455,12 @@ class ZeroSpreadWarning:
         return False
 
 
-def student_start(cfg: Config) -> str:
-    """The model stage 2 starts from: the SFT stage's final model when ``sft.enabled``, else ``model.student``."""
-    if not cfg.sft.enabled:
-        return cfg.model.student
-    path = run_dir(cfg, "sft") / "final"
-    if not (path / "config.json").is_file() and not is_adapter_folder(path):
-        raise FileNotFoundError(f"sft.enabled=true but {path} has no model: run `vold sft` with this config first "
-                                f"(or set sft.enabled=false to start from model.student)")
-    return str(path)
-
-
 def train_rl(cfg: Config) -> Path:
     """Run stage 2; returns the folder of the final model (``{output_dir}/rl/final``)."""
-    lc, mc, data = cfg.loss, cfg.model, cfg.data
-    runtime = Runtime(cfg.distributed, cfg.device)  # data parallel under torchrun (vold.distributed)
-    # every check on the user's input comes before the run folder is written (start_run)
+    lc, mc, oc, data = cfg.loss, cfg.model, cfg.optim, cfg.data
+    stage = Stage(cfg, "rl", "train", max_steps=oc.max_steps)
+    runtime = stage.runtime
+    # every check on the user's input comes before the run folder is written (Stage.open)
     if not data.train_files:
         raise ValueError("no training prompts: set data.train_files")
     check_num_generations(cfg)
@@ -491,7 +477,7 @@ def train_rl(cfg: Config) -> Path:
         raise ValueError(f"loss.distill_mask_reward={lc.distill_mask_reward!r} is not one of reward.functions "
                          f"{rewards.names}")
     start_path = student_start(cfg)
-    checkpoint = runtime.broadcast(prepare_run(cfg, "rl", max_steps=cfg.optim.max_steps) if runtime.is_main else None)
+    checkpoint = stage.prepare()
     if runtime.is_main:
         if checkpoint is None or lc.ref_kl_coef != 0.0:  # the reference is the starting student
             check_model_path(start_path, "sft.enabled -> sft/final" if cfg.sft.enabled else "model.student",
@@ -500,12 +486,12 @@ def train_rl(cfg: Config) -> Path:
             check_model_path(mc.teacher, "model.teacher", local_files_only=mc.local_files_only)
     seed_everything(cfg.seed)  # here, as always; the run folder is written once the models passed their checks
 
-    device = runtime.device
-    student, processor = student_from_config(mc, device, path=str(checkpoint / "model") if checkpoint else start_path)
+    device = stage.device
+    student, processor = student_from_config(mc, device, path=stage.model_path(start_path))
     if not is_multimodal(processor) and any(e.images for e in examples):
         raise ValueError("the training data has images but the student is a text-only model")
     use_teacher = lc.distill_coef != 0.0
-    teacher = teacher_tokenizer = teacher_head = None
+    teacher = teacher_tokenizer = teacher_head = teacher_logits = None
     vocab_size = mc.vocab_size
     if use_teacher:
         teacher, teacher_tokenizer = teacher_from_config(mc, torch.device("cpu") if mc.teacher_offload else device)
@@ -514,41 +500,30 @@ def train_rl(cfg: Config) -> Path:
         if lc.distill_estimator == "full":  # the head stays on the device even when the teacher is offloaded
             bias = lm_head_bias(teacher)
             teacher_head = (lm_head_weight(teacher).to(device), None if bias is None else bias.to(device))
+            teacher_logits = logit_options(teacher, "teacher_")
     reference = None
     if lc.ref_kl_coef != 0.0:  # a frozen copy of the starting student (the paper uses none)
         reference = load_student(start_path, dtype=mc.dtype, device=device, attn_implementation=mc.attn_implementation,
                                  local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code)
         reference.requires_grad_(False).eval()
-    run = start_run(cfg, "rl", write=runtime.is_main, seed=False)
-
-    oc = cfg.optim
-    updates_per_step = oc.ppo_epochs * oc.minibatches
-    optimizer = make_optimizer(student, oc.lr, weight_decay=oc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2),
-                               eps=oc.adam_eps)
-    scheduler = make_scheduler(optimizer, kind=oc.lr_scheduler, warmup=oc.warmup_steps,
-                               total=oc.max_steps * updates_per_step, min_ratio=oc.min_lr_ratio)
-    runtime.wrap(student, optimizer, grad_accum=oc.grad_accum, max_grad_norm=oc.max_grad_norm,
-                 bf16="bfloat16" in (mc.dtype, mc.autocast),
-                 zero3="is for `vold sft` only: the rollouts and the old-policy pass of `vold train` need the "
-                       "student's whole weights on every rank (use ZeRO-2 or DDP)")
-    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "train", max_steps=oc.max_steps)
-    if runtime.is_main:
-        print_start("train", start_from=str(checkpoint or start_path), run=run, model=student,
-                    examples=len(examples), files=data.train_files, steps=oc.max_steps, start_step=step,
-                    extra={"teacher": mc.teacher if use_teacher else "none (loss.distill_coef=0)",
-                           "rollouts": f"{data.batch_size} prompts x {cfg.rollout.num_generations} per step"})
+    stage.open(student, processor, sampler, section=oc, updates=oc.max_steps * oc.ppo_epochs * oc.minibatches,
+               start_from=start_path, examples=len(examples), files=data.train_files,
+               extra={"teacher": mc.teacher if use_teacher else "none (loss.distill_coef=0)",
+                      "rollouts": f"{data.batch_size} prompts x {cfg.rollout.num_generations} per step"},
+               zero3="is for `vold sft` only: the rollouts and the old-policy pass of `vold train` need the "
+                     "student's whole weights on every rank (use ZeRO-2 or DDP)")
     # vLLM samples in the compute dtype (bf16 under autocast), not in the fp32 master weights' dtype
     engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path, dtype=mc.autocast or mc.dtype,
                                  seed=cfg.seed, vocab_size=vocab_size)
     # always, not only on resume: vLLM's sleep level 2 drops the weights it loaded as soon as it is built
     engine.update_weights(student)
-    logger = Logger(run, cfg.logging, start_step=step, config=dataclasses.asdict(cfg)) if runtime.is_main else None
-    bar = progress_bar(oc.max_steps, initial=step, desc="train", enabled=cfg.logging.progress and runtime.is_main)
     system = {"system_prompt": data.system_prompt, "teacher_system_prompt": data.teacher_system_prompt}
+    distill = distill_metric(lc.distill_estimator, lc.divergence)
 
     zero_spread = ZeroSpreadWarning(min(10, oc.max_steps))
     student.train()
-    while step < oc.max_steps:
+    while stage.step < oc.max_steps:
+        step = stage.step
         timings: dict[str, float] = {}  # seconds per phase (PHASES)
         t0 = time.perf_counter()
         with phase_timer(timings, "prompts", device):
@@ -565,22 +540,14 @@ def train_rl(cfg: Config) -> Path:
         t2 = time.perf_counter()
 
         generator = torch.Generator().manual_seed(cfg.seed + step)
-        metrics.update(optimize(student, exp, cfg, optimizer, scheduler, generator=generator,
-                                teacher_head=teacher_head, vocab_size=vocab_size,
+        metrics.update(optimize(student, exp, cfg, stage.optimizer, stage.scheduler, generator=generator,
+                                teacher_head=teacher_head, teacher_logits=teacher_logits, vocab_size=vocab_size,
                                 after_update=lambda: engine.update_weights(student), timings=timings,
                                 runtime=runtime))
-        step += 1
         t3 = time.perf_counter()
         metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
                         "time/step": t3 - t0, **{f"time/{phase}": seconds for phase, seconds in timings.items()}})
-        if logger is not None and (step % cfg.logging.every == 0 or step == oc.max_steps):
-            logger.log(step, scalar_metrics(log_names(metrics, distill=distill_metric(lc.distill_estimator,
-                                                                                      lc.divergence))))
-            logger.samples(samples)
         zero_spread.update(float(metrics["reward/frac_zero_std_groups"]))
-        bar.update()
-        bar.set_postfix(reward=f"{float(metrics['reward/mean']):.3f}", loss=f"{metrics['loss']:.4f}")
-        runtime.save_training_checkpoint(run, step, processor, scheduler=scheduler, sampler=sampler,
-                                         optimizer=optimizer, checkpoint_cfg=cfg.checkpoint)
-    bar.close()
-    return runtime.finish(processor, run, logger, "train", step, merged=mc.lora.save_merged)
+        stage.end_step(metrics, samples=samples, distill=distill,
+                       postfix={"reward": f"{float(metrics['reward/mean']):.3f}", "loss": f"{metrics['loss']:.4f}"})
+    return stage.close()

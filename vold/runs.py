@@ -72,7 +72,7 @@ def start_run(cfg: Config, stage: str, *, write: bool = True, seed: bool = True)
 
     Call it after every check that can fail on the user's input (:func:`prepare_run`, data, model paths), so a
     refused start leaves no folder holding only a config. With ``overwrite_output_dir`` and a fresh start, the
-    earlier run's ``checkpoints/`` and ``final/`` are deleted first (its logs restart in ``Runtime.resume``)."""
+    earlier run's ``checkpoints/`` and ``final/`` are deleted first (logs restart in ``Stage.resume``)."""
     path = run_dir(cfg, stage)
     if write and cfg.overwrite_output_dir and cfg.checkpoint.resume == "none":
         for folder in ("checkpoints", "final"):
@@ -89,7 +89,7 @@ def start_run(cfg: Config, stage: str, *, write: bool = True, seed: bool = True)
 
 # keys that may differ between a run folder's saved config and the config that resumes it: they change how the
 # run is logged, saved, launched or evaluated, or how long it lasts (max_steps: the run is extended and its lr
-# schedule re-planned, see Runtime.resume), never what the steps already taken computed. A prefix ends in ".".
+# schedule re-planned, see vold.stage), never what the steps already taken computed. A prefix ends in ".".
 RESUMABLE_CHANGES = (
     "logging.", "checkpoint.", "eval.", "overwrite_output_dir", "device", "distributed.timeout_minutes",
     "data.eval_files", "data.eval_batch_size", "data.check_images", "model.local_files_only",

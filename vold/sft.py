@@ -26,21 +26,10 @@ import torch
 
 from vold.config import Config, ModelConfig
 from vold.data import Example, PromptSampler, build_prompt_batch, load_examples, require_rows, tokenizer_of
-from vold.distributed import Runtime
-from vold.kernels import fused_linear_logprobs
-from vold.models import autocast, check_model_path, completion_hidden_states, head_for_loss, student_from_config
-from vold.packing import pack, packed_completion_hidden_states
-from vold.runs import (
-    Logger,
-    log_names,
-    make_optimizer,
-    make_scheduler,
-    prepare_run,
-    print_start,
-    progress_bar,
-    scalar_metrics,
-    start_run,
-)
+from vold.models import check_model_path, student_from_config
+from vold.runs import seed_everything
+from vold.scoring import response_logprobs
+from vold.stage import Stage
 from vold.traces import output_file as traces_file
 
 
@@ -63,24 +52,6 @@ def sft_batch(examples: list[Example], processor: Any, responses: list[str], *, 
     return {"prompt_inputs": prompts, "ids": ids, "mask": mask, "truncated": cut}
 
 
-def response_logprobs(model: torch.nn.Module, batch: dict[str, Any], *, autocast_dtype: str | None = None,
-                      packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p(y_t), m_t)`` of the responses of one micro-batch (``batch``: ``prompt_inputs``, ``ids``, ``mask``;
-    on the model's device), from ``fused_linear_logprobs`` on the hidden states (differentiable, no [N, V]
-    logits): ``[B, T]``, or ``[n]`` over the real tokens of one packed row with ``packing`` (``vold.packing``)."""
-    device = next(model.parameters()).device
-    prompts = {k: v.to(device) for k, v in batch["prompt_inputs"].items()}
-    ids, mask = batch["ids"].to(device), batch["mask"].to(device)
-    with autocast(device, autocast_dtype):
-        if packing:
-            hidden, _, select = packed_completion_hidden_states(model, prompts, ids, mask)
-            ids, mask = pack(ids, select), pack(mask, select)
-        else:
-            hidden = completion_hidden_states(model, prompts, ids, mask)
-    hidden, weight, bias = head_for_loss(model, hidden, autocast_dtype)
-    return fused_linear_logprobs(hidden, weight, ids, bias=bias), mask
-
-
 def sft_loss(model: torch.nn.Module, batch: dict[str, Any], *, normalizer: float,
              autocast_dtype: str | None = None, packing: bool = False) -> torch.Tensor:
     """``- sum(m * log p(y)) / normalizer`` for one micro-batch (on the model's device); ``packing``: one packed
@@ -101,8 +72,7 @@ def sft_model_config(cfg: Config) -> ModelConfig:
 def train_sft(cfg: Config) -> Path:
     """Run stage 1; returns the folder of the final model (``{output_dir}/sft/final``)."""
     sc, data = cfg.sft, cfg.data
-    runtime = Runtime(cfg.distributed, cfg.device)  # data parallel under torchrun (vold.distributed)
-    # every check on the user's input comes before the run folder is written (start_run)
+    # every check on the user's input comes before the run folder is written (Stage.open)
     files = sc.train_files or [str(traces_file(cfg))]
     examples = load_examples(files, image_root=data.image_root, check_images=data.check_images,
                              prompt_column=data.prompt_column, answer_column=data.answer_column,
@@ -111,36 +81,24 @@ def train_sft(cfg: Config) -> Path:
     step_size = sc.batch_size * sc.grad_accum
     require_rows(examples, files, step_size, f"one sft step (sft.batch_size * sft.grad_accum = {step_size})")
     max_steps = sc.max_steps if sc.max_steps is not None else sc.epochs * (len(examples) // step_size)
+    stage = Stage(cfg, "sft", "sft", max_steps=max_steps)
+    runtime = stage.runtime
     sampler = PromptSampler(len(examples), step_size, seed=cfg.seed, shuffle=data.shuffle)
     runtime.check_divisible(step_size, "sft.batch_size * sft.grad_accum")
     if step_size // runtime.world_size < sc.grad_accum:
         raise ValueError(f"sft: {step_size // runtime.world_size} rows per rank cannot fill sft.grad_accum = "
                          f"{sc.grad_accum} micro-batches")
-    checkpoint = runtime.broadcast(prepare_run(cfg, "sft", max_steps=max_steps) if runtime.is_main else None)
-    if checkpoint is None and runtime.is_main:
+    if stage.prepare() is None and runtime.is_main:
         check_model_path(cfg.model.student, "model.student", local_files_only=cfg.model.local_files_only)
-    run = start_run(cfg, "sft", write=runtime.is_main)
-
-    device = runtime.device
-    model, processor = student_from_config(sft_model_config(cfg), device,
-                                           path=str(checkpoint / "model") if checkpoint else None,
+    seed_everything(cfg.seed)
+    model, processor = student_from_config(sft_model_config(cfg), stage.device, path=stage.model_path(None),
                                            switch_keys={k: f"sft.{k}" for k in SWITCHES if getattr(sc, k) is not None})
-    oc = cfg.optim
-    optimizer = make_optimizer(model, sc.lr, weight_decay=oc.weight_decay if sc.weight_decay is None
-                               else sc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps)
-    scheduler = make_scheduler(optimizer, kind=sc.lr_scheduler, warmup=sc.warmup_steps, total=max_steps,
-                               min_ratio=sc.min_lr_ratio)
-    runtime.wrap(model, optimizer, grad_accum=sc.grad_accum, max_grad_norm=oc.max_grad_norm,
-                 bf16="bfloat16" in (cfg.model.dtype, cfg.model.autocast))
-    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "sft", max_steps=max_steps)
-    if runtime.is_main:
-        print_start("sft", start_from=str(checkpoint or cfg.model.student), run=run, model=model,
-                    examples=len(examples), files=files, steps=max_steps, start_step=step)
-    logger = Logger(run, cfg.logging, start_step=step) if runtime.is_main else None
-    bar = progress_bar(max_steps, initial=step, desc="sft", enabled=cfg.logging.progress and runtime.is_main)
+    stage.open(model, processor, sampler, section=sc, updates=max_steps, start_from=cfg.model.student,
+               examples=len(examples), files=files)
 
     model.train()
-    while step < max_steps:
+    world = runtime.world_size
+    while stage.step < max_steps:
         t0 = time.perf_counter()
         indices = runtime.shard(sampler.next_indices())  # this rank's rows of the global batch: [r::W]
         micro = [
@@ -151,7 +109,6 @@ def train_sft(cfg: Config) -> Path:
         # the global token count; the gradients are averaged over the W ranks, so each divides by tokens / W
         tokens, truncated = (int(x) for x in runtime.sum([sum(int(b["mask"].sum()) for b in micro),
                                                           sum(b["truncated"] for b in micro)]))
-        world = runtime.world_size
         total = 0.0
         for index, batch in enumerate(micro):
             with runtime.accumulate(last=index == len(micro) - 1):
@@ -159,18 +116,9 @@ def train_sft(cfg: Config) -> Path:
                                        autocast_dtype=cfg.model.autocast, packing=sc.packing)
                 runtime.backward(loss)
             total += float(loss.detach())
-        lr = scheduler.get_last_lr()[0]
-        grad_norm = runtime.step(optimizer, scheduler, oc.max_grad_norm)
+        lr = stage.scheduler.get_last_lr()[0]
+        grad_norm = runtime.step(stage.optimizer, stage.scheduler, cfg.optim.max_grad_norm)
         total = runtime.sum([total])[0] / world
-        step += 1
-
-        metrics = {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                   "truncated": truncated, "time/step": time.perf_counter() - t0}
-        if logger is not None and (step % cfg.logging.every == 0 or step == max_steps):
-            logger.log(step, scalar_metrics(log_names(metrics)))
-        bar.update()
-        bar.set_postfix(loss=f"{total:.4f}")
-        runtime.save_training_checkpoint(run, step, processor, scheduler=scheduler, sampler=sampler,
-                                         optimizer=optimizer, checkpoint_cfg=cfg.checkpoint)
-    bar.close()
-    return runtime.finish(processor, run, logger, "sft", step, merged=cfg.model.lora.save_merged)
+        stage.end_step({"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "truncated": truncated,
+                        "time/step": time.perf_counter() - t0}, postfix={"loss": f"{total:.4f}"})
+    return stage.close()

@@ -32,7 +32,7 @@ teacher reasons. One training step (``sophia.*``; the paper: K = N = 8, alpha = 
    student's at sampling time (its caption prompt, ``caption_temperature``), the trace's the teacher's log-probs
    of its own tokens (its prompt, ``trace_temperature``); the separator is a fixed template (log mu = 0) and
    the final EOS takes the teacher's log-prob of ending. Both come from frozen ``fused_linear_logprobs`` passes
-   (``vold.rl.score``) before the update. pi_theta is read at temperature 1 (the policy being trained).
+   (``vold.scoring.score``) before the update. pi_theta is read at temperature 1 (the policy being trained).
 7. Gradient clipping, AdamW, lr schedule (``sophia.lr``...), ``rollout_engine.update_weights`` (vLLM sync);
    logs, samples and checkpoints exactly like ``vold sft``/``vold train`` (``--resume auto``).
 
@@ -44,7 +44,6 @@ generate.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, replace
@@ -65,25 +64,14 @@ from vold.data import (
     select_rows,
     tokenizer_of,
 )
-from vold.distributed import Runtime, prompt_seeds
+from vold.distributed import prompt_seeds
 from vold.models import check_model_path, check_vocab_compatible, student_from_config, teacher_from_config
 from vold.rewards import RewardFunctions
-from vold.rl import phase_timer, score, student_start
 from vold.rollout import Rollout, make_rollout_engine, pad_completions
 from vold.rollout.hf import HFRolloutEngine
-from vold.runs import (
-    Logger,
-    log_names,
-    make_optimizer,
-    make_scheduler,
-    prepare_run,
-    print_start,
-    progress_bar,
-    scalar_metrics,
-    seed_everything,
-    start_run,
-)
-from vold.sft import response_logprobs
+from vold.runs import seed_everything
+from vold.scoring import response_logprobs, score
+from vold.stage import Stage, phase_timer, student_start
 
 # ---- the math: selection and the objective -----------------------------------------------------------
 
@@ -149,7 +137,7 @@ def sophia_objective(logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tens
 def sophia_loss(model: torch.nn.Module, batch: dict[str, Any], *, normalizer: float, sc: SophiaConfig,
                 autocast_dtype: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch (``prompt_inputs``, ``ids``, ``mask``, ``rewards``, ``behaviour``):
-    the student's response log-probs (``vold.sft.response_logprobs``: fused, no [N, V] logits) into
+    the student's response log-probs (``vold.scoring.response_logprobs``: fused, no [N, V] logits) into
     :func:`sophia_objective`."""
     logp, mask = response_logprobs(model, batch, autocast_dtype=autocast_dtype)
     behaviour = batch.get("behaviour") if sc.importance_weighting == "clipped" else None
@@ -330,13 +318,39 @@ def round_samples(rnd: Round, sc: SophiaConfig, limit: int) -> list[dict[str, An
 # ---- the trainer ----------------------------------------------------------------------------------
 
 
+def update_student(stage: Stage, batch: dict[str, Any] | None, sc: SophiaConfig, *,
+           autocast_dtype: str | None) -> dict[str, float]:
+    """Step 6: one optimizer update on the kept items' batch (``grad_accum`` micro-batches of
+    :func:`sophia_loss`; nothing kept: no gradient, no update); returns ``loss``, ``nll``, ``lr``, ``grad_norm``,
+    ``tokens``, ``truncated`` (and ``is_weight`` with the clipped form)."""
+    rt = stage.runtime
+    total, sums = 0.0, {"nll_sum": 0.0, "is_weight_sum": 0.0}
+    tokens = int(batch["mask"].sum()) if batch is not None else 0
+    parts = micro_batches(batch, sc.grad_accum) if batch is not None else []
+    for index, part in enumerate(parts):
+        with rt.accumulate(last=index == len(parts) - 1):
+            loss, parts_metrics = rt.forward(sophia_loss, part, normalizer=max(tokens, 1), sc=sc,
+                                             autocast_dtype=autocast_dtype)
+            rt.backward(loss)
+        total += float(loss.detach())
+        for key, value in parts_metrics.items():
+            sums[key] += float(value)
+    lr = stage.scheduler.get_last_lr()[0]
+    grad_norm = rt.step(stage.optimizer, stage.scheduler, stage.cfg.optim.max_grad_norm)
+    metrics = {"loss": total, "nll": sums["nll_sum"] / max(tokens, 1), "lr": lr, "grad_norm": grad_norm,
+               "tokens": tokens, "truncated": batch["truncated"] if batch is not None else 0}
+    if sc.importance_weighting == "clipped":
+        metrics["is_weight"] = sums["is_weight_sum"] / max(tokens, 1)
+    return metrics
+
+
 def train_sophia(cfg: Config) -> Path:
     """Run SOPHIA; returns the folder of the final model (``{output_dir}/sophia/final``)."""
-    sc, mc, data, oc = cfg.sophia, cfg.model, cfg.data, cfg.optim
-    runtime = Runtime(cfg.distributed, cfg.device)
-    if runtime.distributed:
+    sc, mc, data = cfg.sophia, cfg.model, cfg.data
+    stage = Stage(cfg, "sophia", "sophia", max_steps=sc.max_steps)
+    if stage.runtime.distributed:
         raise ValueError("vold sophia runs in one process (no data parallelism yet): launch it without torchrun")
-    # every check on the user's input comes before the run folder is written (start_run)
+    # every check on the user's input comes before the run folder is written (Stage.open)
     if not data.train_files:
         raise ValueError("no training items: set data.train_files (rows with an image, a question and an answer)")
     examples = load_examples(data.train_files, image_root=data.image_root, check_images=data.check_images,
@@ -348,15 +362,14 @@ def train_sophia(cfg: Config) -> Path:
     sampler = PromptSampler(len(examples), sc.batch_size, seed=cfg.seed, shuffle=data.shuffle)
     rewards = RewardFunctions(cfg.reward.functions, cfg.reward.weights)
     start_path = student_start(cfg)
-    checkpoint = prepare_run(cfg, "sophia", max_steps=sc.max_steps)
-    if checkpoint is None:
+    if stage.prepare() is None:
         check_model_path(start_path, "sft.enabled -> sft/final" if cfg.sft.enabled else "model.student",
                          local_files_only=mc.local_files_only)
     check_model_path(mc.teacher, "model.teacher", local_files_only=mc.local_files_only)
     seed_everything(cfg.seed)  # here, as always; the run folder is written once the models passed their checks
 
-    device = runtime.device
-    student, processor = student_from_config(mc, device, path=str(checkpoint / "model") if checkpoint else start_path)
+    device = stage.device
+    student, processor = student_from_config(mc, device, path=stage.model_path(start_path))
     if not is_multimodal(processor):
         raise ValueError("vold sophia needs a vision-language student (model.student has no image processor)")
     teacher, teacher_tokenizer = teacher_from_config(mc, device)
@@ -368,29 +381,19 @@ def train_sophia(cfg: Config) -> Path:
             raise ValueError(f"sophia.importance_weighting='clipped' needs the teacher's behaviour log-probs of the "
                              f"student's target tokens, so one vocabulary: {error}") from error
         vocab_size, shared_vocab = mc.vocab_size, False
-
-    run = start_run(cfg, "sophia", seed=False)
-    optimizer = make_optimizer(student, sc.lr, weight_decay=oc.weight_decay if sc.weight_decay is None
-                               else sc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps)
-    scheduler = make_scheduler(optimizer, kind=sc.lr_scheduler, warmup=sc.warmup_steps, total=sc.max_steps,
-                               min_ratio=sc.min_lr_ratio)
-    runtime.wrap(student, optimizer, grad_accum=sc.grad_accum, max_grad_norm=oc.max_grad_norm)
-    step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "sophia", max_steps=sc.max_steps)
-    print_start("sophia", start_from=str(checkpoint or start_path), run=run, model=student, examples=len(examples),
-                files=data.train_files, steps=sc.max_steps, start_step=step, extra={"teacher": mc.teacher})
+    stage.open(student, processor, sampler, section=sc, updates=sc.max_steps, start_from=start_path,
+               examples=len(examples), files=data.train_files, extra={"teacher": mc.teacher})
     caption_engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path,
                                          dtype=mc.autocast or mc.dtype, seed=cfg.seed, vocab_size=vocab_size)
     caption_engine.update_weights(student)
     trace_engine = HFRolloutEngine(teacher, teacher_tokenizer, vocab_size=vocab_size if shared_vocab else None)
-    logger = Logger(run, cfg.logging, start_step=step, config=dataclasses.asdict(cfg))
-    bar = progress_bar(sc.max_steps, initial=step, desc="sophia", enabled=cfg.logging.progress)
 
     student.train()
-    while step < sc.max_steps:
+    while stage.step < sc.max_steps:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         items = [examples[i] for i in sampler.next_indices()]
-        rnd = sample_round(step, items, cfg, processor=processor, teacher_tokenizer=teacher_tokenizer,
+        rnd = sample_round(stage.step, items, cfg, processor=processor, teacher_tokenizer=teacher_tokenizer,
                            caption_engine=caption_engine, trace_engine=trace_engine, rewards=rewards,
                            timings=timings, device=device)
         metrics: dict[str, Any] = round_metrics(rnd, sc)
@@ -398,33 +401,11 @@ def train_sophia(cfg: Config) -> Path:
             batch = build_update(rnd, cfg, processor=processor, shared_vocab=shared_vocab, student=student,
                                  teacher=teacher, vocab_size=vocab_size)
         with phase_timer(timings, "update_actor", device):
-            total, sums = 0.0, {"nll_sum": 0.0, "is_weight_sum": 0.0}
-            tokens = int(batch["mask"].sum()) if batch is not None else 0
-            parts = micro_batches(batch, sc.grad_accum) if batch is not None else []
-            for index, part in enumerate(parts):
-                with runtime.accumulate(last=index == len(parts) - 1):
-                    loss, parts_metrics = runtime.forward(sophia_loss, part, normalizer=max(tokens, 1), sc=sc,
-                                                          autocast_dtype=mc.autocast)
-                    runtime.backward(loss)
-                total += float(loss.detach())
-                for key, value in parts_metrics.items():
-                    sums[key] += float(value)
-            lr = scheduler.get_last_lr()[0]
-            grad_norm = runtime.step(optimizer, scheduler, oc.max_grad_norm)  # nothing kept: no gradient, no update
+            metrics.update(update_student(stage, batch, sc, autocast_dtype=mc.autocast))
         with phase_timer(timings, "update_weights", device):
             caption_engine.update_weights(student)
-        step += 1
-        metrics.update({"loss": total, "nll": sums["nll_sum"] / max(tokens, 1), "lr": lr, "grad_norm": grad_norm,
-                        "tokens": tokens, "truncated": batch["truncated"] if batch is not None else 0,
-                        "time/step": time.perf_counter() - t0, **{f"time/{k}": v for k, v in timings.items()}})
-        if sc.importance_weighting == "clipped":
-            metrics["is_weight"] = sums["is_weight_sum"] / max(tokens, 1)
-        if step % cfg.logging.every == 0 or step == sc.max_steps:
-            logger.log(step, scalar_metrics(log_names(metrics)))
-            logger.samples([{"step": step, **s} for s in round_samples(rnd, sc, cfg.logging.num_completions)])
-        bar.update()
-        bar.set_postfix(kept=f"{metrics['sophia/kept']:.0f}/{len(items)}", loss=f"{total:.4f}")
-        runtime.save_training_checkpoint(run, step, processor, scheduler=scheduler, sampler=sampler,
-                                         optimizer=optimizer, checkpoint_cfg=cfg.checkpoint)
-    bar.close()
-    return runtime.finish(processor, run, logger, "sophia", step, merged=mc.lora.save_merged)
+        metrics.update({"time/step": time.perf_counter() - t0, **{f"time/{k}": v for k, v in timings.items()}})
+        samples = [{"step": stage.step + 1, **s} for s in round_samples(rnd, sc, cfg.logging.num_completions)]
+        stage.end_step(metrics, samples=samples,
+                       postfix={"kept": f"{metrics['sophia/kept']:.0f}/{len(items)}", "loss": f"{metrics['loss']:.4f}"})
+    return stage.close()
