@@ -145,11 +145,11 @@ TINY_VOCAB = 512  # the dry run's heads: more rows than the tokenizer's 107 toke
 def write_models(root: Path, *, tiny: bool, device: str) -> dict[str, Path]:
     """Random student and teacher of :func:`student_config` / :func:`teacher_config` (initialised on ``device``,
     saved in bf16, or fp32 when ``tiny``), with vold's offline character tokenizer and processor
-    (``vold.testing``: no tokenizer is downloaded, so generated ids past its 107 tokens decode to nothing)."""
+    (``vold.tiny``: no tokenizer is downloaded, so generated ids past its 107 tokens decode to nothing)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3ForCausalLM
 
-    from vold.testing import make_tiny_processor, make_tiny_tokenizer
+    from vold.tiny import make_tiny_processor, make_tiny_tokenizer
 
     done = root / "complete.json"
     paths = {"student": root / "student", "teacher": root / "teacher"}
@@ -237,7 +237,7 @@ def _cuda_peak() -> tuple[Callable[[], None], Callable[[], int | None]]:
 
 
 def _prepare(work: Path, s: StepSetting, dry_run: bool) -> tuple[dict[str, Path], dict[str, Path]]:
-    from vold.testing import write_tiny_dataset
+    from vold.tiny import write_tiny_dataset
 
     models = write_models(work / "models", tiny=dry_run, device=s.device)
     data_dir = work / "data"
