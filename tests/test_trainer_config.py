@@ -6,9 +6,18 @@ import inspect
 import pytest
 import yaml
 
-from vold.config import Config, LossConfig, apply_override, load_config, save_config
-from vold.kernels import vold_loss
-from vold.rl import TRAINER_ONLY
+from vold.config import (
+    KERNEL_ENGINE_KEYS,
+    KERNEL_OBJECTIVE_KEYS,
+    TRAINER_LOSS_DEFAULTS,
+    TRAINER_LOSS_KEYS,
+    Config,
+    LossConfig,
+    apply_override,
+    load_config,
+    save_config,
+)
+from vold.kernels import PolicyLossConfig, vold_loss
 
 
 def test_defaults_are_the_papers_settings():
@@ -22,15 +31,23 @@ def test_defaults_are_the_papers_settings():
 
 
 def test_loss_options_mirror_vold_loss_keywords():
-    trainer_side = set(TRAINER_ONLY)
+    """The loss section = PolicyLossConfig's fields + divergence/jsd_beta (objective) + impl/chunk_size (engine),
+    all vold_loss keywords with vold_loss's defaults except the documented TRAINER_LOSS_DEFAULTS, + the
+    trainer-only keys, which kernel_options() never passes on."""
+    keys = [f.name for f in dataclasses.fields(LossConfig)]
+    assert sorted(keys) == sorted((*KERNEL_OBJECTIVE_KEYS, *KERNEL_ENGINE_KEYS, *TRAINER_LOSS_KEYS))
+    assert {f.name for f in dataclasses.fields(PolicyLossConfig)} <= set(KERNEL_OBJECTIVE_KEYS)
     params = inspect.signature(vold_loss).parameters
-    for f in dataclasses.fields(LossConfig):
-        if f.name in trainer_side:
-            continue
-        assert f.name in params, f"LossConfig.{f.name} is not a vold_loss keyword"
-        default = params[f.name].default
-        if f.name not in ("distill_estimator",):  # the paper's k2 instead of the kernel's "full"
-            assert f.default == default, f"LossConfig.{f.name} default {f.default!r} != vold_loss's {default!r}"
+    assert not set(TRAINER_LOSS_KEYS) & set(params)
+    for name in (*KERNEL_OBJECTIVE_KEYS, *KERNEL_ENGINE_KEYS):
+        assert name in params, f"LossConfig.{name} is not a vold_loss keyword"
+        default = dataclasses.fields(LossConfig)[keys.index(name)].default
+        expected = TRAINER_LOSS_DEFAULTS.get(name, params[name].default)
+        assert default == expected, f"LossConfig.{name} default {default!r} != {expected!r}"
+    assert TRAINER_LOSS_DEFAULTS == {"distill_estimator": "k2"}  # the paper's k2; vold_loss: "full"
+    assert params["distill_estimator"].default == "full"
+    options = LossConfig().kernel_options()
+    assert set(options) == {*KERNEL_OBJECTIVE_KEYS, *KERNEL_ENGINE_KEYS} and options["distill_estimator"] == "k2"
 
 
 def test_yaml_round_trip_with_overrides(tmp_path):
