@@ -2,6 +2,8 @@
 
 import dataclasses
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,6 +18,7 @@ from vold.config import (
     apply_override,
     load_config,
     save_config,
+    validate,
 )
 from vold.kernels import PolicyLossConfig, vold_loss
 
@@ -133,3 +136,52 @@ def test_apply_override_mutates_in_place():
     apply_override(cfg, "sft.enabled=true")
     apply_override(cfg, "checkpoint.every=0")
     assert cfg.sft.enabled is True and cfg.checkpoint.every == 0
+
+
+def test_every_bad_key_is_named_on_one_line():
+    with pytest.raises(ValueError) as error:
+        load_config(None, ["rollout.num_generations=0", "optim.lr=-1", "loss.divergence=kl"])
+    message = str(error.value)
+    assert "\n" not in message
+    for part in ("'rollout.num_generations' must be > 0", "'optim.lr' must be > 0",
+                 "'loss.divergence' = 'kl' is not one of 'reverse_kl', 'forward_kl' or 'jsd'"):
+        assert part in message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.jsd_beta=1", "config key 'loss.jsd_beta' must be in (0, 1), got '1'"),
+    ("loss.chunk_size=0", "config key 'loss.chunk_size' must be > 0"),
+    ("rollout.sleep_level=3", "config key 'rollout.sleep_level' must be in [1, 2]"),
+    ("checkpoint.keep_last=0", "config key 'checkpoint.keep_last' must be >= 1"),
+    ("model.lora.rr=3", "unknown config key 'model.lora.rr'; did you mean 'r'?"),
+    ("data.train_files=[a", "config key 'data.train_files' expects a list, got '[a'"),
+    ("optim.lr.x=1", "config key 'optim.lr' is not a section"),
+])
+def test_ranges_and_nested_keys_are_named(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_yaml_forms(tmp_path):
+    """An empty section is its defaults; none/null for optional keys; a string for a one-item list."""
+    path = tmp_path / "run.yaml"
+    path.write_text("loss:\nmodel:\n  vocab_size: none\n  lora:\nreward:\n  functions: format\n"
+                    "optim:\n  max_steps: 2e3\n")
+    cfg = load_config(path)
+    assert cfg.loss == LossConfig() and cfg.model.vocab_size is None and cfg.reward.functions == ["format"]
+    assert cfg.optim.max_steps == 2000 and type(cfg.optim.max_steps) is int
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_round_trips(name, tmp_path):
+    cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+    assert load_config(save_config(cfg, tmp_path / "config.yaml")) == cfg
+
+
+def test_validate_checks_assignments_again():
+    cfg = Config()
+    cfg.rollout.top_p = 2.0  # attribute assignment is not checked (pydantic's default) ...
+    with pytest.raises(ValueError, match=re.escape("config key 'rollout.top_p' must be in (0, 1], got 2.0")):
+        validate(cfg)  # ... validate() checks the whole config again
+    cfg.rollout.top_p = 0.5
+    assert validate(cfg) == cfg

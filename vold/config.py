@@ -596,11 +596,11 @@ _CONFIG = TypeAdapter(Config)
 
 
 def _validated(values: dict[str, Any]) -> Config:
-    """``Config`` from a nested dict; a ``ValueError`` that names each bad key (all of them, one per line)."""
+    """``Config`` from a nested dict; a ``ValueError`` naming every bad key (one line: ``; `` between them)."""
     try:
         return _CONFIG.validate_python(values)
     except ValidationError as e:
-        raise ValueError("\n".join(_message(error) for error in e.errors())) from None
+        raise ValueError("; ".join(_message(error) for error in e.errors())) from None
 
 
 # ---- public API -----------------------------------------------------------------------------------------------
