@@ -23,12 +23,10 @@ optional key, ``[a, b]`` or ``a,b`` for a list, ``true``/``false``, ``2e3`` for 
 import dataclasses
 import difflib
 import inspect
-import typing
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import annotated_types
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
@@ -528,37 +526,17 @@ def _field_at(loc: tuple[Any, ...]) -> tuple[type | None, list[str], Any]:
     return cls, list(getattr(cls, "__pydantic_fields__", {})), info
 
 
-def _bounds(info: Any) -> str | None:
-    """The range of a key from its ``Field(gt=, ge=, lt=, le=)`` constraints: ``> 0``, ``in (0, 1]``..."""
-    found: dict[str, Any] = {}
+_OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
-    def collect(obj: Any) -> None:
-        for item in getattr(obj, "metadata", None) or []:
-            for cls, name in ((annotated_types.Gt, "gt"), (annotated_types.Ge, "ge"),
-                              (annotated_types.Lt, "lt"), (annotated_types.Le, "le")):
-                if isinstance(item, cls):
-                    found[name] = getattr(item, name)
-            collect(item)
-        if typing.get_origin(obj) is Annotated:
-            collect(typing.get_args(obj)[0])
-            for item in typing.get_args(obj)[1:]:
-                collect(item)
-        elif typing.get_args(obj):
-            for arg in typing.get_args(obj):
-                collect(arg)
 
-    if info is not None:
-        collect(info)
-        collect(info.annotation)
-    low = ("(", found["gt"]) if "gt" in found else ("[", found["ge"]) if "ge" in found else None
-    high = (")", found["lt"]) if "lt" in found else ("]", found["le"]) if "le" in found else None
-    if low and high:
-        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
-    if low:
-        return f"{'>' if low[0] == '(' else '>='} {low[1]:g}"
-    if high:
-        return f"{'<' if high[0] == ')' else '<='} {high[1]:g}"
-    return None
+def _bounds(info: Any, ctx: dict[str, Any]) -> str:
+    """A key's range from its ``Field(gt=, ge=, lt=, le=)`` (``> 0``, ``in (0, 1]``); else the failed bound."""
+    bounds = {k: getattr(m, k) for m in getattr(info, "metadata", []) for k in _OPS if hasattr(m, k)} or ctx
+    if len(bounds) == 2:
+        (low, lo), (high, hi) = sorted(bounds.items(), key=lambda item: item[0].startswith("l"))
+        return f"in {'(' if low == 'gt' else '['}{lo:g}, {hi:g}{')' if high == 'lt' else ']'}"
+    ((op, value),) = bounds.items()
+    return f"{_OPS[op]} {value:g}"
 
 
 _EXPECTS = {"int": "an int", "bool": "a bool (true/false)", "float": "a float", "string": "a string",
@@ -581,7 +559,7 @@ def _message(error: dict[str, Any]) -> str:
     if kind == "literal_error":
         return f"config key '{key}' = {value!r} is not one of {error['ctx']['expected']}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return f"config key '{key}' must be {_bounds(_field_at(loc)[2])}, got {value!r}"
+        return f"config key '{key}' must be {_bounds(_field_at(loc)[2], error['ctx'])}, got {value!r}"
     if kind == "value_error":  # a model_validator's own message
         return str(error["ctx"]["error"])
     expected = next((v for k, v in _EXPECTS.items() if kind.startswith(k)), None)
