@@ -512,18 +512,13 @@ _check_loss_bridge()
 
 # ---- errors ---------------------------------------------------------------------------------------------------
 
-def _field_at(loc: tuple[Any, ...]) -> tuple[type | None, list[str], Any]:
-    """Walk ``loc`` from :class:`Config`: (the section holding the last part, its keys, that key's FieldInfo)."""
+def _field_at(loc: tuple[str, ...]) -> tuple[list[str], Any]:
+    """The keys of the section that holds ``loc[-1]`` (walked from :class:`Config`) and that key's FieldInfo."""
     cls: Any = Config
-    info = None
-    for depth, part in enumerate(loc):
-        fields = getattr(cls, "__pydantic_fields__", None)
-        if fields is None or part not in fields:
-            return (cls if fields is not None and depth == len(loc) - 1 else None), list(fields or []), None
-        info = fields[part]
-        if depth < len(loc) - 1:
-            cls = info.annotation
-    return cls, list(getattr(cls, "__pydantic_fields__", {})), info
+    for part in loc[:-1]:
+        cls = cls.__pydantic_fields__[part].annotation
+    fields = cls.__pydantic_fields__
+    return list(fields), fields.get(loc[-1])
 
 
 _OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
@@ -549,17 +544,17 @@ def _message(error: dict[str, Any]) -> str:
     key = ".".join(loc) or "the top level"
     kind, value = error["type"], error.get("input")
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-        _, valid, _ = _field_at(loc)
+        valid = _field_at(loc)[0]
         close = difflib.get_close_matches(loc[-1], valid, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        section = ".".join(loc[:-1]) or "the top level"
-        return f"unknown config key '{key}'{hint} (valid keys in {section}: {', '.join(valid)})"
+        where = ".".join(loc[:-1]) or "the top level"
+        return f"unknown config key '{key}'{hint} (valid keys in {where}: {', '.join(valid)})"
     if kind in ("dataclass_type", "dataclass_args_type", "dict_type"):
         return f"config section '{key}' must be a mapping, got {value!r}"
     if kind == "literal_error":
         return f"config key '{key}' = {value!r} is not one of {error['ctx']['expected']}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return f"config key '{key}' must be {_bounds(_field_at(loc)[2], error['ctx'])}, got {value!r}"
+        return f"config key '{key}' must be {_bounds(_field_at(loc)[1], error['ctx'])}, got {value!r}"
     if kind == "value_error":  # a model_validator's own message
         return str(error["ctx"]["error"])
     expected = next((v for k, v in _EXPECTS.items() if kind.startswith(k)), None)
