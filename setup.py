@@ -6,8 +6,9 @@ reader greps is the import path and no top-level ``kernels`` package clashes wit
 
 from setuptools import setup
 
-# The trainer (vold.config/data/rewards/models/rollout); pyarrow only for parquet data.
-TRAIN = ["transformers>=5", "math-verify>=0.7", "pyyaml", "pillow", "pyarrow"]
+# The trainer (vold.config/data/rewards/models/rollout); pydantic v2 parses and checks the config (vold/config.py);
+# pyarrow only for parquet data.
+TRAIN = ["transformers>=5", "math-verify>=0.7", "pyyaml", "pydantic>=2.6,<3", "pillow", "pyarrow"]
 
 setup(
     name="vold",

@@ -2,13 +2,25 @@
 
 import dataclasses
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 import yaml
 
-from vold.config import Config, LossConfig, apply_override, load_config, save_config
-from vold.kernels import vold_loss
-from vold.rl import TRAINER_ONLY
+from vold.config import (
+    KERNEL_ENGINE_KEYS,
+    KERNEL_OBJECTIVE_KEYS,
+    TRAINER_LOSS_DEFAULTS,
+    TRAINER_LOSS_KEYS,
+    Config,
+    LossConfig,
+    apply_override,
+    load_config,
+    save_config,
+    validate,
+)
+from vold.kernels import PolicyLossConfig, vold_loss
 
 
 def test_defaults_are_the_papers_settings():
@@ -22,15 +34,23 @@ def test_defaults_are_the_papers_settings():
 
 
 def test_loss_options_mirror_vold_loss_keywords():
-    trainer_side = set(TRAINER_ONLY)
+    """The loss section = PolicyLossConfig's fields + divergence/jsd_beta (objective) + impl/chunk_size (engine),
+    all vold_loss keywords with vold_loss's defaults except the documented TRAINER_LOSS_DEFAULTS, + the
+    trainer-only keys, which kernel_options() never passes on."""
+    keys = [f.name for f in dataclasses.fields(LossConfig)]
+    assert sorted(keys) == sorted((*KERNEL_OBJECTIVE_KEYS, *KERNEL_ENGINE_KEYS, *TRAINER_LOSS_KEYS))
+    assert {f.name for f in dataclasses.fields(PolicyLossConfig)} <= set(KERNEL_OBJECTIVE_KEYS)
     params = inspect.signature(vold_loss).parameters
-    for f in dataclasses.fields(LossConfig):
-        if f.name in trainer_side:
-            continue
-        assert f.name in params, f"LossConfig.{f.name} is not a vold_loss keyword"
-        default = params[f.name].default
-        if f.name not in ("distill_estimator",):  # the paper's k2 instead of the kernel's "full"
-            assert f.default == default, f"LossConfig.{f.name} default {f.default!r} != vold_loss's {default!r}"
+    assert not set(TRAINER_LOSS_KEYS) & set(params)
+    for name in (*KERNEL_OBJECTIVE_KEYS, *KERNEL_ENGINE_KEYS):
+        assert name in params, f"LossConfig.{name} is not a vold_loss keyword"
+        default = dataclasses.fields(LossConfig)[keys.index(name)].default
+        expected = TRAINER_LOSS_DEFAULTS.get(name, params[name].default)
+        assert default == expected, f"LossConfig.{name} default {default!r} != {expected!r}"
+    assert TRAINER_LOSS_DEFAULTS == {"distill_estimator": "k2"}  # the paper's k2; vold_loss: "full"
+    assert params["distill_estimator"].default == "full"
+    options = LossConfig().kernel_options()
+    assert set(options) == {*KERNEL_OBJECTIVE_KEYS, *KERNEL_ENGINE_KEYS} and options["distill_estimator"] == "k2"
 
 
 def test_yaml_round_trip_with_overrides(tmp_path):
@@ -116,3 +136,52 @@ def test_apply_override_mutates_in_place():
     apply_override(cfg, "sft.enabled=true")
     apply_override(cfg, "checkpoint.every=0")
     assert cfg.sft.enabled is True and cfg.checkpoint.every == 0
+
+
+def test_every_bad_key_is_named_on_one_line():
+    with pytest.raises(ValueError) as error:
+        load_config(None, ["rollout.num_generations=0", "optim.lr=-1", "loss.divergence=kl"])
+    message = str(error.value)
+    assert "\n" not in message
+    for part in ("'rollout.num_generations' must be > 0", "'optim.lr' must be > 0",
+                 "'loss.divergence' = 'kl' is not one of 'reverse_kl', 'forward_kl' or 'jsd'"):
+        assert part in message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.jsd_beta=1", "config key 'loss.jsd_beta' must be in (0, 1), got '1'"),
+    ("loss.chunk_size=0", "config key 'loss.chunk_size' must be > 0"),
+    ("rollout.sleep_level=3", "config key 'rollout.sleep_level' must be in [1, 2]"),
+    ("checkpoint.keep_last=0", "config key 'checkpoint.keep_last' must be >= 1"),
+    ("model.lora.rr=3", "unknown config key 'model.lora.rr'; did you mean 'r'?"),
+    ("data.train_files=[a", "config key 'data.train_files' expects a list, got '[a'"),
+    ("optim.lr.x=1", "config key 'optim.lr' is not a section"),
+])
+def test_ranges_and_nested_keys_are_named(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_yaml_forms(tmp_path):
+    """An empty section is its defaults; none/null for optional keys; a string for a one-item list."""
+    path = tmp_path / "run.yaml"
+    path.write_text("loss:\nmodel:\n  vocab_size: none\n  lora:\nreward:\n  functions: format\n"
+                    "optim:\n  max_steps: 2e3\n")
+    cfg = load_config(path)
+    assert cfg.loss == LossConfig() and cfg.model.vocab_size is None and cfg.reward.functions == ["format"]
+    assert cfg.optim.max_steps == 2000 and type(cfg.optim.max_steps) is int
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_round_trips(name, tmp_path):
+    cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+    assert load_config(save_config(cfg, tmp_path / "config.yaml")) == cfg
+
+
+def test_validate_checks_assignments_again():
+    cfg = Config()
+    cfg.rollout.top_p = 2.0  # attribute assignment is not checked (pydantic's default) ...
+    with pytest.raises(ValueError, match=re.escape("config key 'rollout.top_p' must be in (0, 1], got 2.0")):
+        validate(cfg)  # ... validate() checks the whole config again
+    cfg.rollout.top_p = 0.5
+    assert validate(cfg) == cfg

@@ -1,29 +1,115 @@
-"""Run configuration: nested dataclasses, loaded from YAML, overridden by ``key.sub=value`` strings.
+"""Run configuration: pydantic dataclasses, loaded from YAML, overridden by ``key.sub=value`` strings.
 
     cfg = load_config("configs/run.yaml", ["optim.lr=1e-6", "rollout.engine=vllm"])
     save_config(cfg, Path(cfg.output_dir) / "config.yaml")
 
-Values are coerced to the dataclass field types (bool, int, float, str, ``X | None``, ``list[X]``);
-an unknown key is an error that names it. ``validate`` checks the choices and ranges.
-"""
+Layers, last wins: the dataclass defaults, the YAML file, the ``key.sub=value`` overrides (verl/Hydra's
+dotlist form). Each section is a ``pydantic.dataclasses.dataclass`` (stdlib ``dataclasses.fields``,
+``asdict`` and ``replace`` work on it): its types carry the checks, so pydantic (v2) parses and checks
+every value in one pass — ``Literal`` choices read from the kernels' tuples (``LOSS_TYPES``, ...),
+ranges as ``Field(gt=, ge=, le=)``, ``X | None``, lists — and the errors carry the key's location.
+:func:`_message` turns pydantic's errors into this module's messages (``config key 'rollout.top_p' must be
+in (0, 1], got 0``; ``unknown config key 'optim.lrr'; did you mean 'lr'?``). Checks that span keys
+(``reward.weights`` vs ``reward.functions``, the SOPHIA template's placeholders, LoRA) are explicit
+``model_validator``s.
 
-from __future__ import annotations
+Why pydantic and not OmegaConf structured configs: OmegaConf types a key only as int/float/bool/str/enum
+(no ``Literal``, no ranges), so every choice and range check here would stay hand-written, and it is not a
+dependency here; pydantic is (of DeepSpeed and vLLM; the ``train`` extra names it), and the dotlist
+form users know from verl/Hydra is kept by :func:`apply_override` (``a.b=value``; ``none``/``null`` for an
+optional key, ``[a, b]`` or ``a,b`` for a list, ``true``/``false``, ``2e3`` for an int).
+"""
 
 import dataclasses
 import difflib
-import types
-import typing
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
+from vold.kernels import PolicyLossConfig, vold_loss
 from vold.kernels.checks import DIVERGENCES, IMPLS
 from vold.kernels.policy_loss import DISTILL_ESTIMATORS, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES
 
+# extra="forbid": an unknown key is an error; numbers given to a str key (e.g. a YAML 1) become strings
+section = dataclass(config=ConfigDict(extra="forbid", coerce_numbers_to_str=True))
 
-@dataclass
+_NONE = {"none", "null", "~", ""}
+
+
+def _none_text(value: Any) -> Any:
+    """``none``/``null``/``~``/empty (any case) -> None, for the ``X | None`` keys."""
+    return None if isinstance(value, str) and value.strip().lower() in _NONE else value
+
+
+def _integral_text(value: Any) -> Any:
+    """A string that is an integral number in any float notation (``"2e3"``) -> that int."""
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return value
+        if number.is_integer():
+            return int(number)
+    return value
+
+
+def _list_text(value: Any) -> Any:
+    """``"[a, b]"`` (YAML flow list) or ``"a,b"`` -> a list; an empty string -> []."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return yaml.safe_load(text)
+            except yaml.YAMLError:
+                return value  # not a list: the key's type reports it, naming the key
+        return [part.strip() for part in text.split(",")] if text else []
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral_text)]
+PosInt = Annotated[Int, Field(gt=0)]
+NonNegInt = Annotated[Int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Prob = Annotated[float, Field(gt=0, le=1)]  # top_p and the like: (0, 1]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+StrList = Annotated[list[str], BeforeValidator(_list_text)]
+FloatList = Annotated[list[float], BeforeValidator(_list_text)]
+Dtype = Literal["float32", "bfloat16", "float16"]
+Scheduler = Literal["constant", "linear", "cosine"]  # all after warmup
+
+
+# the X | None keys: none/null/~ (any case) or an empty string is None
+_NONE_TEXT = BeforeValidator(_none_text)
+OptStr = Annotated[str | None, _NONE_TEXT]
+OptBool = Annotated[bool | None, _NONE_TEXT]
+OptInt = Annotated[Int | None, _NONE_TEXT]
+OptPosInt = Annotated[PosInt | None, _NONE_TEXT]
+OptFloat = Annotated[float | None, _NONE_TEXT]
+OptNonNegFloat = Annotated[NonNegFloat | None, _NONE_TEXT]
+OptFloatList = Annotated[FloatList | None, _NONE_TEXT]
+OptDtype = Annotated[Dtype | None, _NONE_TEXT]
+
+
+# ---- the loss section's bridge to the kernels ----------------------------------------------------------------
+
+_KERNEL_DEFAULTS = {name: p.default for name, p in inspect.signature(vold_loss).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+#: loss.* keys that are the objective's options: PolicyLossConfig's fields + the divergence of "full"
+KERNEL_OBJECTIVE_KEYS = (*(f.name for f in dataclasses.fields(PolicyLossConfig)), "divergence", "jsd_beta")
+#: loss.* keys that choose how vold_loss computes (engine, chunk of the vocabulary), not what
+KERNEL_ENGINE_KEYS = ("impl", "chunk_size")
+#: loss.* keys that vold_loss never sees: how rewards become advantages, the distill mask and the loss rows
+TRAINER_LOSS_KEYS = ("distill_on_wrong_only", "distill_mask_reward", "scale_rewards", "mask_truncated_completions")
+#: the trainer's loss defaults that differ from vold_loss's, on purpose (README: "Loss defaults")
+TRAINER_LOSS_DEFAULTS = {"distill_estimator": "k2"}  # the paper's estimator; vold_loss: "full" (the exact KL)
+
+@section
 class LoraSettings:
     """``model.lora.*``: LoRA adapters on the student through the ``peft`` library (``pip install peft``).
 
@@ -35,7 +121,7 @@ class LoraSettings:
     """
 
     enabled: bool = False
-    r: int = 16  # TRL's ModelConfig.lora_r
+    r: Int = 16  # TRL's ModelConfig.lora_r
     alpha: float = 32.0  # lora_alpha
     # lora_dropout: 0 (PEFT's and verl's default; TRL's ModelConfig has 0.05). The trainer runs the student in
     # train mode, so a dropout > 0 makes the policy that is trained (and scored against the teacher) a noisy
@@ -43,31 +129,42 @@ class LoraSettings:
     dropout: float = 0.0
     # module names (peft target_modules: exact suffixes) in the language model; default: the attention and MLP
     # projections of Qwen/Llama blocks. The vision tower gets adapters only when it is not frozen.
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+    target_modules: StrList = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                "up_proj", "down_proj"])
     save_merged: bool = False  # final/merged: also the merged full model (save_pretrained), loadable without peft
 
+    @model_validator(mode="after")
+    def _check(self) -> "LoraSettings":
+        if self.enabled:
+            if self.r < 1 or not self.alpha > 0 or not 0.0 <= self.dropout < 1.0:
+                raise ValueError(f"model.lora needs r >= 1, alpha > 0 and dropout in [0, 1), got r={self.r}, "
+                                 f"alpha={self.alpha}, dropout={self.dropout}")
+            if not self.target_modules:
+                raise ValueError("config key 'model.lora.target_modules' must name at least one module")
+        return self
 
-@dataclass
+
+@section
 class ModelConfig:
     """Student (a VLM, or any causal LM) and teacher (a text causal LM): local paths or hub ids."""
 
     student: str = ""
     teacher: str = ""
-    student_tokenizer: str | None = None  # defaults to the student path
-    teacher_tokenizer: str | None = None  # defaults to the teacher path
-    dtype: str = "bfloat16"  # weights: float32 | bfloat16 | float16
+    student_tokenizer: OptStr = None  # defaults to the student path
+    teacher_tokenizer: OptStr = None  # defaults to the teacher path
+    dtype: Dtype = "bfloat16"  # weights: float32 | bfloat16 | float16
     # forward passes of the student under torch.autocast(this dtype), e.g. float32 weights + bfloat16 compute:
     # with pure bfloat16 weights most AdamW updates at lr ~1e-6 round away (bf16 keeps ~3 significant digits)
-    autocast: str | None = None
-    teacher_dtype: str | None = None  # defaults to dtype
-    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when flash_attn imports, else sdpa
+    autocast: OptDtype = None
+    teacher_dtype: OptDtype = None  # defaults to dtype
+    # auto: flash_attention_2 on CUDA when flash_attn imports, else sdpa
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     gradient_checkpointing: bool = True
     local_files_only: bool = False
     trust_remote_code: bool = False
-    vocab_size: int | None = None  # shared vocabulary when the heads are padded (e.g. 152064 vs 151936 rows)
-    min_pixels: int | None = None  # image processor resolution bounds (Qwen2-VL style)
-    max_pixels: int | None = None
+    vocab_size: OptInt = None  # shared vocabulary when the heads are padded (e.g. 152064 vs 151936 rows)
+    min_pixels: OptInt = None  # image processor resolution bounds (Qwen2-VL style)
+    max_pixels: OptInt = None
     teacher_offload: bool = False  # keep the teacher on the CPU, on the device only while it scores
     # which student parameters train (vold.models.apply_freezing; sft, train and sophia). A VLM has three parts:
     # the vision tower (Qwen2.5-VL: visual.patch_embed + visual.blocks), the projector (visual.merger) and the
@@ -79,139 +176,168 @@ class ModelConfig:
     freeze_language_model: bool = False
     # regular expressions (re.search) on parameter names, applied after the three switches: "frozen" freezes
     # what it matches, then "trainable" unfreezes what it matches (e.g. freeze_language_model + trainable=[lm_head])
-    frozen: list[str] = field(default_factory=list)
-    trainable: list[str] = field(default_factory=list)
+    frozen: StrList = field(default_factory=list)
+    trainable: StrList = field(default_factory=list)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
-@dataclass
+@section
 class DataConfig:
     """JSONL/parquet rows with ``prompt``, ``answer`` and optional ``image(s)``, ``teacher_prompt``."""
 
-    train_files: list[str] = field(default_factory=list)
-    eval_files: list[str] = field(default_factory=list)
-    image_root: str | None = None  # relative image paths resolve against this (default: the data file's folder)
-    system_prompt: str | None = None
-    teacher_system_prompt: str | None = None  # defaults to system_prompt
-    batch_size: int = 8  # prompts per step (each gets rollout.num_generations completions)
-    eval_batch_size: int = 16
+    train_files: StrList = field(default_factory=list)
+    eval_files: StrList = field(default_factory=list)
+    image_root: OptStr = None  # relative image paths resolve against this (default: the data file's folder)
+    system_prompt: OptStr = None
+    teacher_system_prompt: OptStr = None  # defaults to system_prompt
+    batch_size: PosInt = 8  # prompts per step (each gets rollout.num_generations completions)
+    eval_batch_size: PosInt = 16
     shuffle: bool = True
     check_images: bool = True  # open every image once when the data is loaded
     prompt_column: str = "prompt"  # read this column as the prompt (e.g. "question" for a benchmark)
     answer_column: str = "answer"
 
 
-@dataclass
+@section
 class RolloutConfig:
     """Sampling of the student's completions."""
 
-    engine: str = "hf"  # hf | vllm
-    num_generations: int = 5
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
+    engine: Literal["hf", "vllm"] = "hf"  # hf | vllm
+    num_generations: PosInt = 5
+    max_new_tokens: PosInt = 1024
+    temperature: PosFloat = 1.0
+    top_p: Prob = 1.0
     # prompt j of a step's global batch samples with its own seed (vold.distributed.prompt_seeds), so its
     # completions depend neither on the rest of the batch nor on the data-parallel rank that samples it. The hf
     # engine then runs one generate call per prompt; false: one call per batch (seed + step), faster with the
     # hf engine on a GPU, but W ranks no longer draw what one process draws. vLLM seeds requests either way.
     seed_per_prompt: bool = True
     # vLLM only (colocated with the trainer on the same GPUs)
-    gpu_memory_utilization: float = 0.3
+    gpu_memory_utilization: Prob = 0.3
     enable_sleep_mode: bool = True
-    sleep_level: int = 1  # 1: offload weights to CPU; 2: discard them (resynced after every update anyway)
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
+    # 1: offload weights to CPU; 2: discard them (resynced after every update anyway)
+    sleep_level: Annotated[Int, Field(ge=1, le=2)] = 1
+    max_model_len: OptInt = None
+    tensor_parallel_size: Int = 1
     enforce_eager: bool = False
-    max_images_per_prompt: int = 1
+    max_images_per_prompt: Int = 1
 
 
-@dataclass
+@section
 class LossConfig:
-    """Keyword options of ``vold.kernels.vold_loss`` plus how rewards become advantages and masks."""
+    """``loss.*``: the options of ``vold.kernels.vold_loss`` and how rewards become advantages and masks.
 
-    loss_type: str = "dapo"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.3
-    clip_ratio_c: float | None = None
-    importance_sampling_level: str = "token"
-    ref_kl_coef: float = 0.0
-    ref_kl_estimator: str = "k3"
+    One flat section, as TRL's ``GRPOConfig`` keeps ``loss_type``, ``scale_rewards`` and
+    ``mask_truncated_completions`` side by side, split into three named groups that the code reads
+    (:data:`KERNEL_OBJECTIVE_KEYS`, :data:`KERNEL_ENGINE_KEYS`, :data:`TRAINER_LOSS_KEYS`):
+
+    - the objective: exactly ``PolicyLossConfig``'s fields plus ``divergence`` and ``jsd_beta`` (checked when
+      this module is imported, so a kernel option cannot be missing here or misspelled); their defaults are
+      read from ``vold_loss``'s signature, except the deliberate :data:`TRAINER_LOSS_DEFAULTS`;
+    - the engine: how ``vold_loss`` computes (``impl``, ``chunk_size``), never what;
+    - trainer only: never passed to ``vold_loss`` (rewards -> advantages, distill and loss masks).
+
+    :meth:`kernel_options` gives the first two groups as ``vold_loss`` keywords.
+    """
+
+    # ---- the objective (vold_loss keywords; PolicyLossConfig's fields + divergence, jsd_beta) ----
+    loss_type: Literal[LOSS_TYPES] = _KERNEL_DEFAULTS["loss_type"]
+    epsilon_low: NonNegFloat = _KERNEL_DEFAULTS["epsilon_low"]
+    epsilon_high: NonNegFloat = _KERNEL_DEFAULTS["epsilon_high"]
+    clip_ratio_c: OptFloat = _KERNEL_DEFAULTS["clip_ratio_c"]
+    importance_sampling_level: Literal[IS_LEVELS] = _KERNEL_DEFAULTS["importance_sampling_level"]
+    ref_kl_coef: float = _KERNEL_DEFAULTS["ref_kl_coef"]
+    ref_kl_estimator: Literal[KL_ESTIMATORS] = _KERNEL_DEFAULTS["ref_kl_estimator"]
     # beta of the paper's objective: 0.1 in its hyper-parameter table; the text quotes 1e-3 elsewhere (set
-    # loss.distill_coef=1e-3 to try that one). The kernels' default is 0.1 too.
-    distill_coef: float = 0.1
-    distill_estimator: str = "k2"  # the paper's choice; "full" = exact reverse KL over the vocabulary
-    divergence: str = "reverse_kl"
-    jsd_beta: float = 0.5
-    entropy_coef: float = 0.0
+    # loss.distill_coef=1e-3 to try that one). vold_loss's default (PolicyLossConfig's is 0.0: see the README).
+    distill_coef: float = _KERNEL_DEFAULTS["distill_coef"]
+    # the paper's k2 (a trainer default, TRAINER_LOSS_DEFAULTS); vold_loss's "full" = exact reverse KL
+    distill_estimator: Literal[DISTILL_ESTIMATORS] = TRAINER_LOSS_DEFAULTS["distill_estimator"]
+    divergence: Literal[DIVERGENCES] = _KERNEL_DEFAULTS["divergence"]
+    jsd_beta: Annotated[float, Field(gt=0, lt=1)] = _KERNEL_DEFAULTS["jsd_beta"]
+    entropy_coef: float = _KERNEL_DEFAULTS["entropy_coef"]
+    # ---- the engine (vold_loss keywords that change how, not what) ----
+    impl: Literal[IMPLS] = _KERNEL_DEFAULTS["impl"]  # auto | torch | torch_compile | triton
+    chunk_size: OptPosInt = _KERNEL_DEFAULTS["chunk_size"]
+    # ---- trainer only (never passed to vold_loss) ----
     distill_on_wrong_only: bool = True  # distill_mask = 1 - r with r the correctness reward in [0, 1]
     distill_mask_reward: str = "accuracy"  # which reward function gives that r
-    scale_rewards: str = "group"  # group: (r - mean) / (std + eps); none: r - mean (Dr. GRPO)
+    scale_rewards: Literal["group", "none"] = "group"  # group: (r - mean) / (std + eps); none: r - mean (Dr. GRPO)
     # TRL's name (DAPO's overlong filtering, Yu et al. 2025 §3.4): a completion that hit rollout.max_new_tokens
     # without EOS gets mask 0 in the loss (no policy gradient, no KL terms) and leaves the normalisation counts
     # (tokens, sequences); it still counts in its group's reward statistics and in the rollout metrics (rewards,
     # lengths, completion/truncated_frac), not in the loss metrics (kl, clip fractions: over the loss's tokens)
     mask_truncated_completions: bool = False
-    impl: str = "auto"  # kernels engine: auto | torch | torch_compile | triton
-    chunk_size: int | None = None
+
+    def kernel_options(self) -> dict[str, Any]:
+        """The ``vold_loss`` keywords of this section (objective + engine; no trainer-only key)."""
+        return {name: getattr(self, name) for name in (*KERNEL_OBJECTIVE_KEYS, *KERNEL_ENGINE_KEYS)}
 
 
-@dataclass
+@section
 class RewardConfig:
     """Reward functions: built-in names ("accuracy", "format") or "module:function" plugins."""
 
-    functions: list[str] = field(default_factory=lambda: ["accuracy"])
-    weights: list[float] | None = None  # one per function; default all 1
+    functions: StrList = field(default_factory=lambda: ["accuracy"])
+    weights: OptFloatList = None  # one per function; default all 1
     # L_cache of the built-in "soft_overlong" reward (DAPO §3.4; TRL's soft_punish_cache): completions longer than
     # rollout.max_new_tokens - overlong_cache lose up to 1 linearly; L_max is rollout.max_new_tokens
-    overlong_cache: int = 0
+    overlong_cache: Int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardConfig":
+        if self.weights is not None and len(self.weights) != len(self.functions):
+            raise ValueError(f"reward.weights has {len(self.weights)} values for {len(self.functions)} "
+                             "reward.functions")
+        return self
 
 
-@dataclass
+@section
 class OptimConfig:
-    lr: float = 6e-6
-    weight_decay: float = 0.0
+    lr: PosFloat = 6e-6
+    weight_decay: NonNegFloat = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    lr_scheduler: str = "constant"  # constant | linear | cosine (all after warmup)
-    warmup_steps: int = 0  # in optimizer updates (ppo_epochs * minibatches per training step)
-    min_lr_ratio: float = 0.0  # linear/cosine decay to min_lr_ratio * lr
-    max_steps: int = 1000  # training steps (one rollout batch each)
+    lr_scheduler: Scheduler = "constant"  # constant | linear | cosine (all after warmup)
+    warmup_steps: NonNegInt = 0  # in optimizer updates (ppo_epochs * minibatches per training step)
+    min_lr_ratio: Fraction = 0.0  # linear/cosine decay to min_lr_ratio * lr
+    max_steps: Int = 1000  # training steps (one rollout batch each)
     # micro-batches per minibatch: memory only, the update is the same for every loss type (dapo and bnpo
     # divide by the minibatch's token count, grpo/dr_grpo weight each micro-batch by its share of the sequences)
-    grad_accum: int = 1
+    grad_accum: PosInt = 1
     max_grad_norm: float = 1.0  # 0 disables clipping
-    ppo_epochs: int = 1  # passes over each rollout batch
-    minibatches: int = 1  # optimizer steps per pass
+    ppo_epochs: PosInt = 1  # passes over each rollout batch
+    minibatches: PosInt = 1  # optimizer steps per pass
     # the policy update and the frozen scoring passes run each micro-batch as ONE row of its real tokens
     # (prompts + completions, no padding; per-sequence position ids): flash-attn varlen with
     # model.attn_implementation=flash_attention_2, a block-diagonal mask with sdpa/eager (fine for small rows)
     packing: bool = False
 
 
-@dataclass
+@section
 class TracesConfig:
     """Stage 0 (``vold make-traces``): the teacher writes reasoning traces for text-only prompts.
 
     Sampling defaults are Qwen3's recommended thinking-mode settings (temperature 0.6, top-p 0.95).
     """
 
-    input_files: list[str] = field(default_factory=list)  # default: data.train_files
-    output_file: str | None = None  # default: {output_dir}/traces.jsonl
-    num_samples: int = 1  # traces sampled per prompt
-    keep_per_prompt: int = 1  # at most this many traces kept per prompt (those passing the filters, in order)
-    max_new_tokens: int = 4096
-    temperature: float = 0.6
-    top_p: float = 0.95
-    batch_size: int = 8  # prompts per generate call
-    min_tokens: int = 1  # length filter, in teacher tokens (EOS excluded)
-    max_tokens: int | None = None
+    input_files: StrList = field(default_factory=list)  # default: data.train_files
+    output_file: OptStr = None  # default: {output_dir}/traces.jsonl
+    num_samples: PosInt = 1  # traces sampled per prompt
+    keep_per_prompt: PosInt = 1  # at most this many traces kept per prompt (those passing the filters, in order)
+    max_new_tokens: PosInt = 4096
+    temperature: PosFloat = 0.6
+    top_p: Prob = 0.95
+    batch_size: PosInt = 8  # prompts per generate call
+    min_tokens: NonNegInt = 1  # length filter, in teacher tokens (EOS excluded)
+    max_tokens: OptInt = None
     drop_truncated: bool = True  # a trace cut at max_new_tokens has no final answer
     filter_correct: bool = True  # keep a trace only when its last \boxed{} equals the answer (math_equal)
-    max_examples: int | None = None  # the first N prompts only
+    max_examples: OptInt = None  # the first N prompts only
 
 
-@dataclass
+@section
 class SFTConfig:
     """Stage 1 (``vold sft``): cold-start SFT of the student on the teacher's traces.
 
@@ -219,26 +345,26 @@ class SFTConfig:
     """
 
     enabled: bool = False  # true: ``vold train`` starts from the SFT model ({output_dir}/sft/final)
-    train_files: list[str] = field(default_factory=list)  # default: [traces.output_file]
+    train_files: StrList = field(default_factory=list)  # default: [traces.output_file]
     response_column: str = "trace"  # the target text; the prompt comes from data.prompt_column
-    epochs: int = 1
-    max_steps: int | None = None  # default: epochs * (rows // (batch_size * grad_accum))
-    lr: float = 1e-5
-    lr_scheduler: str = "cosine"  # constant | linear | cosine (after warmup)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # linear/cosine decay to min_lr_ratio * lr
-    weight_decay: float | None = None  # AdamW's (matrices only); None: optim.weight_decay
-    batch_size: int = 8  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_length: int = 2048  # prompt + response tokens; longer responses are cut
+    epochs: PosInt = 1
+    max_steps: OptInt = None  # default: epochs * (rows // (batch_size * grad_accum))
+    lr: PosFloat = 1e-5
+    lr_scheduler: Scheduler = "cosine"  # constant | linear | cosine (after warmup)
+    warmup_steps: NonNegInt = 0
+    min_lr_ratio: Fraction = 0.0  # linear/cosine decay to min_lr_ratio * lr
+    weight_decay: OptNonNegFloat = None  # AdamW's (matrices only); None: optim.weight_decay
+    batch_size: PosInt = 8  # sequences per micro-batch
+    grad_accum: PosInt = 1  # micro-batches per optimizer step
+    max_length: PosInt = 2048  # prompt + response tokens; longer responses are cut
     packing: bool = False  # each micro-batch as one row of real tokens (see optim.packing)
     # this stage's freezing switches; None: model.freeze_* (e.g. RL with cold start freezes the ViT for SFT only)
-    freeze_vision_tower: bool | None = None
-    freeze_projector: bool | None = None
-    freeze_language_model: bool | None = None
+    freeze_vision_tower: OptBool = None
+    freeze_projector: OptBool = None
+    freeze_language_model: OptBool = None
 
 
-@dataclass
+@section
 class SophiaConfig:
     """``vold sophia``: semi-off-policy RL (SOPHIA, Shen et al. 2025), see ``vold/sophia.py`` and docs/sophia.md.
 
@@ -250,88 +376,100 @@ class SophiaConfig:
     AdamW betas/eps, weight decay and gradient clipping come from ``optim``; the rest is here.
     """
 
-    num_captions: int = 8  # K captions per image (the paper: 8)
-    traces_per_caption: int = 8  # N teacher traces per caption (the paper: 8)
+    num_captions: PosInt = 8  # K captions per image (the paper: 8)
+    traces_per_caption: PosInt = 8  # N teacher traces per caption (the paper: 8)
     caption_reward_threshold: float = 0.75  # alpha: a caption qualifies when its mean trace reward is > alpha
     correct_threshold: float = 1.0  # a trace is correct when its reward R >= this (accuracy: R in {0, 1})
     caption_prompt: str = ("Describe this image in detail: every object, number, label, symbol and relation in it "
                            "that a question about the image could need.")
-    caption_max_new_tokens: int = 512
-    caption_temperature: float = 1.0
-    caption_top_p: float = 1.0
+    caption_max_new_tokens: PosInt = 512
+    caption_temperature: PosFloat = 1.0
+    caption_top_p: Prob = 1.0
     # the teacher's user message (through its chat template); {caption} and {question} are filled in
     teacher_prompt_template: str = ("An image is described as follows.\n{caption}\n\nUsing this description, "
                                     "answer the question.\n{question}")
-    trace_max_new_tokens: int = 4096
-    trace_temperature: float = 0.6  # the teacher's thinking-mode sampling (as traces.*)
-    trace_top_p: float = 0.95
+    trace_max_new_tokens: PosInt = 4096
+    trace_temperature: PosFloat = 0.6  # the teacher's thinking-mode sampling (as traces.*)
+    trace_top_p: Prob = 0.95
     response_separator: str = "\n\n"  # the student's target: caption tokens + this text + trace tokens + EOS
-    importance_weighting: str = "none"  # none: ratio 1 (the paper; reward-weighted SFT) | clipped: min(pi/mu, c)
-    is_level: str = "token"  # clipped only: token (per-token truncated IS) | sequence (length-normalised ratio)
-    is_clip: float = 1.0  # c: the truncation of the importance weight (V-trace's rho-bar = 1)
-    batch_size: int = 8  # items (image + question) per step
-    grad_accum: int = 1  # micro-batches per optimizer step (of the kept items)
-    max_steps: int = 100  # training steps (one sampling round and one optimizer update each)
-    lr: float = 1e-6
-    lr_scheduler: str = "constant"  # constant | linear | cosine (after warmup)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # linear/cosine decay to min_lr_ratio * lr (the paper: 0.25)
-    weight_decay: float | None = None  # AdamW's (matrices only); None: optim.weight_decay
-    max_length: int = 8192  # prompt + response tokens of the update; longer responses are cut
+    # none: ratio 1 (the paper; reward-weighted SFT) | clipped: min(pi/mu, c)
+    importance_weighting: Literal["none", "clipped"] = "none"
+    # clipped only: token (per-token truncated IS) | sequence (length-normalised ratio)
+    is_level: Literal["token", "sequence"] = "token"
+    is_clip: PosFloat = 1.0  # c: the truncation of the importance weight (V-trace's rho-bar = 1)
+    batch_size: PosInt = 8  # items (image + question) per step
+    grad_accum: PosInt = 1  # micro-batches per optimizer step (of the kept items)
+    max_steps: PosInt = 100  # training steps (one sampling round and one optimizer update each)
+    lr: PosFloat = 1e-6
+    lr_scheduler: Scheduler = "constant"  # constant | linear | cosine (after warmup)
+    warmup_steps: NonNegInt = 0
+    min_lr_ratio: Fraction = 0.0  # linear/cosine decay to min_lr_ratio * lr (the paper: 0.25)
+    weight_decay: OptNonNegFloat = None  # AdamW's (matrices only); None: optim.weight_decay
+    max_length: PosInt = 8192  # prompt + response tokens of the update; longer responses are cut
+
+    @model_validator(mode="after")
+    def _check(self) -> "SophiaConfig":
+        for placeholder in ("{caption}", "{question}"):
+            if placeholder not in self.teacher_prompt_template:
+                raise ValueError(f"config key 'sophia.teacher_prompt_template' must contain {placeholder} "
+                                 "(the teacher reads the student's caption and the question)")
+        if not self.caption_prompt.strip():
+            raise ValueError("config key 'sophia.caption_prompt' must be a non-empty string")
+        return self
 
 
-@dataclass
+@section
 class EvalConfig:
     """``vold eval``: pass@1 and mean@k accuracy on a JSONL benchmark (image path or text, question, answer)."""
 
-    model: str | None = None  # default: model.student
-    files: list[str] = field(default_factory=list)  # default: data.eval_files
-    num_samples: int = 8  # k completions per question
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int | None = None  # default: rollout.max_new_tokens
-    max_examples: int | None = None  # the first N questions of each file only
-    output_dir: str | None = None  # default: {output_dir}/eval/{model as a folder name, e.g. runs--x--rl--final}
+    model: OptStr = None  # default: model.student
+    files: StrList = field(default_factory=list)  # default: data.eval_files
+    num_samples: PosInt = 8  # k completions per question
+    temperature: PosFloat = 1.0
+    top_p: Prob = 1.0
+    max_new_tokens: OptInt = None  # default: rollout.max_new_tokens
+    max_examples: OptInt = None  # the first N questions of each file only
+    output_dir: OptStr = None  # default: {output_dir}/eval/{model as a folder name, e.g. runs--x--rl--final}
 
 
-@dataclass
+@section
 class CheckpointConfig:
-    every: int = 100  # steps; 0 disables periodic checkpoints
+    every: NonNegInt = 100  # steps; 0 disables periodic checkpoints
     # none (default): start fresh; a run folder that already holds checkpoints or a final model is refused
     # (unless overwrite_output_dir). auto: the latest checkpoint of the run folder (fresh if it has none).
     # A path: that checkpoint folder. Resuming is refused when the saved config differs in a key that
     # changes the result (vold.runs.RESUMABLE_CHANGES lists the keys that may differ, e.g. max_steps).
     resume: str = "none"
-    keep_last: int = 2
+    keep_last: Annotated[Int, Field(ge=1)] = 2
     save_optimizer: bool = True
 
 
-@dataclass
+@section
 class LoggingConfig:
-    every: int = 1
+    every: Int = 1
     jsonl: bool = True
     tensorboard: bool = False  # needs the tensorboard package; skipped with a warning without it
     wandb: bool = False  # needs wandb; skipped with a warning without it
     wandb_project: str = "vold"
     progress: bool = True  # tqdm progress bars, when tqdm is installed
-    num_completions: int = 2  # completions written to the log per step
+    num_completions: Int = 2  # completions written to the log per step
 
 
-@dataclass
+@section
 class DistributedConfig:
     """Data parallelism over the processes of a ``torchrun``/``deepspeed`` launch (see ``vold.distributed``).
 
     Batch sizes stay global (``data.batch_size`` prompts, ``sft.batch_size * sft.grad_accum`` rows per step):
     rank r takes every W-th one. A single process ignores this section (backend ddp)."""
 
-    backend: str = "ddp"  # ddp | deepspeed
-    process_group_backend: str = "auto"  # auto: nccl on CUDA, gloo on the CPU
-    deepspeed_config: str | None = None  # JSON (e.g. configs/deepspeed/zero2.json); default: ZeRO-2
+    backend: Literal["ddp", "deepspeed"] = "ddp"  # ddp | deepspeed
+    process_group_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on the CPU
+    deepspeed_config: OptStr = None  # JSON (e.g. configs/deepspeed/zero2.json); default: ZeRO-2
     find_unused_parameters: bool = True  # DDP: the vision tower gets no gradient from text-only batches
-    timeout_minutes: int = 60  # collectives wait this long (one rank may still be sampling long rollouts)
+    timeout_minutes: PosInt = 60  # collectives wait this long (one rank may still be sampling long rollouts)
 
 
-@dataclass
+@section
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -346,7 +484,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    seed: int = 0
+    seed: Int = 0
     output_dir: str = "runs/vold"
     # HF TrainingArguments' name: true lets a stage start over in a run folder that holds an earlier run's
     # checkpoints/final model (they are deleted first); false (default) refuses it (use --resume auto to continue)
@@ -354,226 +492,154 @@ class Config:
     device: str = "auto"  # auto: cuda when available, else cpu
 
 
-# ---- coercion ------------------------------------------------------------------------------------
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-_NONE = {"none", "null", "~", ""}
 
 
-def _is_optional(tp: Any) -> tuple[bool, Any]:
-    """``X | None`` -> (True, X); anything else -> (False, tp)."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return True, args[0]
-    return False, tp
+# ---- the bridge's invariants, checked once at import: a kernel option cannot be missing or misspelled ----------
+
+def _check_loss_bridge() -> None:
+    keys = [f.name for f in dataclasses.fields(LossConfig)]
+    groups = (*KERNEL_OBJECTIVE_KEYS, *KERNEL_ENGINE_KEYS, *TRAINER_LOSS_KEYS)
+    if sorted(keys) != sorted(groups):
+        raise ImportError(f"vold.config.LossConfig has keys {sorted(keys)} but its groups (PolicyLossConfig's "
+                          f"fields, the engine's and the trainer's keys) name {sorted(groups)}")
+    missing = [k for k in (*KERNEL_OBJECTIVE_KEYS, *KERNEL_ENGINE_KEYS) if k not in _KERNEL_DEFAULTS]
+    if missing:
+        raise ImportError(f"vold.config.LossConfig keys {missing} are not vold_loss keywords")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML value or a CLI string to the field type ``tp``; errors name ``key``."""
-    optional, tp = _is_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
-        if optional:
-            return None
-        raise ValueError(f"config key '{key}' cannot be None (expected {getattr(tp, '__name__', tp)})")
-    if typing.get_origin(tp) is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                value = yaml.safe_load(text)
-            else:
-                value = [part.strip() for part in text.split(",")] if text else []
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key '{key}' expects a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"config key '{key}' expects a bool (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ValueError(f"config key '{key}' expects an int, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                number = None
-            if number is not None and number.is_integer():
-                return int(number)
-        raise ValueError(f"config key '{key}' expects an int, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"config key '{key}' expects a float, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"config key '{key}' expects a float, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ValueError(f"config key '{key}' expects a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"config key '{key}' has an unsupported type {tp!r}")
+_check_loss_bridge()
 
 
-def _unknown_key(key: str, valid: list[str]) -> ValueError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    section = key.rsplit(".", 1)[0] if "." in key else "the top level"
-    return ValueError(f"unknown config key '{key}'{hint} (valid keys in {section}: {', '.join(valid)})")
+# ---- errors ---------------------------------------------------------------------------------------------------
+
+def _field_at(loc: tuple[str, ...]) -> tuple[list[str], Any]:
+    """The keys of the section that holds ``loc[-1]`` (walked from :class:`Config`) and that key's FieldInfo."""
+    cls: Any = Config
+    for part in loc[:-1]:
+        cls = cls.__pydantic_fields__[part].annotation
+    fields = cls.__pydantic_fields__
+    return list(fields), fields.get(loc[-1])
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from a (nested) dict, coercing every value."""
-    if not isinstance(values, dict):
-        raise ValueError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in names:
-            raise _unknown_key(prefix + str(key), names)
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, tp, prefix + key)
-    return cls(**kwargs)
+_OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
-def apply_override(cfg: Config, override: str) -> None:
-    """Apply one ``key.sub=value`` string to ``cfg`` in place."""
+def _bounds(info: Any, ctx: dict[str, Any]) -> str:
+    """A key's range from its ``Field(gt=, ge=, lt=, le=)`` (``> 0``, ``in (0, 1]``); else the failed bound."""
+    bounds = {k: getattr(m, k) for m in getattr(info, "metadata", []) for k in _OPS if hasattr(m, k)} or ctx
+    if len(bounds) == 2:
+        (low, lo), (high, hi) = sorted(bounds.items(), key=lambda item: item[0].startswith("l"))
+        return f"in {'(' if low == 'gt' else '['}{lo:g}, {hi:g}{')' if high == 'lt' else ']'}"
+    ((op, value),) = bounds.items()
+    return f"{_OPS[op]} {value:g}"
+
+
+_EXPECTS = {"int": "an int", "bool": "a bool (true/false)", "float": "a float", "string": "a string",
+            "list": "a list"}
+
+
+def _message(error: dict[str, Any]) -> str:
+    """One pydantic error as this module's message, naming the key by its dotted path."""
+    loc = tuple(part for part in error["loc"] if isinstance(part, str))
+    key = ".".join(loc) or "the top level"
+    kind, value = error["type"], error.get("input")
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        valid = _field_at(loc)[0]
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        where = ".".join(loc[:-1]) or "the top level"
+        return f"unknown config key '{key}'{hint} (valid keys in {where}: {', '.join(valid)})"
+    if kind in ("dataclass_type", "dataclass_args_type", "dict_type"):
+        return f"config section '{key}' must be a mapping, got {value!r}"
+    if kind == "literal_error":
+        return f"config key '{key}' = {value!r} is not one of {error['ctx']['expected']}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"config key '{key}' must be {_bounds(_field_at(loc)[1], error['ctx'])}, got {value!r}"
+    if kind == "value_error":  # a model_validator's own message
+        return str(error["ctx"]["error"])
+    expected = next((v for k, v in _EXPECTS.items() if kind.startswith(k)), None)
+    if value is None and expected is not None:
+        return f"config key '{key}' cannot be None (expected {expected})"
+    if expected is not None:
+        return f"config key '{key}' expects {expected}, got {value!r}"
+    return f"config key '{key}': {error['msg']}, got {value!r}"
+
+
+_CONFIG = TypeAdapter(Config)
+
+
+def _validated(values: dict[str, Any]) -> Config:
+    """``Config`` from a nested dict; a ``ValueError`` naming every bad key (one line: ``; `` between them)."""
+    try:
+        return _CONFIG.validate_python(values)
+    except ValidationError as e:
+        raise ValueError("; ".join(_message(error) for error in e.errors())) from None
+
+
+# ---- public API -----------------------------------------------------------------------------------------------
+
+def _set_dotted(values: dict[str, Any], override: str) -> None:
+    """Put one ``key.sub=value`` string into the nested dict ``values`` (as text: the key's type parses it)."""
     if "=" not in override:
         raise ValueError(f"override {override!r} must look like key.sub=value")
     path, raw = override.split("=", 1)
     parts = path.strip().split(".")
-    target: Any = cfg
+    cls: Any = Config
     for depth, name in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(target)]
-        if name not in names:
-            raise _unknown_key(".".join(parts[: depth + 1]), names)
-        tp = typing.get_type_hints(type(target))[name]
+        key = ".".join(parts[: depth + 1])
+        fields = getattr(cls, "__pydantic_fields__", None)
+        if fields is None:
+            raise ValueError(f"config key '{'.'.join(parts[:depth])}' is not a section")
+        if name not in fields:
+            raise ValueError(_message({"type": "extra_forbidden", "loc": tuple(parts[: depth + 1])}))
+        tp = fields[name].annotation
         if depth == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
-                raise ValueError(f"config key '{path}' is a section; set one of its keys (e.g. {path}.<key>=...)")
-            setattr(target, name, _coerce(raw, tp, path))
-        else:
-            if not dataclasses.is_dataclass(tp):
-                raise ValueError(f"config key '{'.'.join(parts[: depth + 1])}' is not a section")
-            target = getattr(target, name)
+                raise ValueError(f"config key '{key}' is a section; set one of its keys (e.g. {key}.<key>=...)")
+            values[name] = raw
+            return
+        sub = values.get(name)
+        if sub is None:
+            sub = values[name] = {}
+        elif not isinstance(sub, dict):
+            raise ValueError(_message({"type": "dataclass_type", "loc": tuple(parts[: depth + 1]), "input": sub}))
+        values, cls = sub, tp
 
 
-def validate(cfg: Config) -> Config:
-    """Check choices and ranges; returns ``cfg`` for chaining."""
-    choices = {
-        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16", "float16")),
-        "model.attn_implementation": (cfg.model.attn_implementation, ("auto", "flash_attention_2", "sdpa", "eager")),
-        "rollout.engine": (cfg.rollout.engine, ("hf", "vllm")),
-        "loss.loss_type": (cfg.loss.loss_type, LOSS_TYPES),
-        "loss.importance_sampling_level": (cfg.loss.importance_sampling_level, IS_LEVELS),
-        "loss.ref_kl_estimator": (cfg.loss.ref_kl_estimator, KL_ESTIMATORS),
-        "loss.distill_estimator": (cfg.loss.distill_estimator, DISTILL_ESTIMATORS),
-        "loss.divergence": (cfg.loss.divergence, DIVERGENCES),
-        "loss.scale_rewards": (cfg.loss.scale_rewards, ("group", "none")),
-        "loss.impl": (cfg.loss.impl, IMPLS),
-        "optim.lr_scheduler": (cfg.optim.lr_scheduler, ("constant", "linear", "cosine")),
-        "sft.lr_scheduler": (cfg.sft.lr_scheduler, ("constant", "linear", "cosine")),
-        "sophia.lr_scheduler": (cfg.sophia.lr_scheduler, ("constant", "linear", "cosine")),
-        "sophia.importance_weighting": (cfg.sophia.importance_weighting, ("none", "clipped")),
-        "sophia.is_level": (cfg.sophia.is_level, ("token", "sequence")),
-        "distributed.backend": (cfg.distributed.backend, ("ddp", "deepspeed")),
-        "distributed.process_group_backend": (cfg.distributed.process_group_backend, ("auto", "gloo", "nccl")),
-    }
-    if cfg.model.autocast is not None:
-        choices["model.autocast"] = (cfg.model.autocast, ("float32", "bfloat16", "float16"))
-    if cfg.model.teacher_dtype is not None:
-        choices["model.teacher_dtype"] = (cfg.model.teacher_dtype, ("float32", "bfloat16", "float16"))
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ValueError(f"config key '{key}' = {value!r} is not one of {tuple(allowed)}")
-    positive = {
-        "rollout.num_generations": cfg.rollout.num_generations, "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
-        "rollout.temperature": cfg.rollout.temperature, "data.batch_size": cfg.data.batch_size,
-        "optim.grad_accum": cfg.optim.grad_accum, "optim.ppo_epochs": cfg.optim.ppo_epochs,
-        "optim.minibatches": cfg.optim.minibatches, "optim.lr": cfg.optim.lr,
-        "traces.num_samples": cfg.traces.num_samples, "traces.keep_per_prompt": cfg.traces.keep_per_prompt,
-        "traces.max_new_tokens": cfg.traces.max_new_tokens, "traces.temperature": cfg.traces.temperature,
-        "traces.batch_size": cfg.traces.batch_size, "sft.lr": cfg.sft.lr, "sft.batch_size": cfg.sft.batch_size,
-        "sft.grad_accum": cfg.sft.grad_accum, "sft.max_length": cfg.sft.max_length, "sft.epochs": cfg.sft.epochs,
-        "eval.num_samples": cfg.eval.num_samples, "eval.temperature": cfg.eval.temperature,
-        "data.eval_batch_size": cfg.data.eval_batch_size,
-        "distributed.timeout_minutes": cfg.distributed.timeout_minutes,
-        "sophia.num_captions": cfg.sophia.num_captions, "sophia.traces_per_caption": cfg.sophia.traces_per_caption,
-        "sophia.caption_max_new_tokens": cfg.sophia.caption_max_new_tokens,
-        "sophia.caption_temperature": cfg.sophia.caption_temperature,
-        "sophia.trace_max_new_tokens": cfg.sophia.trace_max_new_tokens,
-        "sophia.trace_temperature": cfg.sophia.trace_temperature, "sophia.is_clip": cfg.sophia.is_clip,
-        "sophia.batch_size": cfg.sophia.batch_size, "sophia.grad_accum": cfg.sophia.grad_accum,
-        "sophia.max_steps": cfg.sophia.max_steps, "sophia.lr": cfg.sophia.lr,
-        "sophia.max_length": cfg.sophia.max_length,
-    }
-    for key, value in positive.items():
-        if not value > 0:
-            raise ValueError(f"config key '{key}' must be > 0, got {value!r}")
-    if not 0.0 < cfg.rollout.top_p <= 1.0:
-        raise ValueError(f"config key 'rollout.top_p' must be in (0, 1], got {cfg.rollout.top_p}")
-    if not 0.0 < cfg.rollout.gpu_memory_utilization <= 1.0:
-        raise ValueError("config key 'rollout.gpu_memory_utilization' must be in (0, 1]")
-    if cfg.rollout.sleep_level not in (1, 2):
-        raise ValueError(f"config key 'rollout.sleep_level' must be 1 or 2, got {cfg.rollout.sleep_level}")
-    if cfg.reward.weights is not None and len(cfg.reward.weights) != len(cfg.reward.functions):
-        raise ValueError(f"reward.weights has {len(cfg.reward.weights)} values for "
-                         f"{len(cfg.reward.functions)} reward.functions")
-    for key, value in (("traces.top_p", cfg.traces.top_p), ("eval.top_p", cfg.eval.top_p),
-                       ("sophia.caption_top_p", cfg.sophia.caption_top_p),
-                       ("sophia.trace_top_p", cfg.sophia.trace_top_p)):
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"config key '{key}' must be in (0, 1], got {value}")
-    for key, value in (("optim.min_lr_ratio", cfg.optim.min_lr_ratio), ("sft.min_lr_ratio", cfg.sft.min_lr_ratio),
-                       ("sophia.min_lr_ratio", cfg.sophia.min_lr_ratio)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"config key '{key}' must be in [0, 1], got {value}")
-    for key, value in (("optim.weight_decay", cfg.optim.weight_decay), ("sft.weight_decay", cfg.sft.weight_decay),
-                       ("sophia.weight_decay", cfg.sophia.weight_decay)):
-        if value is not None and value < 0:
-            raise ValueError(f"config key '{key}' must be >= 0, got {value}")
-    lora = cfg.model.lora
-    if lora.enabled:
-        if lora.r < 1 or not lora.alpha > 0 or not 0.0 <= lora.dropout < 1.0:
-            raise ValueError(f"model.lora needs r >= 1, alpha > 0 and dropout in [0, 1), got r={lora.r}, "
-                             f"alpha={lora.alpha}, dropout={lora.dropout}")
-        if not lora.target_modules:
-            raise ValueError("config key 'model.lora.target_modules' must name at least one module")
-    for key, value in (("optim.warmup_steps", cfg.optim.warmup_steps), ("sft.warmup_steps", cfg.sft.warmup_steps),
-                       ("traces.min_tokens", cfg.traces.min_tokens), ("sophia.warmup_steps", cfg.sophia.warmup_steps)):
-        if value < 0:
-            raise ValueError(f"config key '{key}' must be >= 0, got {value}")
-    for placeholder in ("{caption}", "{question}"):
-        if placeholder not in cfg.sophia.teacher_prompt_template:
-            raise ValueError(f"config key 'sophia.teacher_prompt_template' must contain {placeholder} "
-                             f"(the teacher reads the student's caption and the question)")
-    if not cfg.sophia.caption_prompt.strip():
-        raise ValueError("config key 'sophia.caption_prompt' must be a non-empty string")
-    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
-        raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
-    return cfg
+def _empty_sections(values: dict[str, Any], cls: Any = None) -> dict[str, Any]:
+    """A copy of ``values`` where an empty YAML section (``loss:`` alone, read as None) is ``{}``."""
+    fields = (cls or Config).__pydantic_fields__
+    out = {}
+    for name, value in values.items():
+        tp = fields[name].annotation if name in fields else None
+        if tp is not None and dataclasses.is_dataclass(tp):
+            value = {} if value is None else _empty_sections(value, tp) if isinstance(value, dict) else value
+        out[name] = value
+    return out
 
 
 def config_from_dict(values: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
-    """Build a validated :class:`Config` from a nested dict and override strings."""
-    cfg = _build(Config, values or {})
+    """A validated :class:`Config` from a nested dict (YAML's) with ``key.sub=value`` ``overrides`` on top."""
+    if values is not None and not isinstance(values, dict):
+        raise ValueError(f"the top level of a config must be a mapping, got {values!r}")
+    values = _empty_sections(values or {})
     for override in overrides or []:
-        apply_override(cfg, override)
-    return validate(cfg)
+        _set_dotted(values, override)
+    return _validated(values)
+
+
+def apply_override(cfg: Config, override: str) -> None:
+    """Apply one ``key.sub=value`` string to ``cfg`` in place (the whole config is checked again)."""
+    values = config_to_dict(cfg)
+    _set_dotted(values, override)
+    new = _validated(values)
+    for f in dataclasses.fields(Config):
+        setattr(cfg, f.name, getattr(new, f.name))
+
+
+def validate(cfg: Config) -> Config:
+    """``cfg`` checked again (after attribute assignments, which pydantic does not check): a validated copy."""
+    return _validated(config_to_dict(cfg))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -588,6 +654,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as a nested dict of plain values (what :func:`save_config` writes)."""
     return dataclasses.asdict(cfg)
 
 

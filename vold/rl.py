@@ -91,8 +91,6 @@ from vold.runs import distill_metric, seed_everything
 from vold.scoring import score
 from vold.stage import Stage, phase_timer, student_start
 
-# LossConfig keys vold_loss lacks
-TRAINER_ONLY = ("distill_on_wrong_only", "distill_mask_reward", "scale_rewards", "mask_truncated_completions")
 # the phases of one training step, in order (the keys of a ``timings`` dict; logged as ``time/<phase>``)
 PHASES = {
     "prompts": "prompt batch: chat template, tokenizer, image processor (train_rl)",
@@ -146,11 +144,6 @@ class Experience:
         return Experience(**picked)
 
 
-def loss_options(lc: LossConfig) -> dict[str, Any]:
-    """The ``vold_loss`` keywords of a :class:`LossConfig`."""
-    return {f.name: getattr(lc, f.name) for f in dataclasses.fields(lc) if f.name not in TRAINER_ONLY}
-
-
 def compute_loss(student: torch.nn.Module, exp: Experience, lc: LossConfig, *,
                  teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None, vocab_size: int | None = None,
                  temperature: float = 1.0, max_completion_length: int | None = None,
@@ -188,7 +181,7 @@ def compute_loss(student: torch.nn.Module, exp: Experience, lc: LossConfig, *,
         hidden, weight, tokens(ids), exp.advantages, tokens(exp.old_logprobs), tokens(loss_mask), student_bias=bias,
         ref_logprobs=tokens(exp.ref_logprobs), distill_mask=exp.distill_mask, temperature=temperature,
         max_completion_length=max_completion_length, token_normalizer=token_normalizer, vocab_size=vocab_size,
-        cu_seqlens=cu_seqlens, **teacher, **logit_options(student, "student_"), **loss_options(lc),
+        cu_seqlens=cu_seqlens, **teacher, **logit_options(student, "student_"), **lc.kernel_options(),
     )
 
 

@@ -11,17 +11,15 @@ import dataclasses
 import hashlib
 import json
 import os
-import typing
-from dataclasses import dataclass
 from typing import Any
 
-from vold.config import _coerce
+from vold.config import section
 
 # bump when the task, a model or its training change in a way the fields do not show
 CACHE_VERSIONS = {"teacher": 1, "perception": 2}  # perception 2: + the read prompt (image -> transcription)
 
 
-@dataclass
+@section
 class DemoConfig:
     seeds: int = 3  # replicates of everything but the teacher: perception student, traces, SFT, RL, eval
     jobs: int = 0  # worker processes running independent stages at once (0: one per CPU core, at most 4)
@@ -96,8 +94,7 @@ PERCEPTION_KEYS = ("data_seed", "eval_problems", "perception_problems", "student
 
 def make_config(quick: bool = False, overrides: list[str] | None = None, **values: Any) -> DemoConfig:
     """The preset (``quick`` or full), then ``key=value`` strings, then keyword values."""
-    cfg = DemoConfig(**(QUICK if quick else {}))
-    hints = typing.get_type_hints(DemoConfig)
+    settings: dict[str, Any] = dict(QUICK if quick else {})
     names = [f.name for f in dataclasses.fields(DemoConfig)]
     for override in overrides or []:
         if "=" not in override:
@@ -105,7 +102,8 @@ def make_config(quick: bool = False, overrides: list[str] | None = None, **value
         key, raw = (part.strip() for part in override.split("=", 1))
         if key not in names:
             raise ValueError(f"unknown demo setting {key!r} (settings: {', '.join(names)})")
-        setattr(cfg, key, _coerce(raw, hints[key], key))
+        settings[key] = raw  # pydantic parses the text as the field's type
+    cfg = DemoConfig(**settings)
     for key, value in values.items():
         if value is not None:
             setattr(cfg, key, value)
