@@ -149,7 +149,7 @@ def test_every_bad_key_is_named_on_one_line():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("loss.jsd_beta=1", "config key 'loss.jsd_beta' must be in (0, 1), got '1'"),
+    ("loss.jsd_beta=1.5", "config key 'loss.jsd_beta' must be in [0, 1], got '1.5'"),
     ("loss.chunk_size=0", "config key 'loss.chunk_size' must be > 0"),
     ("rollout.sleep_level=3", "config key 'rollout.sleep_level' must be in [1, 2]"),
     ("checkpoint.keep_last=0", "config key 'checkpoint.keep_last' must be >= 1"),

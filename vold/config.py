@@ -249,12 +249,12 @@ class LossConfig:
     ref_kl_coef: float = _KERNEL_DEFAULTS["ref_kl_coef"]
     ref_kl_estimator: Literal[KL_ESTIMATORS] = _KERNEL_DEFAULTS["ref_kl_estimator"]
     # beta of the paper's objective: 0.1 in its hyper-parameter table; the text quotes 1e-3 elsewhere (set
-    # loss.distill_coef=1e-3 to try that one). vold_loss's default (PolicyLossConfig's is 0.0: see the README).
+    # loss.distill_coef=1e-3 to try that one). vold_loss's default, as PolicyLossConfig's.
     distill_coef: float = _KERNEL_DEFAULTS["distill_coef"]
     # the paper's k2 (a trainer default, TRAINER_LOSS_DEFAULTS); vold_loss's "full" = exact reverse KL
     distill_estimator: Literal[DISTILL_ESTIMATORS] = TRAINER_LOSS_DEFAULTS["distill_estimator"]
     divergence: Literal[DIVERGENCES] = _KERNEL_DEFAULTS["divergence"]
-    jsd_beta: Annotated[float, Field(gt=0, lt=1)] = _KERNEL_DEFAULTS["jsd_beta"]
+    jsd_beta: Annotated[float, Field(ge=0, le=1)] = _KERNEL_DEFAULTS["jsd_beta"]  # 0: forward KL, 1: reverse KL
     entropy_coef: float = _KERNEL_DEFAULTS["entropy_coef"]
     # ---- the engine (vold_loss keywords that change how, not what) ----
     impl: Literal[IMPLS] = _KERNEL_DEFAULTS["impl"]  # auto | torch | torch_compile | triton

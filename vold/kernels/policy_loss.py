@@ -93,7 +93,7 @@ class PolicyLossConfig:
     importance_sampling_level: str = "token"
     ref_kl_coef: float = 0.0
     ref_kl_estimator: str = "k3"
-    distill_coef: float = 0.0
+    distill_coef: float = 0.1  # vold_loss's default (one source: the trainer reads it from vold_loss)
     distill_estimator: str = "full"
     entropy_coef: float = 0.0
 
