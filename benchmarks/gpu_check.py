@@ -304,7 +304,7 @@ def child_sft_step(out: Path, work: Path, dry_run: bool) -> dict[str, Any]:
         raise RuntimeError(f"expected 1 sft metrics record, found {len(records)}")
     record = records[0]
     return {"rows": s.sft_rows, "response_tokens": s.sft_response, "step_seconds": record["time/step"],
-            "run_seconds": elapsed, "loss": record.get("loss"), "peak_memory_allocated_bytes": peak()}
+            "run_seconds": elapsed, "loss": record.get("train/loss"), "peak_memory_allocated_bytes": peak()}
 
 
 def child_machine(out: Path, work: Path, dry_run: bool) -> dict[str, Any]:
