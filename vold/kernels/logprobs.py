@@ -16,6 +16,7 @@ from .chunked import (
     resolve_shard,
     run_chunks,
 )
+from .dtensor import gather_head
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
@@ -86,6 +87,7 @@ def fused_linear_logprobs(
     temperature, in TRL's order: ``z' = c tanh(s z / c) / T`` (``s z / T`` without a cap); ``ValueError``
     unless s > 0 and c is None or > 0.
     """
+    weight, bias = gather_head("", hidden, weight, bias, process_group)
     checks.check_linear_head("", hidden, weight, bias, finite=check_finite)
     checks.check_positive("temperature", temperature)
     checks.check_choice("impl", impl, checks.IMPLS)

@@ -25,6 +25,7 @@ from .chunked import (
     run_chunks,
 )
 from .divergence import divergence_spec
+from .dtensor import gather_head
 from .policy_loss import (
     DISTILL_ESTIMATORS,
     IS_LEVELS,
@@ -220,6 +221,8 @@ def vold_loss(
     the log-probs/advantages of tokens that count (``check_finite``), fp64 with ``impl="triton"``, and,
     in backward, an fp16 gradient beyond fp16's range.
     """
+    student_weight, student_bias = gather_head("student_", student_hidden, student_weight, student_bias, process_group)
+    teacher_weight, teacher_bias = gather_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, process_group)
     for name, value, choices in (
         ("loss_type", loss_type, LOSS_TYPES), ("importance_sampling_level", importance_sampling_level, IS_LEVELS),
         ("ref_kl_estimator", ref_kl_estimator, KL_ESTIMATORS),
