@@ -104,6 +104,7 @@ def fused_linear_divergence(
     Gradients flow to the student only; the teacher is frozen. Heads with different V need
     ``vocab_size=`` (rows ``[0, vocab_size)`` of both are compared), else ``ValueError``.
     ``process_group``: both weights are this rank's equal vocabulary shard (see ``fused_linear_logprobs``).
+    Either head's weight/bias may be an FSDP2 ``DTensor``, gathered once per call (see ``fused_linear_logprobs``).
     ``{student,teacher}_logit_scale`` s and ``{student,teacher}_final_logit_softcapping`` c transform each
     head's logits before the temperature, in TRL's order: ``z' = c tanh(s z / c) / T``.
     """

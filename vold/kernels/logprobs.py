@@ -83,6 +83,10 @@ def fused_linear_logprobs(
     ``process_group``: ``weight``/``bias`` are this rank's equal vocabulary shard (rank r holds rows
     ``[r V_r, (r+1) V_r)``), ``hidden``/``targets`` are replicated; results and the hidden-state gradient
     are identical on every rank, each rank gets its shard's weight gradient (torch engine).
+    FSDP2: ``weight``/``bias`` may be ``DTensor``s (``fully_shard`` parameters), gathered once per call with
+    ``full_tensor()`` (cast to ``hidden``'s dtype first); their ``.grad`` is a DTensor holding this rank's shard
+    of the data-parallel mean gradient (``vold.kernels.dtensor.gather_head``). ``ValueError`` for a DTensor
+    ``hidden`` or a DTensor head together with ``process_group``.
     ``logit_scale`` s (Cohere) and ``final_logit_softcapping`` c (Gemma-2) transform the logits before the
     temperature, in TRL's order: ``z' = c tanh(s z / c) / T`` (``s z / T`` without a cap); ``ValueError``
     unless s > 0 and c is None or > 0.

@@ -207,6 +207,7 @@ def vold_loss(
     the loss). Only ``[chunk, V]`` logits exist at a time; gradients reach the student only.
     ``process_group``: vocab-parallel lm_heads, each rank passing its equal vocabulary shard of both
     weights and the replicated hidden states (see ``fused_linear_logprobs``).
+    Either head's weight/bias may be an FSDP2 ``DTensor``, gathered once per call (see ``fused_linear_logprobs``).
 
     ``{student,teacher}_logit_scale`` s and ``{student,teacher}_final_logit_softcapping`` c transform each
     head's logits before the temperature, in TRL's order: ``z' = c tanh(s z / c) / T`` (Gemma-2 / Cohere heads).
