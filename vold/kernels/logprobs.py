@@ -24,6 +24,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, spec: ChunkSpec, ops, chunk_size: int, transform):
+        # An entropy returned for logging only gets grad None (not zeros), so backward skips its term.
+        ctx.set_materialize_grads(False)
         result = run_chunks(Head(hidden, weight, bias, transform), None, targets, spec, ops, chunk_size,
                             keep=("logp", "entropy"))
         ctx.save_for_backward(hidden, weight, bias, targets)
