@@ -16,6 +16,7 @@ from .chunked import (
     resolve_shard,
     run_chunks,
 )
+from .dtensor import gather_head
 
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
@@ -103,9 +104,12 @@ def fused_linear_divergence(
     Gradients flow to the student only; the teacher is frozen. Heads with different V need
     ``vocab_size=`` (rows ``[0, vocab_size)`` of both are compared), else ``ValueError``.
     ``process_group``: both weights are this rank's equal vocabulary shard (see ``fused_linear_logprobs``).
+    Either head's weight/bias may be an FSDP2 ``DTensor``, gathered once per call (see ``fused_linear_logprobs``).
     ``{student,teacher}_logit_scale`` s and ``{student,teacher}_final_logit_softcapping`` c transform each
     head's logits before the temperature, in TRL's order: ``z' = c tanh(s z / c) / T``.
     """
+    student_weight, student_bias = gather_head("student_", student_hidden, student_weight, student_bias, process_group)
+    teacher_weight, teacher_bias = gather_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, process_group)
     checks.check_linear_head("student_", student_hidden, student_weight, student_bias, finite=check_finite)
     checks.check_linear_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, finite=check_finite)
     checks.check_choice("impl", impl, checks.IMPLS)

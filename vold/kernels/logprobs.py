@@ -16,6 +16,7 @@ from .chunked import (
     resolve_shard,
     run_chunks,
 )
+from .dtensor import gather_head
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
@@ -23,6 +24,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, spec: ChunkSpec, ops, chunk_size: int, transform):
+        # An entropy returned for logging only gets grad None (not zeros), so backward skips its term.
+        ctx.set_materialize_grads(False)
         result = run_chunks(Head(hidden, weight, bias, transform), None, targets, spec, ops, chunk_size,
                             keep=("logp", "entropy"))
         ctx.save_for_backward(hidden, weight, bias, targets)
@@ -82,10 +85,15 @@ def fused_linear_logprobs(
     ``process_group``: ``weight``/``bias`` are this rank's equal vocabulary shard (rank r holds rows
     ``[r V_r, (r+1) V_r)``), ``hidden``/``targets`` are replicated; results and the hidden-state gradient
     are identical on every rank, each rank gets its shard's weight gradient (torch engine).
+    FSDP2: ``weight``/``bias`` may be ``DTensor``s (``fully_shard`` parameters), gathered once per call with
+    ``full_tensor()`` (cast to ``hidden``'s dtype first); their ``.grad`` is a DTensor holding this rank's shard
+    of the data-parallel mean gradient (``vold.kernels.dtensor.gather_head``). ``ValueError`` for a DTensor
+    ``hidden`` or a DTensor head together with ``process_group``.
     ``logit_scale`` s (Cohere) and ``final_logit_softcapping`` c (Gemma-2) transform the logits before the
     temperature, in TRL's order: ``z' = c tanh(s z / c) / T`` (``s z / T`` without a cap); ``ValueError``
     unless s > 0 and c is None or > 0.
     """
+    weight, bias = gather_head("", hidden, weight, bias, process_group)
     checks.check_linear_head("", hidden, weight, bias, finite=check_finite)
     checks.check_positive("temperature", temperature)
     checks.check_choice("impl", impl, checks.IMPLS)

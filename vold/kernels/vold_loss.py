@@ -25,6 +25,7 @@ from .chunked import (
     run_chunks,
 )
 from .divergence import divergence_spec
+from .dtensor import gather_head
 from .policy_loss import (
     DISTILL_ESTIMATORS,
     IS_LEVELS,
@@ -206,6 +207,7 @@ def vold_loss(
     the loss). Only ``[chunk, V]`` logits exist at a time; gradients reach the student only.
     ``process_group``: vocab-parallel lm_heads, each rank passing its equal vocabulary shard of both
     weights and the replicated hidden states (see ``fused_linear_logprobs``).
+    Either head's weight/bias may be an FSDP2 ``DTensor``, gathered once per call (see ``fused_linear_logprobs``).
 
     ``{student,teacher}_logit_scale`` s and ``{student,teacher}_final_logit_softcapping`` c transform each
     head's logits before the temperature, in TRL's order: ``z' = c tanh(s z / c) / T`` (Gemma-2 / Cohere heads).
@@ -220,6 +222,8 @@ def vold_loss(
     the log-probs/advantages of tokens that count (``check_finite``), fp64 with ``impl="triton"``, and,
     in backward, an fp16 gradient beyond fp16's range.
     """
+    student_weight, student_bias = gather_head("student_", student_hidden, student_weight, student_bias, process_group)
+    teacher_weight, teacher_bias = gather_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, process_group)
     for name, value, choices in (
         ("loss_type", loss_type, LOSS_TYPES), ("importance_sampling_level", importance_sampling_level, IS_LEVELS),
         ("ref_kl_estimator", ref_kl_estimator, KL_ESTIMATORS),
