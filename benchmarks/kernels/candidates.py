@@ -70,8 +70,9 @@ def _vold_step(inp: Inputs, estimator: str, impl: str, s: Settings) -> Step:
 
 def _naive_step(inp: Inputs, estimator: str) -> Step:
     """The float64 oracle run in the working precision (``dtype=None``: GEMMs in the inputs' dtype, logits
-    upcast to fp32, full ``[N, V]`` logits and autograd), as a training script without fused kernels would."""
-    return _objective_step(ref_vold_loss, inp, estimator, dtype=None)
+    upcast to fp32, full ``[N, V]`` logits and autograd; the loss alone, no metrics), as a training script
+    without fused kernels would."""
+    return _objective_step(ref_vold_loss, inp, estimator, dtype=None, metrics=False)
 
 
 def _liger_step(inp: Inputs, compiled: bool, s: Settings) -> Step:

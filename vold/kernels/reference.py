@@ -244,10 +244,13 @@ def ref_vold_loss(
     teacher_logit_scale: float = 1.0,
     teacher_final_logit_softcapping: float | None = None,
     dtype: torch.dtype | None = torch.float64,
+    metrics: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The VOLD objective in float64 (``dtype``; None: the working precision, see the module docstring) from
-    full logits. Returns ``(loss, metrics)``. The entropy is differentiated only when ``entropy_coef != 0``
-    (its term is otherwise exactly 0: no graph of two more ``[N, V]`` tensors is kept for it).
+    full logits. Returns ``(loss, metrics)``; ``metrics=False``: ``(loss, {})``, and the entropy (a pass over
+    ``[N, V]``) is computed only when ``entropy_coef != 0`` (the benchmark's naive row: the loss alone). The
+    entropy is differentiated only when ``entropy_coef != 0`` (its term is otherwise exactly 0: no graph of
+    two more ``[N, V]`` tensors is kept for it).
 
     Per token t of sequence i (m_t = mask, L_i = sum of m over sequence i, B = number of sequences)::
 
@@ -284,8 +287,10 @@ def ref_vold_loss(
     logp_all = full_log_softmax(h, student_weight, student_bias, temperature, vocab_size, student_logit_scale,
                                 student_final_logit_softcapping, dtype).to(dt)
     logp = logp_all.gather(1, y[:, None]).squeeze(1)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_coef != 0.0):
-        entropy = -(logp_all.exp() * logp_all).sum(1)
+    entropy = torch.zeros_like(logp)
+    if metrics or entropy_coef != 0.0:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_coef != 0.0):
+            entropy = -(logp_all.exp() * logp_all).sum(1)
 
     # Teacher head (frozen).
     has_teacher = teacher_hidden is not None and teacher_weight is not None
@@ -373,7 +378,9 @@ def ref_vold_loss(
         raise ValueError(f"unknown loss_type {loss_type!r}")
 
     loss = (n * per_token).sum()
-    metrics = {"loss": loss.detach(), "policy_loss": (n * pg).sum().detach()}
+    if not metrics:
+        return loss, {}
+    out = {"loss": loss.detach(), "policy_loss": (n * pg).sum().detach()}
     for key, value in metrics_tokens.items():
-        metrics[key] = ((m * value).sum() / total_mask).detach()
-    return loss, metrics
+        out[key] = ((m * value).sum() / total_mask).detach()
+    return loss, out
