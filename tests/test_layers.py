@@ -157,3 +157,12 @@ print(json.dumps(result))
     triton_loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(triton_loaded) == set(names)
     assert [n for n, loaded in triton_loaded.items() if loaded] == [triton_engine]
+
+
+def test_setup_py_ships_every_kernel_package():
+    """Each package folder of vold.kernels (engines/ included) is in setup.py's ``packages=`` list."""
+    call = next(n for n in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
+                if isinstance(n, ast.keyword) and n.arg == "packages")
+    listed = set(ast.literal_eval(call.value))
+    folders = {m for m, p in package_modules("vold.kernels").items() if p.name == "__init__.py"}
+    assert folders and folders <= listed, folders - listed
