@@ -20,7 +20,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vold", "vold.kernels", "vold.rollout", "vold.adapters", "vold.demo"],
+    packages=["vold", "vold.kernels", "vold.kernels.engines", "vold.rollout", "vold.adapters", "vold.demo"],
     # A range, so that GPU users keep the CUDA torch they have; the README installs the CPU build first.
     install_requires=["torch>=2.4,<3", "numpy"],  # vold.kernels needs nothing more
     extras_require={

@@ -1,4 +1,4 @@
-"""Accuracy report: every vold.kernels mode against the float64 reference (tests/reference.py).
+"""Accuracy report: every vold.kernels mode against the float64 reference (vold.kernels.reference).
 
     python -m benchmarks.accuracy [--output benchmarks/results] [--engines torch triton]
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 if not os.environ.get("TRITON_INTERPRET"):
@@ -26,11 +25,8 @@ if not os.environ.get("TRITON_INTERPRET"):
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import half_ulp  # noqa: E402
-from reference import leaf64, ref_divergence, ref_logprobs, ref_vold_loss  # noqa: E402
-
 from vold.kernels import fused_linear_divergence, fused_linear_logprobs, vold_loss  # noqa: E402
+from vold.kernels.reference import half_ulp, leaf64, ref_divergence, ref_logprobs, ref_vold_loss  # noqa: E402
 
 VOLD_MODES: dict[str, dict] = {
     "grpo+full reverse KL": dict(loss_type="grpo", distill_coef=0.1),

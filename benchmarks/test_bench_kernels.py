@@ -8,7 +8,6 @@ same loss (and gradients) on the harness's inputs, so that the timings compare l
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import subprocess
@@ -20,12 +19,12 @@ import torch
 
 from benchmarks import kernels as bk
 from benchmarks.harness import failure
+from vold.kernels import reference
 
 SHAPE = bk.Shape(n=256, h=64, v=4096)
 # Four sequences of 64 tokens, the last quarter of each masked out: the masked mean is exercised.
 SETTINGS = bk.Settings(device="cpu", dtype="fp32", seq_len=64, mask_fraction=0.75, memory=False,
                        max_foreign_cpu=None)
-REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "reference.py"
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +79,9 @@ def test_liger_combination_matches_naive(inputs: bk.Inputs) -> None:
         assert_close_rel(got, want, 1e-3)
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason="tests/reference.py is not there")
 @pytest.mark.parametrize("estimator", ["full", "k2"])
 def test_naive_matches_the_float64_test_reference(inputs: bk.Inputs, estimator: str) -> None:
-    spec = importlib.util.spec_from_file_location("vold_tests_reference", REFERENCE)
-    reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference)
+    """The naive row (the oracle in the working precision) against the oracle in float64."""
     teacher = (dict(teacher_hidden=inputs.t_hidden, teacher_weight=inputs.t_weight) if estimator == "full"
                else dict(teacher_logprobs=inputs.teacher_logprobs))
     with torch.no_grad():

@@ -12,8 +12,8 @@
 - ``TRITON_INTERPRET=1`` is set here on the CPU, before anything imports triton, so that the Triton engine
   runs under the interpreter (an explicit value in the environment is kept; on CUDA it is not set, so the
   compiled kernels are tested).
-- ``tests/`` is put on ``sys.path`` so that ``reference`` and ``helpers`` import under any pytest
-  import mode.
+- ``tests/`` is put on ``sys.path`` so that ``helpers`` imports under any pytest import mode (the float64
+  oracle is ``vold.kernels.reference``, importable as it is).
 - ``VOLD_DEBUG=1``: ``vold.cli.main`` raises user errors instead of printing them (see below).
 - Every test starts from the same torch seed.
 - ``one_thread`` (trainer tests opt in with ``pytestmark``) and ``tiny``: the tiny run of

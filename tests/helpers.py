@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from reference import leaf64, ref_logprobs
+
+from vold.kernels.reference import half_ulp, leaf64, ref_logprobs
 
 # fp32 inputs: the kernels compute in fp32 and must agree with the float64 reference to 1e-5 of the
 # largest magnitude of the compared tensor (see ``assert_rel``).
@@ -22,18 +23,9 @@ BF16_TOL = 1e-3
 FP64_TOL = 1e-10
 
 
-def half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Half the spacing of ``dtype`` at ``|x|``: the largest error of rounding ``x`` to ``dtype`` (subnormals:
-    half their constant spacing ``eps * tiny``)."""
-    info = torch.finfo(dtype)
-    mantissa_bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}[dtype]
-    exponent = torch.floor(torch.log2(x.detach().double().abs().clamp(min=info.tiny)))
-    return torch.pow(2.0, exponent - mantissa_bits).clamp(min=info.eps * info.tiny / 2)
-
-
 def _triton_engine_missing() -> bool:
     try:
-        return importlib.util.find_spec("vold.kernels.triton_ops") is None
+        return importlib.util.find_spec("vold.kernels.engines.triton") is None
     except (ImportError, ValueError):
         return True
 
@@ -41,7 +33,7 @@ def _triton_engine_missing() -> bool:
 TRITON_MISSING = _triton_engine_missing()
 TRITON = pytest.param(
     "triton",
-    marks=pytest.mark.skipif(TRITON_MISSING, reason="vold.kernels.triton_ops does not exist yet"),
+    marks=pytest.mark.skipif(TRITON_MISSING, reason="vold.kernels.engines.triton (triton) is not installed"),
     id="triton",
 )
 # the device the tests run on (tests/conftest.py makes it the default device); cpu unless VOLD_TEST_DEVICE says

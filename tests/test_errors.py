@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 from helpers import FP32_TOL, IMPLS, assert_rel, make_vold_inputs, randn, reference_cast, run_vold
-from reference import ref_vold_loss
 
 from vold.kernels import fused_linear_divergence, fused_linear_logprobs, vold_loss
+from vold.kernels.reference import ref_vold_loss
 
 H, V = 16, 97
 

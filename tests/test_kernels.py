@@ -1,4 +1,4 @@
-"""vold.kernels against the independent float64 reference (tests/reference.py): values and gradients.
+"""vold.kernels against the independent float64 reference (vold/kernels/reference.py): values and gradients.
 
 fp32 inputs must agree with the float64 reference to ``FP32_TOL`` = 1e-5 of the largest magnitude of
 each compared tensor; bf16/fp16 inputs to ``BF16_TOL`` = 1e-3 beyond the rounding of each returned
@@ -24,13 +24,6 @@ from helpers import (
     reference_cast,
     run_vold,
 )
-from reference import (
-    kl_estimator,
-    leaf64,
-    ref_divergence,
-    ref_logprobs,
-    ref_vold_loss,
-)
 
 from vold.kernels import (
     FusedLinearDivergence,
@@ -40,6 +33,13 @@ from vold.kernels import (
     fused_linear_logprobs,
     kl_estimate,
     vold_loss,
+)
+from vold.kernels.reference import (
+    kl_estimator,
+    leaf64,
+    ref_divergence,
+    ref_logprobs,
+    ref_vold_loss,
 )
 
 H, V = 16, 97

@@ -21,9 +21,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import FP32_TOL, IMPLS, assert_rel, make_vold_inputs, randn, reference_cast, run_vold
-from reference import leaf64, ref_divergence, ref_vold_loss
 
 from vold.kernels import fused_linear_divergence, vold_loss
+from vold.kernels.reference import leaf64, ref_divergence, ref_vold_loss
 
 chunked_loss = pytest.importorskip("liger_kernel.chunked_loss")
 LigerFusedLinearGRPOLoss = chunked_loss.LigerFusedLinearGRPOLoss

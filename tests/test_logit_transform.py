@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import FP32_TOL, TRITON, assert_rel, compare_vold, make_vold_inputs, randn, reference_cast, run_vold
-from reference import leaf64, ref_divergence, ref_logprobs, ref_vold_loss
 
 from vold.kernels import fused_linear_divergence, fused_linear_logprobs, vold_loss
+from vold.kernels.reference import leaf64, ref_divergence, ref_logprobs, ref_vold_loss
 
 ENGINES = ["torch", "torch_compile", TRITON]
 # (logit_scale, final_logit_softcapping): Cohere-like scale, Gemma-2's cap of 30 with logits that reach it

@@ -31,10 +31,10 @@ from helpers import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import LOG_RATIO_CLAMP, leaf64, ref_divergence, ref_vold_loss
 
 from vold.kernels import fused_linear_divergence, fused_linear_logprobs, kl_estimate, vold_loss
 from vold.kernels.policy_loss import LOG_RATIO_CLAMP as KERNEL_CLAMP
+from vold.kernels.reference import LOG_RATIO_CLAMP, leaf64, ref_divergence, ref_vold_loss
 
 ENGINES = ["torch", "torch_compile", TRITON]
 LOG_HALF = math.log(0.5)
@@ -236,14 +236,14 @@ def test_fp16_divergence_gradient_near_convergence(impl):
 def test_cuda_split_gemm_path_is_exact(monkeypatch, dtype):
     """The CUDA path (bf16 GEMMs with an fp32 output, dz split into bf16 hi + lo), emulated on the CPU:
     ``mm_out_fp32`` replaced by an exactly-accumulated product rounded once to fp32."""
-    import vold.kernels.chunked as chunked
+    import vold.kernels.common as common
 
-    monkeypatch.setattr(chunked, "mm_has_out_dtype", lambda device, dtype: True)
+    monkeypatch.setattr(common, "mm_has_out_dtype", lambda device, dtype: True)
     def mm_out_fp32(a, b, out=None):
         product = (a.double() @ b.double()).float()
         return product if out is None else out.copy_(product)
 
-    monkeypatch.setattr(chunked, "mm_out_fp32", mm_out_fp32)
+    monkeypatch.setattr(common, "mm_out_fp32", mm_out_fp32)
     hs, ws, ht, wt = _issue_case(0.02, dtype)
     hs, ws, ht = hs[:16], ws[:2048], ht[:16]
     h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()

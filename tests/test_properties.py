@@ -24,9 +24,9 @@ from helpers import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import leaf64, ref_logprobs, ref_vold_loss
 
 from vold.kernels import fused_linear_logprobs, vold_loss
+from vold.kernels.reference import leaf64, ref_logprobs, ref_vold_loss
 
 # VOLD_HYPOTHESIS_EXAMPLES=500 for a longer hunt.
 SETTINGS = settings(max_examples=int(os.environ.get("VOLD_HYPOTHESIS_EXAMPLES", "25")), deadline=None,

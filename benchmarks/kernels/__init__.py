@@ -8,7 +8,8 @@ lm_head); "k2" is the sampled-token estimate (logp - teacher_logp)^2 / 2 from gi
 
 Implementations (rows):
 
-- naive           plain PyTorch, full [N, V] logits, autograd (benchmarks/naive.py)
+- naive           plain PyTorch, full [N, V] logits, autograd: the float64 oracle vold.kernels.reference
+                  run in the working precision (dtype=None: GEMMs in the input dtype, fp32 softmax)
 - vold_torch      vold.kernels.vold_loss(impl="torch")
 - vold_compile    vold.kernels.vold_loss(impl="torch_compile") (first call, i.e. compile, reported separately)
 - vold_triton     vold.kernels.vold_loss(impl="triton"), CUDA only

@@ -4,7 +4,7 @@ the shape's :class:`~benchmarks.kernels.inputs.Inputs` and returns the loss (``N
 Loss rows ("full", "k2"): GRPO clipped loss (token ratio, eps 0.2/0.3, "dapo") + 0.1 x reverse KL, exact
 ("full", from the teacher's hidden states and lm_head) or the sampled-token k2 from given teacher log-probs.
 
-- naive         full [N, V] logits and autograd (benchmarks/naive.py)
+- naive         full [N, V] logits and autograd: ``vold.kernels.reference.ref_vold_loss(dtype=None)``
 - vold_*        vold.kernels.vold_loss with impl torch / torch_compile / triton
 - trl           TRL 1.16's chunked kernels assembled as a TRL user would: per-token log-probs from
                 ``trl.kernels.ChunkedLogProbFunction`` (TRL's vocabulary tile, 32,768, the one its fused lm_head
@@ -27,7 +27,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..naive import naive_vold_loss
+from vold.kernels.reference import ref_vold_loss
+
 from .config import DISTILL_COEF, EPSILON_HIGH, EPSILON_LOW, IMPLS, LOSS_TYPE, VOLD_ENGINE, Settings
 from .inputs import Inputs
 
@@ -38,41 +39,40 @@ def vold_chunk_size(n: int, v: int, device: torch.device, override: int | None) 
     """The chunk (rows) vold uses for ``n`` active tokens: its own rule unless overridden, at most ``n``."""
     if override:
         return max(1, min(n, override))
-    from vold.kernels.chunked import default_chunk_size
+    from vold.kernels.common import default_chunk_size
 
     return max(1, min(n, default_chunk_size(v, device)))
+
+
+def _objective_step(loss_fn: Callable, inp: Inputs, estimator: str, **options) -> Step:
+    """One forward + backward of the row's objective through ``loss_fn`` (``vold_loss`` or the reference
+    ``ref_vold_loss``, which take the same arguments); ``options``: the function's own (engine, dtype)."""
+    teacher = (dict(teacher_hidden=inp.t_hidden, teacher_weight=inp.t_weight) if estimator == "full"
+               else dict(teacher_logprobs=inp.teacher_logprobs))
+
+    def step() -> torch.Tensor:
+        loss, _ = loss_fn(
+            inp.s_hidden, inp.s_weight, inp.targets, inp.advantages, inp.old_logprobs, inp.mask, **teacher,
+            loss_type=LOSS_TYPE, epsilon_low=EPSILON_LOW, epsilon_high=EPSILON_HIGH, distill_coef=DISTILL_COEF,
+            distill_estimator=estimator, **options,
+        )
+        loss.backward()
+        return loss.detach()
+
+    return step
 
 
 def _vold_step(inp: Inputs, estimator: str, impl: str, s: Settings) -> Step:
     from vold.kernels import vold_loss
 
-    teacher = (dict(teacher_hidden=inp.t_hidden, teacher_weight=inp.t_weight) if estimator == "full"
-               else dict(teacher_logprobs=inp.teacher_logprobs))
-
-    def step() -> torch.Tensor:
-        loss, _ = vold_loss(
-            inp.s_hidden, inp.s_weight, inp.targets, inp.advantages, inp.old_logprobs, inp.mask, **teacher,
-            loss_type=LOSS_TYPE, epsilon_low=EPSILON_LOW, epsilon_high=EPSILON_HIGH, distill_coef=DISTILL_COEF,
-            distill_estimator=estimator, impl=impl, chunk_size=s.chunk_size,
-        )
-        loss.backward()
-        return loss.detach()
-
-    return step
+    return _objective_step(vold_loss, inp, estimator, impl=impl, chunk_size=s.chunk_size)
 
 
 def _naive_step(inp: Inputs, estimator: str) -> Step:
-    def step() -> torch.Tensor:
-        loss = naive_vold_loss(
-            inp.s_hidden, inp.s_weight, inp.targets, inp.advantages, inp.old_logprobs, inp.mask,
-            teacher_hidden=inp.t_hidden, teacher_weight=inp.t_weight, teacher_logprobs=inp.teacher_logprobs,
-            epsilon_low=EPSILON_LOW, epsilon_high=EPSILON_HIGH, distill_coef=DISTILL_COEF,
-            distill_estimator=estimator,
-        )
-        loss.backward()
-        return loss.detach()
-
-    return step
+    """The float64 oracle run in the working precision (``dtype=None``: GEMMs in the inputs' dtype, logits
+    upcast to fp32, full ``[N, V]`` logits and autograd; the loss alone, no metrics), as a training script
+    without fused kernels would."""
+    return _objective_step(ref_vold_loss, inp, estimator, dtype=None, metrics=False)
 
 
 def _liger_step(inp: Inputs, compiled: bool, s: Settings) -> Step:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import time
@@ -14,7 +15,6 @@ from typing import Any
 import torch
 
 from ..harness import REPO_ROOT, child_main, log, machine_info, write_result
-from . import __doc__ as DESCRIPTION
 from .config import (
     DEFAULT_ESTIMATORS,
     DEFAULT_IMPLS,
@@ -34,6 +34,10 @@ from .memory import child_measure
 from .report import markdown, plot
 from .sweep import run_shape
 from .timing import WAIT_SPENT
+
+# --help shows the package's docstring, read from its file (importing it from here would be an import cycle:
+# the package imports this module)
+DESCRIPTION = ast.get_docstring(ast.parse((Path(__file__).parent / "__init__.py").read_text()))
 
 
 def _csv(kind: type, choices: Sequence[str] | None = None) -> Callable[[str], tuple]:

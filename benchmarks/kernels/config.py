@@ -35,8 +35,9 @@ ESTIMATORS_OF = {"liger": ("full",), "liger_compiled": ("full",), "naive": LOSS_
                  "gemm_unchunked": LOSS_ESTIMATORS}  # others: all
 COMPILED = ("liger_compiled", "vold_compile")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Live [N, V] fp32-sized buffers of the naive baseline at its peak (measured on CPU: 6.0 full, 3.0 k2,
-# rounded up); used only to skip it before it would exceed --naive-cap-gb.
+# Live [N, V] fp32-sized buffers of the naive baseline at its peak (measured on CPU: 6.0 full, 3.0 k2 for the
+# former benchmarks/naive.py, 5.0 / 3.0 for ref_vold_loss(dtype=None), which frees the raw logits; rounded up);
+# used only to skip it before it would exceed --naive-cap-gb.
 NAIVE_NV_BUFFERS = {"full": 7.0, "k2": 4.0}
 
 

@@ -7,8 +7,22 @@ from dataclasses import dataclass
 
 import torch
 
-from ..naive import chunked_logprobs
+from vold.kernels.reference import ref_logprobs
+
 from .config import Settings, Shape
+
+
+@torch.no_grad()
+def chunked_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """log softmax(hidden @ weight^T)[target] per row, fp32 ``[N]``, ``chunk`` rows at a time (input making:
+    ``vold.kernels.reference.ref_logprobs`` in the working precision, on row slices)."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        out[rows] = ref_logprobs(hidden[rows], weight, targets[rows], dtype=None)[0]
+    return out
 
 
 @dataclass

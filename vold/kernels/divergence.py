@@ -5,18 +5,18 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .chunked import (
+from .chunked import run_chunks
+from .common import (
     ChunkSpec,
     Head,
     cast_grad,
     compute_dtype,
     default_chunk_size,
-    get_ops,
     logit_transform,
     resolve_shard,
-    run_chunks,
 )
 from .dtensor import gather_head
+from .engines import get_engine
 
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
@@ -132,7 +132,7 @@ def fused_linear_divergence(
     chunk = max(1, chunk)
     out = FusedLinearDivergenceFunction.apply(
         s_hidden, student_weight[:vocab], s_bias, t_hidden, teacher_weight[:vocab].detach(), t_bias,
-        spec, get_ops(impl, s_hidden.device, chunk, torch.promote_types(student_weight.dtype, teacher_weight.dtype)),
+        spec, get_engine(impl, s_hidden.device, chunk, torch.promote_types(student_weight.dtype, teacher_weight.dtype)),
         chunk, transforms,
     )
     return out.view(leading)

@@ -5,18 +5,18 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .chunked import (
+from .chunked import run_chunks
+from .common import (
     ChunkSpec,
     Head,
     cast_grad,
     compute_dtype,
     default_chunk_size,
-    get_ops,
     logit_transform,
     resolve_shard,
-    run_chunks,
 )
 from .dtensor import gather_head
+from .engines import get_engine
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
@@ -108,7 +108,7 @@ def fused_linear_logprobs(
     chunk = chunk_size or default_chunk_size(vocab, hidden.device)
     spec = ChunkSpec(inv_temperature=1.0 / temperature, need_entropy=return_entropy, shard=shard)
     chunk = max(1, chunk)
-    ops = get_ops(impl, hidden.device, chunk, weight.dtype)
+    ops = get_engine(impl, hidden.device, chunk, weight.dtype)
     logp, entropy = FusedLinearLogprobsFunction.apply(flat_hidden, weight, bias, flat_targets, spec, ops, chunk,
                                                      transform)
     logp = logp.view(leading)

@@ -12,20 +12,20 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import checks
-from .chunked import (
+from .chunked import run_chunks
+from .common import (
     ChunkSpec,
     Head,
     LogitTransform,
     cast_grad,
     compute_dtype,
     default_chunk_size,
-    get_ops,
     logit_transform,
     resolve_shard,
-    run_chunks,
 )
 from .divergence import divergence_spec
 from .dtensor import gather_head
+from .engines import get_engine
 from .policy_loss import (
     DISTILL_ESTIMATORS,
     IS_LEVELS,
@@ -352,7 +352,7 @@ def vold_loss(
         metric_names += ("distill_kl",)
     if distill_estimator != "full" and (need_teacher_logp or teacher_logprobs is not None):
         metric_names += ("distill_clamp_frac",)
-    ops = get_ops(impl, s_hidden.device, chunk, acc)
+    ops = get_engine(impl, s_hidden.device, chunk, acc)
     call = _Call(inputs=inputs, cfg=cfg, spec=spec, ops=ops, chunk_size=chunk, metric_names=metric_names,
                  student_transform=student_transform, teacher_transform=teacher_transform)
     s_bias = None if student_bias is None else student_bias[:vocab]

@@ -1,6 +1,8 @@
-"""The Triton engine: per-row softmax statistics and logit gradients, fused, over ``[chunk, V]`` logits.
+"""The Triton engine (``impl="triton"``): per-row softmax statistics and logit gradients, fused, over
+``[chunk, V]`` logits.
 
-The GEMMs stay on cuBLAS (``chunked.run_chunks``); per chunk two kernels run, one program per row:
+The GEMMs stay on cuBLAS (``chunked.run_chunks``); the interface is ``engines.Engine``, as in
+``engines/torch.py``. Per chunk two kernels run, one program per row:
 
 1. ``_row_stats_kernel`` reads the student logits ``z`` (and the teacher's ``u``) once, in
    ``BLOCK_V`` tiles, with an online softmax: running max ``m``, ``s = sum e^(z-m)``,
@@ -8,7 +10,7 @@ The GEMMs stay on cuBLAS (``chunked.run_chunks``); per chunk two kernels run, on
    ``= b/s - lse_z + lse_u``) and ``c = sum e^(u-m_u) (u-z)`` (forward KL ``= c/s_u - lse_u + lse_z``).
    JSD needs ``log m`` per element, so it takes a second sweep once both log-normalisers are known.
 2. ``_dlogits_kernel`` sweeps again and overwrites ``z`` *in place* with
-   ``dL/dz = [g_logp (onehot - p) + g_ent dH/dz + g_div dD/dz] / T`` (formulas in ``chunked.py``),
+   ``dL/dz = [g_logp (onehot - p) + g_ent dH/dz + g_div dD/dz] / T`` (formulas in ``engines/torch.py``),
    in the logits' own dtype, ready for the two backward GEMMs.
 
 All arithmetic is fp32 whatever the logits' dtype. Under ``TRITON_INTERPRET=1`` this runs on the
@@ -29,9 +31,7 @@ except ImportError as error:  # pragma: no cover - exercised only where triton i
         "impl='triton' needs the triton package (pip install 'vold[triton]'); use impl='torch' on machines without it"
     ) from error
 
-from .chunked import ChunkSpec
-
-_DIVERGENCE_CODE = {None: 0, "reverse_kl": 1, "forward_kl": 2, "jsd": 3}
+from ..common import DIVERGENCE_CODE, ChunkSpec, Workspace
 
 
 @triton.jit
@@ -163,12 +163,14 @@ def _log_betas(beta: float) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-class TritonChunkOps:
-    """Same interface as ``chunked.TorchChunkOps``; the backward writes dL/dz over the logits."""
+class TritonEngine:
+    """The ``engines.Engine`` of ``impl="triton"`` (as ``engines.torch.TorchEngine``); the backward writes
+    dL/dz over the logits."""
 
     name = "triton"
 
-    def forward(self, z: torch.Tensor, u: torch.Tensor | None, targets: torch.Tensor, spec: ChunkSpec, workspace=None):
+    def forward(self, z: torch.Tensor, u: torch.Tensor | None, targets: torch.Tensor, spec: ChunkSpec,
+                workspace: Workspace | None = None):
         rows, vocab = z.shape
         z = z.contiguous()
         f32 = dict(dtype=torch.float32, device=z.device)
@@ -179,7 +181,7 @@ class TritonChunkOps:
             lse_u, teacher_logp, div, aux = (torch.empty(rows, **f32) for _ in range(4))
         else:
             lse_u = teacher_logp = div = aux = lse_z  # never written when HAS_TEACHER is off
-        code = _DIVERGENCE_CODE[spec.divergence] if has_teacher else 0
+        code = DIVERGENCE_CODE[spec.divergence] if has_teacher else 0
         log_1m_beta, log_beta = _log_betas(spec.beta)
         targets = targets.contiguous()
         if rows:

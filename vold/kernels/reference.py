@@ -1,12 +1,20 @@
-"""An independent float64 oracle for ``vold.kernels``, written from the formulas.
+"""The float64 oracle of ``vold.kernels``: one full-logits implementation of every public function,
+written from the formulas.
 
-Nothing here imports ``vold``: every function materialises the full ``[N, V]`` logits in float64,
-takes ``log_softmax`` over the whole vocabulary and lets torch autograd produce the gradients. It is
-meant to be slow and obviously right, and to be read next to the docstrings of ``vold.kernels``.
+This module is part of the library's contract: the tests, ``benchmarks.accuracy`` and the benchmark's
+naive row all use it, and it imports only torch (nothing of ``vold``; ``tests/test_layers.py`` checks).
+Every function materialises the full ``[N, V]`` logits, takes ``log_softmax`` over the whole vocabulary
+and lets torch autograd produce the gradients. It is meant to be slow and obviously right, and to be
+read next to the docstrings of ``vold.kernels``.
 
 Call these functions with float64 leaf tensors (``leaf64`` below) and differentiate the results
 with autograd to get the reference gradients. Inputs of any float dtype are upcast to float64 with
 a differentiable cast, so an fp32 leaf works too (its gradient then comes back rounded to fp32).
+
+``dtype=None`` (``full_log_softmax``, ``ref_logprobs``, ``ref_divergence``, ``ref_vold_loss``) computes in
+the working precision a training script without fused kernels would use instead: each GEMM in the inputs'
+dtype, its logits upcast to ``promote(float32, dtype)`` and everything after in that dtype. That is the
+benchmark's "naive" row (``benchmarks.kernels``: what a user writes, full ``[N, V]`` logits and autograd).
 
 Conventions (the same as the docstrings of ``vold.kernels``):
 
@@ -31,12 +39,26 @@ LOG_RATIO_CLAMP = 20.0
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
+def half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype`` at ``|x|``: the largest error of rounding ``x`` to ``dtype`` (subnormals:
+    half their constant spacing ``eps * tiny``)."""
+    info = torch.finfo(dtype)
+    mantissa_bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}[dtype]
+    exponent = torch.floor(torch.log2(x.detach().double().abs().clamp(min=info.tiny)))
+    return torch.pow(2.0, exponent - mantissa_bits).clamp(min=info.eps * info.tiny / 2)
+
+
 def leaf64(x: torch.Tensor | None, requires_grad: bool = True) -> torch.Tensor | None:
     """A detached float64 copy of ``x`` (a leaf that records gradients when ``requires_grad``)."""
     if x is None:
         return None
     y = x.detach().to(torch.float64).clone()
     return y.requires_grad_(requires_grad and y.is_floating_point())
+
+
+def working_dtype(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of the logits and statistics: ``dtype``, or for None ``promote(float32, weight.dtype)``."""
+    return torch.promote_types(torch.float32, weight.dtype) if dtype is None else dtype
 
 
 def full_log_softmax(
@@ -47,17 +69,26 @@ def full_log_softmax(
     vocab_size: int | None = None,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
+    dtype: torch.dtype | None = torch.float64,
 ) -> torch.Tensor:
     """``log_softmax(f(hidden @ weight[:K]^T + bias[:K]) / temperature)`` in float64, shape ``[..., K]``,
-    with ``f(z) = c tanh(s z / c)`` (``s = logit_scale``, ``c = final_logit_softcapping``; ``s z`` if c is None)."""
+    with ``f(z) = c tanh(s z / c)`` (``s = logit_scale``, ``c = final_logit_softcapping``; ``s z`` if c is None).
+    ``dtype``: the inputs are cast to it before the GEMM; None: the GEMM runs in the inputs' dtype and the
+    logits are upcast after it (``working_dtype``). A scale of 1 and a temperature of 1 are skipped (exact)."""
     k = weight.shape[0] if vocab_size is None else vocab_size
-    logits = hidden.to(torch.float64) @ weight.to(torch.float64)[:k].T
+    if dtype is None:
+        dt = working_dtype(weight, None)
+        logits = (hidden @ weight[:k].T).to(dt)
+    else:
+        dt = dtype
+        logits = hidden.to(dt) @ weight.to(dt)[:k].T
     if bias is not None:
-        logits = logits + bias.to(torch.float64)[:k]
-    logits = logits * logit_scale
+        logits = logits + bias.to(dt)[:k]
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
     if final_logit_softcapping is not None:
         logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
-    return torch.log_softmax(logits / temperature, dim=-1)
+    return torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
 
 
 def kl_from_log_probs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -82,9 +113,11 @@ def divergence_from_log_probs(logp: torch.Tensor, logq: torch.Tensor, divergence
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
-def kl_estimator(logp: torch.Tensor, other_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Schulman's sampled-token estimators of KL(pi || other); k3 at the clamped log-ratio."""
-    x = logp.to(torch.float64) - other_logp.to(torch.float64)
+def kl_estimator(
+    logp: torch.Tensor, other_logp: torch.Tensor, estimator: str, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Schulman's sampled-token estimators of KL(pi || other) in ``dtype``; k3 at the clamped log-ratio."""
+    x = logp.to(dtype) - other_logp.to(dtype)
     if estimator == "k1":
         return x
     if estimator == "k2":
@@ -104,9 +137,11 @@ def ref_logprobs(
     vocab_size: int | None = None,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
+    dtype: torch.dtype | None = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p(target), entropy)``, both shaped like ``targets``, float64."""
-    logp_all = full_log_softmax(hidden, weight, bias, temperature, vocab_size, logit_scale, final_logit_softcapping)
+    """``(log p(target), entropy)``, both shaped like ``targets``, float64 (``dtype``)."""
+    logp_all = full_log_softmax(hidden, weight, bias, temperature, vocab_size, logit_scale, final_logit_softcapping,
+                                dtype)
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
@@ -127,14 +162,16 @@ def ref_divergence(
     student_final_logit_softcapping: float | None = None,
     teacher_logit_scale: float = 1.0,
     teacher_final_logit_softcapping: float | None = None,
+    dtype: torch.dtype | None = torch.float64,
 ) -> torch.Tensor:
-    """Exact per-token divergence between student and teacher heads over the whole vocabulary."""
+    """Exact per-token divergence between student and teacher heads over the whole vocabulary (``dtype``)."""
     if vocab_size is None and s_weight.shape[0] != t_weight.shape[0]:
         raise ValueError("student and teacher vocabularies differ; pass vocab_size")
+    dt = torch.promote_types(working_dtype(s_weight, dtype), working_dtype(t_weight, dtype))
     logp = full_log_softmax(s_hidden, s_weight, s_bias, temperature, vocab_size, student_logit_scale,
-                            student_final_logit_softcapping)
+                            student_final_logit_softcapping, dtype).to(dt)
     logq = full_log_softmax(t_hidden, t_weight, t_bias, temperature, vocab_size, teacher_logit_scale,
-                            teacher_final_logit_softcapping)
+                            teacher_final_logit_softcapping, dtype).to(dt)
     return divergence_from_log_probs(logp, logq, divergence, beta)
 
 
@@ -147,19 +184,21 @@ def _sequences(num_tokens: int, num_seqs: int, cu_seqlens: torch.Tensor | None, 
     return [range(cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
 
 
-def _per_sequence_to_tokens(values: list[torch.Tensor], seqs: list[range]) -> torch.Tensor:
+def _per_sequence_to_tokens(values: list[torch.Tensor], seqs: list[range],
+                            dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Concatenate one scalar per sequence, repeated over that sequence's tokens."""
     pieces = [v.reshape(1).expand(len(s)) for v, s in zip(values, seqs, strict=True)]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64)
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype)
 
 
-def _to_tokens(name: str, value: torch.Tensor | None, seqs: list[range], token_shape: tuple) -> torch.Tensor | None:
-    """A per-sequence ``[B]`` or per-token tensor, as float64 ``[N]`` over tokens."""
+def _to_tokens(name: str, value: torch.Tensor | None, seqs: list[range], token_shape: tuple,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+    """A per-sequence ``[B]`` or per-token tensor, as ``[N]`` over tokens in ``dtype``."""
     if value is None:
         return None
-    value = value.to(torch.float64)
+    value = value.to(dtype)
     if tuple(value.shape) == (len(seqs),):
-        return _per_sequence_to_tokens([value[i] for i in range(len(seqs))], seqs)
+        return _per_sequence_to_tokens([value[i] for i in range(len(seqs))], seqs, dtype)
     if tuple(value.shape) == tuple(token_shape):
         return value.reshape(-1)
     raise ValueError(f"{name} has shape {tuple(value.shape)}")
@@ -204,8 +243,14 @@ def ref_vold_loss(
     student_final_logit_softcapping: float | None = None,
     teacher_logit_scale: float = 1.0,
     teacher_final_logit_softcapping: float | None = None,
+    dtype: torch.dtype | None = torch.float64,
+    metrics: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The VOLD objective in float64 from full logits. Returns ``(loss, metrics)``.
+    """The VOLD objective in float64 (``dtype``; None: the working precision, see the module docstring) from
+    full logits. Returns ``(loss, metrics)``; ``metrics=False``: ``(loss, {})``, and the entropy (a pass over
+    ``[N, V]``) is computed only when ``entropy_coef != 0`` (the benchmark's naive row: the loss alone). The
+    entropy is differentiated only when ``entropy_coef != 0`` (its term is otherwise exactly 0: no graph of
+    two more ``[N, V]`` tensors is kept for it).
 
     Per token t of sequence i (m_t = mask, L_i = sum of m over sequence i, B = number of sequences)::
 
@@ -219,7 +264,9 @@ def ref_vold_loss(
     m_t / (B max_completion_length) [dr_grpo], m_t / token_normalizer or m_t / max(sum m, 1) [bnpo, dapo].
     """
     del impl, chunk_size, check_finite
-    f64 = torch.float64
+    dt = working_dtype(student_weight, dtype)
+    if teacher_weight is not None:
+        dt = torch.promote_types(dt, working_dtype(teacher_weight, dtype))
     if cu_seqlens is None:
         num_seqs, seq_len = student_hidden.shape[:2]
         token_shape = tuple(student_hidden.shape[:2])
@@ -232,15 +279,18 @@ def ref_vold_loss(
     n_tokens = h.shape[0]
     seqs = _sequences(n_tokens, num_seqs, cu_seqlens, seq_len)
     y = targets.reshape(-1).long()
-    m = torch.ones(n_tokens, dtype=f64) if mask is None else mask.reshape(-1).to(f64)
-    adv = _to_tokens("advantages", advantages, seqs, token_shape)
-    w_distill = _to_tokens("distill_mask", distill_mask, seqs, token_shape)
+    m = torch.ones(n_tokens, dtype=dt, device=h.device) if mask is None else mask.reshape(-1).to(dt)
+    adv = _to_tokens("advantages", advantages, seqs, token_shape, dt)
+    w_distill = _to_tokens("distill_mask", distill_mask, seqs, token_shape, dt)
 
     # Student: full log-softmax over the (restricted) vocabulary.
     logp_all = full_log_softmax(h, student_weight, student_bias, temperature, vocab_size, student_logit_scale,
-                                student_final_logit_softcapping)
+                                student_final_logit_softcapping, dtype).to(dt)
     logp = logp_all.gather(1, y[:, None]).squeeze(1)
-    entropy = -(logp_all.exp() * logp_all).sum(1)
+    entropy = torch.zeros_like(logp)
+    if metrics or entropy_coef != 0.0:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_coef != 0.0):
+            entropy = -(logp_all.exp() * logp_all).sum(1)
 
     # Teacher head (frozen).
     has_teacher = teacher_hidden is not None and teacher_weight is not None
@@ -251,10 +301,10 @@ def ref_vold_loss(
         t_h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
         t_b = None if teacher_bias is None else teacher_bias.detach()
         logq_all = full_log_softmax(t_h, teacher_weight.detach(), t_b, temperature, vocab_size, teacher_logit_scale,
-                                    teacher_final_logit_softcapping)
+                                    teacher_final_logit_softcapping, dtype).to(dt)
 
     # Importance ratio.
-    old = logp.detach() if old_logprobs is None else old_logprobs.reshape(-1).to(f64)
+    old = logp.detach() if old_logprobs is None else old_logprobs.reshape(-1).to(dt)
     log_ratio = logp - old
     if importance_sampling_level == "token":
         pass
@@ -264,10 +314,10 @@ def ref_vold_loss(
             idx = slice(s.start, s.stop)
             length = m[idx].sum()
             means.append((m[idx] * log_ratio[idx]).sum() / torch.clamp(length, min=1.0))
-        log_ratio = _per_sequence_to_tokens(means, seqs)
+        log_ratio = _per_sequence_to_tokens(means, seqs, dt)
     else:
         raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}")
-    ratio_clamped = (log_ratio.detach().abs() > LOG_RATIO_CLAMP).to(f64)
+    ratio_clamped = (log_ratio.detach().abs() > LOG_RATIO_CLAMP).to(dt)
     ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
     pg = -torch.min(ratio * adv, clipped * adv)
@@ -276,15 +326,15 @@ def ref_vold_loss(
 
     per_token = pg
     metrics_tokens: dict[str, torch.Tensor] = {"entropy": entropy, "ratio": ratio, "ratio_clamp_frac": ratio_clamped}
-    metrics_tokens["clip_low"] = ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(f64)
-    metrics_tokens["clip_high"] = ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(f64)
+    metrics_tokens["clip_low"] = ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(dt)
+    metrics_tokens["clip_high"] = ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(dt)
 
     # Reference-model KL.
     if ref_logprobs is not None:
-        ref_kl = kl_estimator(logp, ref_logprobs.reshape(-1), ref_kl_estimator)
+        ref_kl = kl_estimator(logp, ref_logprobs.reshape(-1), ref_kl_estimator, dt)
         metrics_tokens["ref_kl"] = ref_kl
-        x = (logp - ref_logprobs.reshape(-1).to(f64)).detach()
-        metrics_tokens["ref_kl_clamp_frac"] = ((x.abs() > LOG_RATIO_CLAMP) & (ref_kl_estimator == "k3")).to(f64)
+        x = (logp - ref_logprobs.reshape(-1).to(dt)).detach()
+        metrics_tokens["ref_kl_clamp_frac"] = ((x.abs() > LOG_RATIO_CLAMP) & (ref_kl_estimator == "k3")).to(dt)
         per_token = per_token + ref_kl_coef * ref_kl
     elif ref_kl_coef != 0.0:
         raise ValueError("ref_kl_coef != 0 needs ref_logprobs")
@@ -296,15 +346,15 @@ def ref_vold_loss(
             distill = divergence_from_log_probs(logp_all, logq_all, divergence, jsd_beta)
     else:
         if teacher_logprobs is not None:
-            teacher_logp = teacher_logprobs.reshape(-1).to(f64)
+            teacher_logp = teacher_logprobs.reshape(-1).to(dt)
         elif logq_all is not None:
             teacher_logp = logq_all.gather(1, y[:, None]).squeeze(1)
         else:
             teacher_logp = None
         if teacher_logp is not None:
-            distill = kl_estimator(logp, teacher_logp, distill_estimator)
+            distill = kl_estimator(logp, teacher_logp, distill_estimator, dt)
             x = (logp - teacher_logp).detach()
-            metrics_tokens["distill_clamp_frac"] = ((x.abs() > LOG_RATIO_CLAMP) & (distill_estimator == "k3")).to(f64)
+            metrics_tokens["distill_clamp_frac"] = ((x.abs() > LOG_RATIO_CLAMP) & (distill_estimator == "k3")).to(dt)
     if distill is not None:
         metrics_tokens["distill_kl"] = distill
         weighted = distill if w_distill is None else w_distill * distill
@@ -318,7 +368,7 @@ def ref_vold_loss(
     total_mask = torch.clamp(m.sum(), min=1.0)
     if loss_type == "grpo":
         n = _per_sequence_to_tokens(
-            [1.0 / (num_seqs * torch.clamp(m[s.start:s.stop].sum(), min=1.0)) for s in seqs], seqs
+            [1.0 / (num_seqs * torch.clamp(m[s.start:s.stop].sum(), min=1.0)) for s in seqs], seqs, dt
         ) * m
     elif loss_type == "dr_grpo":
         n = m / (num_seqs * max_completion_length)
@@ -328,7 +378,9 @@ def ref_vold_loss(
         raise ValueError(f"unknown loss_type {loss_type!r}")
 
     loss = (n * per_token).sum()
-    metrics = {"loss": loss.detach(), "policy_loss": (n * pg).sum().detach()}
+    if not metrics:
+        return loss, {}
+    out = {"loss": loss.detach(), "policy_loss": (n * pg).sum().detach()}
     for key, value in metrics_tokens.items():
-        metrics[key] = ((m * value).sum() / total_mask).detach()
-    return loss, metrics
+        out[key] = ((m * value).sum() / total_mask).detach()
+    return loss, out
