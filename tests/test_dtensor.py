@@ -127,6 +127,7 @@ def _worker(rank: int, port: int, errors) -> None:
             fused_linear_logprobs(distribute_tensor(h, mesh, [Shard(0)]), w, d["y"])
         with pytest.raises(ValueError, match="student_weight is a DTensor and process_group"):
             vold_loss(h, w, d["y"], d["adv"], process_group=dist.group.WORLD, distill_coef=0.0)
+        dist.barrier()  # no rank tears gloo down while the other still has FSDP's collectives in flight (SIGABRT)
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the parent with the traceback
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
