@@ -112,6 +112,12 @@ def test_override_coercion(override, key, expected):
     ("rollout.num_generations=0", "'rollout.num_generations' must be > 0"),
     ("reward.weights=[1, 2]", "reward.weights has 2 values for 1 reward.functions"),
     ("no_equals_sign", "key.sub=value"),
+    ("=5", "override '=5' must look like key.sub=value"),
+    ("optim.=1", "override 'optim.=1' must look like key.sub=value"),
+    ("optim.lr=inf", "config key 'optim.lr' must be a finite number, got 'inf'"),
+    ("loss.distill_coef=nan", "config key 'loss.distill_coef' must be a finite number, got 'nan'"),
+    ("rollout.temperature=-inf", "config key 'rollout.temperature' must be a finite number"),
+    ("optim.max_grad_norm=NaN", "config key 'optim.max_grad_norm' must be a finite number"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):

@@ -35,8 +35,9 @@ from vold.kernels import PolicyLossConfig, vold_loss
 from vold.kernels.checks import DIVERGENCES, IMPLS
 from vold.kernels.policy_loss import DISTILL_ESTIMATORS, IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES
 
-# extra="forbid": an unknown key is an error; numbers given to a str key (e.g. a YAML 1) become strings
-section = dataclass(config=ConfigDict(extra="forbid", coerce_numbers_to_str=True))
+# extra="forbid": an unknown key is an error; numbers given to a str key (e.g. a YAML 1) become strings;
+# allow_inf_nan=False: a float key given nan or inf (optim.lr=inf) is an error, not a NaN run
+section = dataclass(config=ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False))
 
 _NONE = {"none", "null", "~", ""}
 
@@ -555,6 +556,8 @@ def _message(error: dict[str, Any]) -> str:
         return f"config key '{key}' = {value!r} is not one of {error['ctx']['expected']}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"config key '{key}' must be {_bounds(_field_at(loc)[1], error['ctx'])}, got {value!r}"
+    if kind == "finite_number":  # nan / inf for a float key (allow_inf_nan=False)
+        return f"config key '{key}' must be a finite number, got {value!r}"
     if kind == "value_error":  # a model_validator's own message
         return str(error["ctx"]["error"])
     expected = next((v for k, v in _EXPECTS.items() if kind.startswith(k)), None)
@@ -580,10 +583,10 @@ def _validated(values: dict[str, Any]) -> Config:
 
 def _set_dotted(values: dict[str, Any], override: str) -> None:
     """Put one ``key.sub=value`` string into the nested dict ``values`` (as text: the key's type parses it)."""
-    if "=" not in override:
-        raise ValueError(f"override {override!r} must look like key.sub=value")
-    path, raw = override.split("=", 1)
+    path, _, raw = override.partition("=")
     parts = path.strip().split(".")
+    if "=" not in override or not all(part.strip() for part in parts):  # 'x', '=5', 'optim.=1', 'a..b=1'
+        raise ValueError(f"override {override!r} must look like key.sub=value")
     cls: Any = Config
     for depth, name in enumerate(parts):
         key = ".".join(parts[: depth + 1])
