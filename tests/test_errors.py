@@ -238,7 +238,12 @@ def test_vold_loss_bad_option_strings(option, value):
      (dict(clip_ratio_c=0.5), "clip_ratio_c"), (dict(clip_ratio_c=1.0), "clip_ratio_c"),
      (dict(temperature=0.0), "temperature"),
      (dict(divergence="jsd", jsd_beta=1.2), "beta"), (dict(loss_type="dapo", token_normalizer=0.0), "token_normalizer"),
-     (dict(ref_kl_coef=0.1), "ref_logprobs")],
+     (dict(ref_kl_coef=0.1), "ref_logprobs"),
+     # a non-finite coefficient used to give a NaN/inf loss silently (entropy_coef=inf: loss inf, no error)
+     (dict(ref_kl_coef=math.nan), "ref_kl_coef must be finite"),
+     (dict(distill_coef=math.inf), "distill_coef must be finite"),
+     (dict(entropy_coef=-math.inf), "entropy_coef must be finite"),
+     (dict(chunk_size=0), "chunk_size"), (dict(chunk_size=-4), "chunk_size")],
 )
 def test_vold_loss_bad_values(options, match):
     tensors = _vold_inputs()
@@ -286,7 +291,7 @@ def test_vold_loss_vocab_mismatch(impl):
 @pytest.mark.parametrize(
     "key,match",
     [("student_hidden", "student_hidden"), ("teacher_hidden", "teacher_hidden"), ("advantages", "advantages"),
-     ("old_logprobs", "old_logprobs"), ("ref_logprobs", "ref_logprobs")],
+     ("old_logprobs", "old_logprobs"), ("ref_logprobs", "ref_logprobs"), ("mask", "mask")],
 )
 def test_vold_loss_non_finite(impl, key, match):
     tensors = _vold_inputs(mask="ones")
@@ -363,3 +368,23 @@ def test_all_masked_batch_reports_the_same_metric_names_as_zeros():
     assert sorted(empty) == sorted(full)
     assert all(float(v) == 0.0 for v in empty.values())
     assert float(loss) == 0.0
+
+
+@pytest.mark.parametrize("chunk_size", [0, -5, 2.5, True])
+@pytest.mark.parametrize("fn", ["logprobs", "divergence"])
+def test_bad_chunk_size_is_named(fn, chunk_size):
+    # chunk_size=-5 used to skip the chunk loop: fused_linear_divergence returned zeros, logprobs uninitialised memory
+    hidden, weight, targets = _lp_inputs()
+    with pytest.raises(ValueError, match="chunk_size"):
+        if fn == "logprobs":
+            fused_linear_logprobs(hidden, weight, targets, impl="torch", chunk_size=chunk_size)
+        else:
+            fused_linear_divergence(hidden, weight, hidden, weight, impl="torch", chunk_size=chunk_size)
+
+
+def test_triton_on_cpu_tensors_is_a_named_error(monkeypatch):
+    # without the check Triton failed in its launcher with "0 active drivers ([])"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hidden, weight, targets = (t.cpu() for t in _lp_inputs())  # CPU even when VOLD_TEST_DEVICE=cuda
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        fused_linear_logprobs(hidden, weight, targets, impl="triton")

@@ -6,6 +6,7 @@ argument's name in the message, so a caller never gets a silent wrong number.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -113,6 +114,21 @@ def resolve_vocab(student_weight: torch.Tensor, teacher_weight: torch.Tensor | N
             f"vocab_size={vocab_size} must be in [1, min(student V={v_student}, teacher V={v_teacher})]"
         )
     return vocab_size
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    """``chunk_size`` is None (the default size) or a positive int: 0 or a negative count used to fall back to the
+    default or to 1 row, or (negative, in ``fused_linear_divergence``) to skip the chunk loop and return zeros."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be None or a positive int (rows per chunk), got {chunk_size!r}")
+
+
+def check_finite_scalar(name: str, value: float) -> None:
+    """A loss coefficient must be a finite number: a NaN or inf one makes the loss NaN/inf silently."""
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
 
 
 def check_positive(name: str, value: float) -> None:

@@ -128,6 +128,7 @@ def fused_linear_divergence(
     t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
     s_bias = None if student_bias is None else student_bias[:vocab]
     t_bias = None if teacher_bias is None else teacher_bias[:vocab].detach()
+    checks.check_chunk_size(chunk_size)
     chunk = chunk_size or default_chunk_size(vocab, s_hidden.device)
     chunk = max(1, chunk)
     out = FusedLinearDivergenceFunction.apply(

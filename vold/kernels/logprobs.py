@@ -105,6 +105,7 @@ def fused_linear_logprobs(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
     weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    checks.check_chunk_size(chunk_size)
     chunk = chunk_size or default_chunk_size(vocab, hidden.device)
     spec = ChunkSpec(inv_temperature=1.0 / temperature, need_entropy=return_entropy, shard=shard)
     chunk = max(1, chunk)

@@ -234,6 +234,9 @@ def vold_loss(
         raise ValueError(f"epsilon_low/epsilon_high must be >= 0, got {epsilon_low}, {epsilon_high}")
     if clip_ratio_c is not None and not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {clip_ratio_c}")
+    for name, value in (("ref_kl_coef", ref_kl_coef), ("distill_coef", distill_coef), ("entropy_coef", entropy_coef)):
+        checks.check_finite_scalar(name, value)
+    checks.check_chunk_size(chunk_size)
     student_transform = logit_transform("student_", student_logit_scale, student_final_logit_softcapping)
     teacher_transform = logit_transform("teacher_", teacher_logit_scale, teacher_final_logit_softcapping)
     checks.check_linear_head("student_", student_hidden, student_weight, student_bias, finite=check_finite)
@@ -271,7 +274,7 @@ def vold_loss(
     checks.check_targets(targets, token_shape, global_vocab)
     if mask is None:
         mask = torch.ones(token_shape, device=student_hidden.device)
-    checks.check_same_shape("mask", mask, token_shape)
+    checks.check_same_shape("mask", mask, token_shape, finite=check_finite)
     for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
                         ("teacher_logprobs", teacher_logprobs)):
         checks.check_same_shape(name, value, token_shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -63,6 +64,10 @@ def get_engine(
                          "(or 'torch_compile', or 'auto') for float64 math end to end")
     if impl not in ENGINES:
         raise ValueError(f"impl={impl!r} is not one of ('auto', 'torch', 'torch_compile', 'triton')")
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        # without this, Triton fails deep in its launcher with "0 active drivers ([])"
+        raise ValueError(f"impl='triton' needs CUDA tensors, got {device.type} ones; use impl='auto' or 'torch' "
+                         "(or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)")
     return ENGINES[impl](chunk_size)
 
 
