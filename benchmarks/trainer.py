@@ -7,8 +7,8 @@ second one (another seed) as teacher, and the same rollout batch: ``--batch`` co
 ``--prompt-len``-token prompt, random token ids, every completion token unmasked, random advantages, on-policy
 (no old log-probs: one update per rollout batch, ratio = 1). Generation is excluded: the rollouts are inputs.
 The objective is the same in rows (a)-(c): GRPO's clipped loss (eps 0.2 / 0.3, loss_type "dapo", no
-reference KL) + ``--distill-coef`` (0.1) x exact reverse KL(student || teacher) per token; row (d) is the
-distillation term alone (DistillationTrainer has no policy term). One timed step of a row is:
+reference KL) + ``Settings.distill_coef`` (0.1; no command-line flag) x exact reverse KL(student || teacher)
+per token; row (d) is the distillation term alone (DistillationTrainer has no policy term). One timed step of a row is:
 
 (a) vold_train   ``vold train``'s update: the calls ``vold.rl.add_scores`` makes for the teacher
                  (``vold.scoring.score``, no grad: its hidden states for "full", log-probs for k2) then
