@@ -191,3 +191,15 @@ def test_validate_checks_assignments_again():
         validate(cfg)  # ... validate() checks the whole config again
     cfg.rollout.top_p = 0.5
     assert validate(cfg) == cfg
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+    # a YAML syntax error used to reach the CLI as a multi-line yaml.ParserError traceback
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: [\n")
+    with pytest.raises(ValueError, match=r"bad.yaml line 3, column 1: not valid YAML \(expected the node content"):
+        load_config(path)
+    with pytest.raises(ValueError, match="config file not found: .*nothere.yaml"):
+        load_config(tmp_path / "nothere.yaml")
+    with pytest.raises(ValueError, match=r"config file not found: .* \(a folder\)"):
+        load_config(tmp_path)

@@ -649,8 +649,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a YAML file (or start from the defaults when ``path`` is None), then apply ``overrides``."""
     values: dict[str, Any] = {}
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
+        if not Path(path).is_file():
+            raise ValueError(f"config file not found: {path}" + (" (a folder)" if Path(path).is_dir() else ""))
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:  # one line, as every other user error (the CLI used to print a traceback)
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{path}{where}: not valid YAML ({problem})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: the top level of a config file must be a mapping")
     return config_from_dict(values, overrides)
