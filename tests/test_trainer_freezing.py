@@ -361,6 +361,26 @@ def test_default_lora_student_in_train_mode_is_the_merged_policy(tiny):
     assert not torch.allclose(logps[0.5][0], logps[0.5][1], atol=1e-3)
 
 
+def test_adapter_folder_without_lora_enabled_loads_a_trainable_merged_student(tiny, tmp_path):
+    """An adapter folder (a LoRA run's final/) read without model.lora.enabled, as `vold train` after a LoRA
+    `vold sft` and `vold eval` do, is merged into a fully trainable student (it used to come back with every
+    weight frozen by PEFT: "leave no trainable parameter in the student")."""
+    pytest.importorskip("peft")
+    cfg = load_config(CONFIG, [*tiny_overrides(tiny, "unused"), "model.lora.enabled=true"])
+    student, processor = student_from_config(cfg.model, torch.device("cpu"))
+    lora_wrapper(student).save_pretrained(tmp_path / "adapter")
+    processor.save_pretrained(tmp_path / "adapter")  # as the trainer's checkpoints and final/ hold it
+    assert is_adapter_folder(tmp_path / "adapter")
+    plain = load_config(CONFIG, tiny_overrides(tiny, "unused"))
+    merged, _ = student_from_config(plain.model, torch.device("cpu"), path=str(tmp_path / "adapter"))
+    assert lora_wrapper(merged) is None
+    base = load_student(str(tiny["student"]), dtype="float32", device="cpu", attn_implementation="sdpa")
+    assert parameter_counts(merged) == parameter_counts(base) and parameter_counts(merged)[1] == 0
+    frozen = load_config(CONFIG, [*tiny_overrides(tiny, "unused"), "model.freeze_vision_tower=true"])
+    merged, _ = student_from_config(frozen.model, torch.device("cpu"), path=str(tmp_path / "adapter"))
+    assert all(p.requires_grad == (parameter_part(n) != "vision_tower") for n, p in merged.named_parameters())
+
+
 def test_lora_student_refuses_trainable_base_weights(tiny):
     """model.trainable may not unfreeze a LoRA student's base weights: the adapter checkpoints (PEFT's
     adapter_model.safetensors) hold the lora_* tensors only, so that training would be lost on save/resume."""

@@ -111,6 +111,11 @@ def load_student(path: str, *, dtype: str | torch.dtype = "bfloat16", device: st
         model = _unwrap(wrapper) if trainable_adapter else wrapper.merge_and_unload()
         if not trainable_adapter:
             model.__dict__.pop("_vold_peft", None)
+            # PEFT froze every base weight (is_trainable=False); merged, the model is a plain student again, as
+            # trainable as a freshly loaded one (apply_freezing then applies model.freeze_*). Without this,
+            # `vold train` after a LoRA `vold sft` and `vold eval` of an adapter folder failed: "no trainable
+            # parameter".
+            model.requires_grad_(True)
     set_gradient_checkpointing(model, gradient_checkpointing)
     return model.train()
 
@@ -462,8 +467,12 @@ def apply_freezing(model: torch.nn.Module, mc: ModelConfig, *,
                              f"with model.lora.enabled only the adapters train")
     trainable, frozen = parameter_counts(model)
     if trainable == 0:
-        raise ValueError(f"{', '.join(keys[k] for k, _ in switches if getattr(mc, k)) or 'model.frozen'} "
-                         f"(with model.frozen={list(mc.frozen)}) leave no trainable parameter in the student")
+        culprits = [keys[k] for k, _ in switches if getattr(mc, k)] + (["model.frozen"] if mc.frozen else [])
+        if not culprits:  # nothing the config asked for: the weights came in frozen
+            raise ValueError("the student has no trainable parameter (every weight was loaded with "
+                             "requires_grad=False) and no model.freeze_*/model.frozen key is set")
+        raise ValueError(f"{', '.join(culprits)} (with model.frozen={list(mc.frozen)}) leave no trainable "
+                         f"parameter in the student")
     return trainable, frozen
 
 
