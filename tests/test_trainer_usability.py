@@ -122,6 +122,10 @@ def test_empty_inputs_are_errors_naming_the_file(tiny, tmp_path, capsys, user):
     assert f"{one}: 1 rows, but data.batch_size=2" in error_line(capsys)
     assert vold("sft", tiny, out, f"sft.train_files=[{empty}]") == 2
     assert f"{empty}: empty (no rows), but one sft step" in error_line(capsys)
+    # no sft.train_files and no make-traces output yet: say which command writes it
+    assert vold("sft", tiny, out, "sft.train_files=[]") == 2
+    line = error_line(capsys)
+    assert "traces.jsonl (sft.train_files is empty" in line and "run `vold make-traces`" in line
     assert not out.exists()  # nothing was written: no folder holding only a config
 
 

@@ -74,6 +74,10 @@ def train_sft(cfg: Config) -> Path:
     sc, data = cfg.sft, cfg.data
     # every check on the user's input comes before the run folder is written (Stage.open)
     files = sc.train_files or [str(traces_file(cfg))]
+    if not sc.train_files and not Path(files[0]).exists():
+        raise FileNotFoundError(f"data file not found: {files[0]} (sft.train_files is empty, so vold sft reads "
+                                f"vold make-traces' output: run `vold make-traces` with this config first, or set "
+                                f"sft.train_files)")
     examples = load_examples(files, image_root=data.image_root, check_images=data.check_images,
                              prompt_column=data.prompt_column, answer_column=data.answer_column,
                              required=(sc.response_column,))
