@@ -98,6 +98,24 @@ def apply(x: int, op: str, y: int) -> int:
     return x + y if op == "+" else x - y if op == "-" else x * y
 
 
+def facts() -> list[tuple[int, str, int]]:
+    """Every one-operation problem ``x o y`` that occurs as a step of some problem (1125 of them), in a
+    fixed order: the primitive operations the student's language model learns in its text pre-training."""
+    seen = {(x, op, y) for p in all_problems() for x, op, y, _ in p.steps()}
+    return sorted(seen, key=lambda f: (OPS.index(f[1]), f[0], f[2]))
+
+
+def fact_rows() -> list[dict]:
+    """Text rows of the primitive operations, answered directly: ``4*2\nSolve.`` -> ``4*2=\\boxed{8}``."""
+    rows = []
+    for x, op, y in facts():
+        text, answer = f"{x}{op}{y}", apply(x, op, y)
+        rows.append({"prompt": f"{text}\n{INSTRUCTION}", "answer": str(answer),
+                     "teacher_prompt": f"{text}\n{INSTRUCTION}", "data_source": "arith_fact",
+                     "response": f"{text}=\\boxed{{{answer}}}"})
+    return rows
+
+
 def all_problems() -> list[Problem]:
     """Every valid problem (at most one ``*``, no negative intermediate result), in a fixed order."""
     out = []
