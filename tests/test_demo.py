@@ -29,7 +29,7 @@ def test_task_solutions_renders_and_splits():
     for q in problems:  # Python's precedence; no negative intermediate result; at most one product
         assert q.answer == eval(q.text) and all(r >= 0 for *_, r in q.steps()) and q.text.count("*") <= 1
     facts = fact_rows()  # the student LM's pre-training: every operation that is a step of some problem, answered
-    assert len(facts) == 1125 and {"4*2=\\boxed{8}", "81+9=\\boxed{90}"} <= {row["response"] for row in facts}
+    assert len(facts) == 1125 and {"4*2=8", "81+9=90"} <= {row["response"] for row in facts}
     assert all(q.solution().count("\n") == 3 for q in problems[:5])
     sample = problems[::113]  # the reward (math-verify) reads the solution's answer, and not the direct one's wrong
     assert accuracy_reward([q.solution() for q in sample], [str(q.answer) for q in sample]) == [1.0] * len(sample)
@@ -161,9 +161,9 @@ def test_demo_quick_end_to_end_then_cached(tmp_path, capsys):
             assert all(math.isfinite(m["distill_kl"]) and m["distill_kl"] >= 0 for m in metrics)
         assert (run / "config.yaml").is_file() and (seed / arm.key / "eval" / "summary.json").is_file()
     train_images = [json.loads(line) for line in (out / "data" / "train_image.jsonl").read_text().splitlines()]
-    assert all("image" in row and row["prompt"] == "\nSolve." for row in train_images)
+    assert all("image" in row and row["prompt"] == "Solve." for row in train_images)
     perception = [json.loads(line) for line in (out / "data" / "perception.jsonl").read_text().splitlines()]
-    assert any(row["prompt"] == "\nRead." and row["response"] == row["teacher_prompt"].split("\n")[0]
+    assert any(row["prompt"] == "Read." and row["response"] == row["teacher_prompt"].split("\n")[0]
                for row in perception)  # the read prompt: image -> the problem's characters
     image_rows = [json.loads(line) for line in (out / "data" / "image.jsonl").read_text().splitlines()]
     assert all("image" in row and row["teacher_prompt"].endswith("Solve.") for row in image_rows)

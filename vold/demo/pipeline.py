@@ -473,7 +473,7 @@ def run_demo(dc: DemoConfig, output: str | Path, *, cache_dir: str | Path | None
                                "caption_reward_threshold": dc.sophia_alpha,
                                "caption_prompt": image_prompt(READ_INSTRUCTION),
                                "caption_max_new_tokens": 12, "caption_temperature": 1.0,  # ~6 characters
-                               "teacher_prompt_template": "{caption}{question}",
+                               "teacher_prompt_template": "{caption}\n{question}",
                                "trace_max_new_tokens": dc.max_new_tokens, "trace_temperature": dc.trace_temperature,
                                "trace_top_p": dc.trace_top_p, "response_separator": "\n",
                                "importance_weighting": "none", "batch_size": dc.sophia_batch,

@@ -34,6 +34,7 @@ from PIL import Image
 OPS = "+-*"
 INSTRUCTION = "Solve."  # after the problem (text) or after the image
 READ_INSTRUCTION = "Read."  # after the image: transcribe it (the perception stage; SOPHIA's caption prompt)
+COMPUTE_INSTRUCTION = "Compute."  # after one operation (text): its result (the student LM's pre-training)
 
 # 5 x 7 glyphs ('#' = ink)
 GLYPHS = {
@@ -106,13 +107,13 @@ def facts() -> list[tuple[int, str, int]]:
 
 
 def fact_rows() -> list[dict]:
-    """Text rows of the primitive operations, answered directly: ``4*2\nSolve.`` -> ``4*2=\\boxed{8}``."""
+    """Text rows of the primitive operations: ``4*2\nCompute.`` -> ``4*2=8`` (the form a step line has)."""
     rows = []
     for x, op, y in facts():
         text, answer = f"{x}{op}{y}", apply(x, op, y)
-        rows.append({"prompt": f"{text}\n{INSTRUCTION}", "answer": str(answer),
-                     "teacher_prompt": f"{text}\n{INSTRUCTION}", "data_source": "arith_fact",
-                     "response": f"{text}=\\boxed{{{answer}}}"})
+        prompt = f"{text}\n{COMPUTE_INSTRUCTION}"
+        rows.append({"prompt": prompt, "answer": str(answer), "teacher_prompt": prompt, "data_source": "arith_fact",
+                     "response": f"{text}={answer}"})
     return rows
 
 
@@ -164,7 +165,10 @@ def text_prompt(p: Problem) -> str:
 
 
 def image_prompt(instruction: str = INSTRUCTION) -> str:
-    return f"\n{instruction}"  # the image takes the problem's place, before this text
+    """The text after the image. The image takes the problem's place and its end marker (``<|vision_end|>``)
+    the line break's, so the k-th character of the problem is as far from the instruction (and from the
+    answer) as in the text prompt ``3+4*2\nSolve.``: a copy learnt on text reads the image the same way."""
+    return instruction
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
