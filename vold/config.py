@@ -24,6 +24,28 @@ from vold.kernels.policy_loss import DISTILL_ESTIMATORS, IS_LEVELS, KL_ESTIMATOR
 
 
 @dataclass
+class LoraSettings:
+    """``model.lora.*``: LoRA adapters on the student through the ``peft`` library (``pip install peft``).
+
+    The adapted student computes ``W x + (alpha / r) B A x`` for each target linear layer (Hu et al. 2021;
+    ``A [r, in]``, ``B [out, r]``, B starts at 0); only A and B train, the base weights (the lm_head
+    included: the fused losses read its frozen weight) stay as loaded. Rollouts see the merged weights
+    ``W + (alpha / r) B A`` (HF generate runs the adapted modules, vLLM receives merged tensors); checkpoints
+    and ``final/`` hold the adapter (``adapter_config.json``, ``adapter_model.safetensors``, PEFT's layout).
+    """
+
+    enabled: bool = False
+    r: int = 16  # TRL's ModelConfig.lora_r
+    alpha: float = 32.0  # lora_alpha
+    dropout: float = 0.05  # lora_dropout
+    # module names (peft target_modules: exact suffixes) in the language model; default: the attention and MLP
+    # projections of Qwen/Llama blocks. The vision tower gets adapters only when it is not frozen.
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    save_merged: bool = False  # final/merged: also the merged full model (save_pretrained), loadable without peft
+
+
+@dataclass
 class ModelConfig:
     """Student (a VLM, or any causal LM) and teacher (a text causal LM): local paths or hub ids."""
 
@@ -44,6 +66,18 @@ class ModelConfig:
     min_pixels: int | None = None  # image processor resolution bounds (Qwen2-VL style)
     max_pixels: int | None = None
     teacher_offload: bool = False  # keep the teacher on the CPU, on the device only while it scores
+    # which student parameters train (vold.models.apply_freezing; sft, train and sophia). A VLM has three parts:
+    # the vision tower (Qwen2.5-VL: visual.patch_embed + visual.blocks), the projector (visual.merger) and the
+    # language model (embeddings, decoder, lm_head). Frozen parameters get no gradient, no optimizer state and
+    # no DDP/ZeRO traffic, and are saved unchanged.
+    freeze_vision_tower: bool = False
+    freeze_projector: bool = False
+    freeze_language_model: bool = False
+    # regular expressions (re.search) on parameter names, applied after the three switches: "frozen" freezes
+    # what it matches, then "trainable" unfreezes what it matches (e.g. freeze_language_model + trainable=[lm_head])
+    frozen: list[str] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -108,6 +142,10 @@ class LossConfig:
     distill_on_wrong_only: bool = True  # distill_mask = 1 - r with r the correctness reward in [0, 1]
     distill_mask_reward: str = "accuracy"  # which reward function gives that r
     scale_rewards: str = "group"  # group: (r - mean) / (std + eps); none: r - mean (Dr. GRPO)
+    # TRL's name (DAPO's overlong filtering, Yu et al. 2025 §3.4): a completion that hit rollout.max_new_tokens
+    # without EOS gets mask 0 in the loss (no policy gradient, no KL terms) and leaves the normalisation counts
+    # (tokens, sequences); it still counts in its group's reward statistics and in every logged metric
+    mask_truncated_completions: bool = False
     impl: str = "auto"  # kernels engine: auto | torch | torch_compile | triton
     chunk_size: int | None = None
 
@@ -118,6 +156,9 @@ class RewardConfig:
 
     functions: list[str] = field(default_factory=lambda: ["accuracy"])
     weights: list[float] | None = None  # one per function; default all 1
+    # L_cache of the built-in "soft_overlong" reward (DAPO §3.4; TRL's soft_punish_cache): completions longer than
+    # rollout.max_new_tokens - overlong_cache lose up to 1 linearly; L_max is rollout.max_new_tokens
+    overlong_cache: int = 0
 
 
 @dataclass
@@ -129,8 +170,11 @@ class OptimConfig:
     adam_eps: float = 1e-8
     lr_scheduler: str = "constant"  # constant | linear | cosine (all after warmup)
     warmup_steps: int = 0  # in optimizer updates (ppo_epochs * minibatches per training step)
+    min_lr_ratio: float = 0.0  # linear/cosine decay to min_lr_ratio * lr
     max_steps: int = 1000  # training steps (one rollout batch each)
-    grad_accum: int = 1  # micro-batches per minibatch (memory only: the update is the same)
+    # micro-batches per minibatch: memory only, the update is the same for every loss type (dapo and bnpo
+    # divide by the minibatch's token count, grpo/dr_grpo weight each micro-batch by its share of the sequences)
+    grad_accum: int = 1
     max_grad_norm: float = 1.0  # 0 disables clipping
     ppo_epochs: int = 1  # passes over each rollout batch
     minibatches: int = 1  # optimizer steps per pass
@@ -178,10 +222,15 @@ class SFTConfig:
     lr_scheduler: str = "cosine"  # constant | linear | cosine (after warmup)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # linear/cosine decay to min_lr_ratio * lr
+    weight_decay: float | None = None  # AdamW's (matrices only); None: optim.weight_decay
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     max_length: int = 2048  # prompt + response tokens; longer responses are cut
     packing: bool = False  # each micro-batch as one row of real tokens (see optim.packing)
+    # this stage's freezing switches; None: model.freeze_* (e.g. RL with cold start freezes the ViT for SFT only)
+    freeze_vision_tower: bool | None = None
+    freeze_projector: bool | None = None
+    freeze_language_model: bool | None = None
 
 
 @dataclass
@@ -221,6 +270,8 @@ class SophiaConfig:
     lr: float = 1e-6
     lr_scheduler: str = "constant"  # constant | linear | cosine (after warmup)
     warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # linear/cosine decay to min_lr_ratio * lr (the paper: 0.25)
+    weight_decay: float | None = None  # AdamW's (matrices only); None: optim.weight_decay
     max_length: int = 8192  # prompt + response tokens of the update; longer responses are cut
 
 
@@ -475,8 +526,21 @@ def validate(cfg: Config) -> Config:
                        ("sophia.trace_top_p", cfg.sophia.trace_top_p)):
         if not 0.0 < value <= 1.0:
             raise ValueError(f"config key '{key}' must be in (0, 1], got {value}")
-    if not 0.0 <= cfg.sft.min_lr_ratio <= 1.0:
-        raise ValueError(f"config key 'sft.min_lr_ratio' must be in [0, 1], got {cfg.sft.min_lr_ratio}")
+    for key, value in (("optim.min_lr_ratio", cfg.optim.min_lr_ratio), ("sft.min_lr_ratio", cfg.sft.min_lr_ratio),
+                       ("sophia.min_lr_ratio", cfg.sophia.min_lr_ratio)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"config key '{key}' must be in [0, 1], got {value}")
+    for key, value in (("optim.weight_decay", cfg.optim.weight_decay), ("sft.weight_decay", cfg.sft.weight_decay),
+                       ("sophia.weight_decay", cfg.sophia.weight_decay)):
+        if value is not None and value < 0:
+            raise ValueError(f"config key '{key}' must be >= 0, got {value}")
+    lora = cfg.model.lora
+    if lora.enabled:
+        if lora.r < 1 or not lora.alpha > 0 or not 0.0 <= lora.dropout < 1.0:
+            raise ValueError(f"model.lora needs r >= 1, alpha > 0 and dropout in [0, 1), got r={lora.r}, "
+                             f"alpha={lora.alpha}, dropout={lora.dropout}")
+        if not lora.target_modules:
+            raise ValueError("config key 'model.lora.target_modules' must name at least one module")
     for key, value in (("optim.warmup_steps", cfg.optim.warmup_steps), ("sft.warmup_steps", cfg.sft.warmup_steps),
                        ("traces.min_tokens", cfg.traces.min_tokens), ("sophia.warmup_steps", cfg.sophia.warmup_steps)):
         if value < 0:

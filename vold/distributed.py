@@ -415,11 +415,12 @@ class Runtime:
             state["optimizer"] = optimizer.state_dict()
         self.save_checkpoint(run, step, processor, state, keep_last=checkpoint_cfg.keep_last)
 
-    def finish(self, processor: Any, run: Path, logger: Any, stage: str, step: int) -> Path:
-        """Close the logger, save the final model to ``run/final`` and release the process group."""
+    def finish(self, processor: Any, run: Path, logger: Any, stage: str, step: int, *, merged: bool = False) -> Path:
+        """Close the logger, save the final model to ``run/final`` (``merged``: a LoRA student's merged weights
+        in ``final/merged`` too) and release the process group."""
         if logger is not None:
             logger.close()
-        final = self.save_model(processor, run / "final")
+        final = self.save_model(processor, run / "final", merged=merged)
         if self.is_main:
             print(f"{stage}: {step} steps -> {final}")
         self.close()
@@ -463,10 +464,10 @@ class Runtime:
         else:
             set_rng_state(state["rng"])
 
-    def save_model(self, processor: Any, path: Path) -> Path:
+    def save_model(self, processor: Any, path: Path, *, merged: bool = False) -> Path:
         """The final model (``save_pretrained``), written by rank 0; every rank returns after it exists."""
         with self.full_parameters():
             if self.is_main:
-                save_model(self.model, processor, path)
+                save_model(self.model, processor, path, merged=merged)
         self.barrier()
         return path

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from vold.config import ModelConfig
+from vold.config import LoraSettings, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,10 +97,20 @@ def _load(path: str, vision: bool | None, *, dtype: str | torch.dtype, device: s
 
 def load_student(path: str, *, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "auto",
                  attn_implementation: str = "auto", local_files_only: bool = False, trust_remote_code: bool = False,
-                 gradient_checkpointing: bool = False) -> PreTrainedModel:
-    """The trainable student: a VLM (Qwen2.5-VL) or, for a text-only config, a causal LM."""
-    model = _load(path, None, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                  local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+                 gradient_checkpointing: bool = False, trainable_adapter: bool = False) -> PreTrainedModel:
+    """The trainable student: a VLM (Qwen2.5-VL) or, for a text-only config, a causal LM.
+
+    A LoRA adapter folder (:func:`is_adapter_folder`) loads its base model and the adapter on top: kept as a
+    trainable adapter with ``trainable_adapter`` (:func:`lora_wrapper`), else merged into the weights."""
+    adapter = is_adapter_folder(path)
+    model = _load(adapter_base(path) if adapter else path, None, dtype=dtype, device=device,
+                  attn_implementation=attn_implementation, local_files_only=local_files_only,
+                  trust_remote_code=trust_remote_code)
+    if adapter:
+        wrapper = _peft().PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
+        model = _unwrap(wrapper) if trainable_adapter else wrapper.merge_and_unload()
+        if not trainable_adapter:
+            model.__dict__.pop("_vold_peft", None)
     set_gradient_checkpointing(model, gradient_checkpointing)
     return model.train()
 
@@ -287,17 +299,212 @@ def check_vocab_compatible(student: PreTrainedModel, teacher: PreTrainedModel, v
 # ---- from a run config -----------------------------------------------------------------------------
 
 def student_from_config(mc: ModelConfig, device: torch.device, path: str | None = None) -> tuple[PreTrainedModel, Any]:
-    """The student (``path`` or ``mc.student``) in training mode and its processor (or tokenizer)."""
+    """The student (``path`` or ``mc.student``) in training mode and its processor (or tokenizer), with
+    ``model.lora`` adapters (:func:`add_lora`) and ``model.freeze_*``/``frozen``/``trainable`` applied
+    (:func:`apply_freezing`).
+
+    ``path`` may be a LoRA adapter folder (a checkpoint's or ``final/`` of a LoRA run, :func:`is_adapter_folder`):
+    its base model is loaded and, with ``model.lora.enabled``, the adapter goes on training (resume); without,
+    it is merged into the base weights."""
     path = path or mc.student
     if not path:
         raise ValueError("no student model: set model.student (a local folder or a hub id)")
     model = load_student(path, dtype=mc.dtype, device=device, attn_implementation=mc.attn_implementation,
                          local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code,
-                         gradient_checkpointing=mc.gradient_checkpointing)
+                         gradient_checkpointing=mc.gradient_checkpointing, trainable_adapter=mc.lora.enabled)
+    if mc.lora.enabled and lora_wrapper(model) is None:
+        model = add_lora(model, mc.lora, freeze_vision_tower=mc.freeze_vision_tower)
+    apply_freezing(model, mc)
     processor = load_processor(mc.student_tokenizer or path, vision=is_vision_config(model.config),
                                local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code,
                                min_pixels=mc.min_pixels, max_pixels=mc.max_pixels)
     return model, processor
+
+
+# ---- which parameters train: freezing --------------------------------------------------------------
+
+def parameter_part(name: str) -> str:
+    """``"vision_tower"``, ``"projector"`` or ``"language_model"``: the part of a VLM a parameter belongs to.
+
+    Qwen2-VL/Qwen2.5-VL (transformers 5: ``model.visual.*``, 4.x: ``visual.*``): the projector is the vision
+    tower's ``merger`` (patch merger + MLP into the LLM's width), the tower is the rest of ``visual``
+    (``patch_embed``, ``blocks``); everything else (embeddings, decoder, final norm, lm_head) is the language
+    model. LoRA parameters belong to the part of the layer they adapt."""
+    if re.search(r"(^|\.)visual\.merger\.", name):
+        return "projector"
+    if re.search(r"(^|\.)visual\.", name):
+        return "vision_tower"
+    return "language_model"
+
+
+def apply_freezing(model: torch.nn.Module, mc: ModelConfig) -> tuple[int, int]:
+    """Set ``requires_grad`` from ``model.freeze_vision_tower``/``freeze_projector``/``freeze_language_model``,
+    then ``model.frozen`` (freeze the parameters whose name matches, ``re.search``), then ``model.trainable``
+    (unfreeze what matches). Parameters already frozen (LoRA's base weights) stay frozen unless ``trainable``
+    names them. Returns ``(trainable, frozen)`` element counts (:func:`parameter_counts`).
+
+    A frozen parameter has ``requires_grad=False``: ``make_optimizer`` gives it no AdamW state, autograd no
+    ``.grad``, DDP no bucket and ZeRO no partition, and it is saved as loaded.
+
+    Raises ``ValueError`` (naming the key) when a vision switch is set for a model without a vision tower,
+    a pattern matches no parameter, or nothing is left to train."""
+    names = [name for name, _ in model.named_parameters()]
+    parts = {name: parameter_part(name) for name in names}
+    switches = (("freeze_vision_tower", "vision_tower"), ("freeze_projector", "projector"),
+                ("freeze_language_model", "language_model"))
+    frozen_parts = set()
+    for key, part in switches:
+        if getattr(mc, key):
+            if part not in parts.values():
+                raise ValueError(f"model.{key}=true but the student has no {part.replace('_', ' ')} parameters "
+                                 f"(a text-only model?)")
+            frozen_parts.add(part)
+    patterns = {}
+    for key in ("frozen", "trainable"):
+        compiled = []
+        for pattern in getattr(mc, key):
+            try:
+                regex = re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"model.{key}: {pattern!r} is not a regular expression ({error})") from None
+            if not any(regex.search(name) for name in names):
+                raise ValueError(f"model.{key}: {pattern!r} matches no parameter of the student "
+                                 f"(names look like {names[0]!r}, {names[-1]!r})")
+            compiled.append(regex)
+        patterns[key] = compiled
+    for name, param in model.named_parameters():
+        train = param.requires_grad and parts[name] not in frozen_parts
+        if any(regex.search(name) for regex in patterns["frozen"]):
+            train = False
+        if any(regex.search(name) for regex in patterns["trainable"]):
+            train = True
+        param.requires_grad_(train)
+    trainable, frozen = parameter_counts(model)
+    if trainable == 0:
+        raise ValueError("model.freeze_* / model.frozen leave no trainable parameter in the student")
+    return trainable, frozen
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, frozen)`` numbers of elements (tied tensors counted once)."""
+    trainable = frozen = 0
+    for param in model.parameters():  # parameters() yields a shared (tied) tensor once
+        if param.requires_grad:
+            trainable += param.numel()
+        else:
+            frozen += param.numel()
+    return trainable, frozen
+
+
+def parameter_summary(model: torch.nn.Module, stage: str) -> str:
+    """One line for the start of a stage: trainable and frozen parameter counts (and LoRA's rank)."""
+    trainable, frozen = parameter_counts(model)
+    total = trainable + frozen
+    wrapper = lora_wrapper(model)
+    lora = f", LoRA r={wrapper.peft_config['default'].r}" if wrapper is not None else ""
+    return (f"{stage}: {trainable:,} trainable parameters ({100 * trainable / max(total, 1):.2f}%), "
+            f"{frozen:,} frozen{lora}")
+
+
+# ---- LoRA (peft) ------------------------------------------------------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError as error:
+        raise ImportError("model.lora.enabled=true needs the peft library: pip install peft "
+                          "(or pip install 'vold[lora]')") from error
+    return peft
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """A local folder with a PEFT adapter (``adapter_config.json``) and no full model (``config.json``)."""
+    path = Path(path)
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model of an adapter folder (``base_model_name_or_path`` of its ``adapter_config.json``)."""
+    base = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path}/{ADAPTER_CONFIG} names no base_model_name_or_path")
+    return str(base)
+
+
+def base_model_path(path: str) -> str:
+    """``path``, or the base model of an adapter folder (what vLLM loads before the merged weights arrive)."""
+    return adapter_base(path) if is_adapter_folder(path) else path
+
+
+def lora_wrapper(model: torch.nn.Module) -> Any:
+    """The ``peft.PeftModel`` around a student with LoRA adapters, or None.
+
+    The trainer runs the inner transformers model (its ``base_model`` gives the hidden states and its
+    ``lm_head`` weight the fused losses); the wrapper, kept in the model's ``__dict__`` (not a submodule,
+    so ``named_parameters`` and ``state_dict`` do not see it twice), saves and merges the adapter."""
+    return model.__dict__.get("_vold_peft")
+
+
+def _unwrap(wrapper: Any) -> PreTrainedModel:
+    model = wrapper.get_base_model()
+    model.__dict__["_vold_peft"] = wrapper
+    return model
+
+
+def add_lora(model: PreTrainedModel, lora: LoraSettings, *, freeze_vision_tower: bool = False) -> PreTrainedModel:
+    """LoRA adapters (``r``, ``alpha``, ``dropout``, ``target_modules``) on ``model`` through ``peft``; returns the
+    adapted transformers model (its base weights frozen, the adapters trainable; :func:`lora_wrapper` gives the
+    ``PeftModel``). With ``freeze_vision_tower`` the vision tower (``visual.*``) gets no adapters."""
+    peft = _peft()
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.target_modules),
+                             exclude_modules=r".*visual\.(patch_embed|blocks).*" if freeze_vision_tower else None)
+    try:
+        wrapper = peft.get_peft_model(model, config)
+    except ValueError as error:
+        raise ValueError(f"model.lora.target_modules={lora.target_modules}: {error}") from None
+    return _unwrap(wrapper)
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The student's weights as a plain transformers model would hold them: for a LoRA student each adapted
+    ``W`` is ``W + (alpha / r) B A`` (``peft``'s ``get_delta_weight``) under its original name, the adapter
+    tensors left out; without LoRA, ``model.state_dict()``. Detached, no copy of unadapted tensors."""
+    wrapper = lora_wrapper(model)
+    if wrapper is None:
+        return model.state_dict()
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            weight = base.weight.detach()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            out[f"{name}.weight"] = weight
+            if getattr(base, "bias", None) is not None:
+                out[f"{name}.bias"] = base.bias.detach()
+    for key, value in model.state_dict().items():
+        if "lora_" not in key and ".base_layer." not in key:
+            out.setdefault(key, value)
+    return out
+
+
+def merged_copy(model: torch.nn.Module) -> PreTrainedModel:
+    """A plain transformers model with the LoRA adapters merged (a deep copy: ``model`` keeps training)."""
+    import copy
+
+    wrapper = lora_wrapper(model)
+    if wrapper is None:
+        return model
+    merged = copy.deepcopy(wrapper).merge_and_unload()
+    merged.__dict__.pop("_vold_peft", None)  # the copy's link to its (now spent) wrapper
+    return merged
 
 
 def teacher_from_config(mc: ModelConfig, device: torch.device) -> tuple[PreTrainedModel, Any]:

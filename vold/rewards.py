@@ -3,12 +3,14 @@
 Reward functions follow TRL's signature: ``fn(prompts, completions, **columns) -> list[float | None]``
 with one entry per completion and the dataset columns (``answer``, ``data_source``, ...) as
 keyword lists aligned with ``completions``; ``None`` means "does not apply" (ignored when combining).
-Built-ins: ``accuracy`` (math equivalence of the last ``\\boxed{}`` with ``answer``, via math-verify)
-and ``format`` (a non-empty ``\\boxed{}`` is present). Plugins are named ``"module:function"``.
+Built-ins: ``accuracy`` (math equivalence of the last ``\\boxed{}`` with ``answer``, via math-verify),
+``format`` (a non-empty ``\\boxed{}`` is present) and ``soft_overlong`` (DAPO's length penalty, from the
+``completion_ids`` that ``vold train`` passes as TRL does). Plugins are named ``"module:function"``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import re
@@ -109,7 +111,34 @@ def format_reward(completions: Sequence[str], **_: Any) -> list[float | None]:
     return [1.0 if (extract_boxed(c) or "").strip() else 0.0 for c in completions]
 
 
-BUILTIN_REWARDS: dict[str, RewardFunction] = {"accuracy": accuracy_reward, "format": format_reward}
+def soft_overlong_penalty(lengths: Sequence[int], *, max_length: int, cache: int) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, §3.4, eq. 13) of completion lengths
+    ``|y|`` in tokens, with ``L_max = max_length`` and ``L_cache = cache``::
+
+        R(y) = 0                                       |y| <= L_max - L_cache
+             = ((L_max - L_cache) - |y|) / L_cache     L_max - L_cache < |y| <= L_max
+             = -1                                      |y| > L_max
+
+    added to the correctness reward. Raises ``ValueError`` unless ``0 < cache <= max_length``."""
+    if not 0 < cache <= max_length:
+        raise ValueError(f"soft overlong penalty: need 0 < cache <= max_length, got cache={cache}, "
+                         f"max_length={max_length}")
+    start = max_length - cache
+    return [0.0 if n <= start else (-1.0 if n > max_length else (start - n) / cache) for n in lengths]
+
+
+def soft_overlong_reward(completions: Sequence[str], *, completion_ids: Sequence[Sequence[int]], max_length: int,
+                         cache: int, **_: Any) -> list[float | None]:
+    """:func:`soft_overlong_penalty` of each completion's token count (``completion_ids``: its tokens, EOS
+    included, no padding; what ``vold train`` passes, as TRL does). Built-in ``soft_overlong``: ``L_max`` is
+    ``rollout.max_new_tokens`` and ``L_cache`` is ``reward.overlong_cache``."""
+    if len(completion_ids) != len(completions):
+        raise ValueError(f"soft_overlong: {len(completions)} completions but {len(completion_ids)} completion_ids")
+    return list(soft_overlong_penalty([len(ids) for ids in completion_ids], max_length=max_length, cache=cache))
+
+
+BUILTIN_REWARDS: dict[str, RewardFunction] = {"accuracy": accuracy_reward, "format": format_reward,
+                                              "soft_overlong": soft_overlong_reward}
 
 
 def load_reward_function(spec: str) -> RewardFunction:
@@ -138,7 +167,8 @@ def reward_name(spec: str) -> str:
 class RewardFunctions:
     """Several reward functions with weights: ``total = sum_f w_f r_f`` (``None`` entries count as 0)."""
 
-    def __init__(self, specs: Sequence[str], weights: Sequence[float] | None = None):
+    def __init__(self, specs: Sequence[str], weights: Sequence[float] | None = None, *,
+                 max_completion_length: int | None = None, overlong_cache: int = 0):
         if not specs:
             raise ValueError("at least one reward function is needed")
         if weights is not None and len(weights) != len(specs):
@@ -147,6 +177,15 @@ class RewardFunctions:
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"reward function names must be unique, got {self.names}")
         self.functions = [load_reward_function(s) for s in specs]
+        if "soft_overlong" in specs:  # L_max and L_cache from the run config
+            if max_completion_length is None:
+                raise ValueError("reward 'soft_overlong' is for vold train (it needs rollout.max_new_tokens)")
+            if not 0 < overlong_cache <= max_completion_length:
+                raise ValueError(f"reward 'soft_overlong' needs 0 < reward.overlong_cache <= rollout.max_new_tokens "
+                                 f"({max_completion_length}), got {overlong_cache}")
+            index = list(specs).index("soft_overlong")
+            self.functions[index] = functools.partial(soft_overlong_reward, max_length=max_completion_length,
+                                                      cache=overlong_cache)
         self.weights = [1.0] * len(specs) if weights is None else [float(w) for w in weights]
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str],

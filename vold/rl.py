@@ -29,9 +29,13 @@ no reference KL):
        loss = sum_t n_t [ -min(rho_t A_i, clip(rho_t, 1 - 0.2, 1 + 0.3) A_i) + beta w_i D_t ]
        D_t  = (log pi(y_t) - log q(y_t))^2 / 2   (k2; "full": KL(pi(.|s_t) || q(.|s_t)) exactly)
 
-   ``dapo`` normalises by the token count of the whole minibatch (``token_normalizer``), so its
-   micro-batch split changes nothing; the other loss types weight each micro-batch by its share of
-   the minibatch's sequences (exact for grpo and dr_grpo, whose n_t are per sequence).
+   ``dapo`` and ``bnpo`` normalise by the token count of the whole minibatch (``token_normalizer``), so
+   their micro-batch split changes nothing (TRL's bnpo divides each micro-batch by its own count instead;
+   in vold's trainer bnpo and dapo therefore give the same update); grpo and dr_grpo weight each
+   micro-batch by its share of the minibatch's sequences (exact: their n_t are per sequence).
+   ``loss.mask_truncated_completions`` (DAPO's overlong filtering, TRL's name): completions that hit
+   ``rollout.max_new_tokens`` without EOS get mask 0 in the loss and leave both counts; they still shape
+   their group's advantages and every logged metric.
 7. Gradient clipping, AdamW, lr schedule, then ``rollout_engine.update_weights(student)`` (the vLLM sync).
 
 All log-probs use the sampling temperature (``softmax(logits / T)``), the teacher's too. The trainer
@@ -65,9 +69,11 @@ from vold.models import (
     check_vocab_compatible,
     completion_hidden_states,
     head_for_loss,
+    is_adapter_folder,
     lm_head_bias,
     lm_head_weight,
     load_student,
+    parameter_summary,
     student_from_config,
     teacher_from_config,
 )
@@ -85,7 +91,8 @@ from vold.runs import (
     start_run,
 )
 
-TRAINER_ONLY = ("distill_on_wrong_only", "distill_mask_reward", "scale_rewards")  # LossConfig keys vold_loss lacks
+# LossConfig keys vold_loss lacks
+TRAINER_ONLY = ("distill_on_wrong_only", "distill_mask_reward", "scale_rewards", "mask_truncated_completions")
 # the phases of one training step, in order (the keys of a ``timings`` dict; logged as ``time/<phase>``)
 PHASES = {
     "prompts": "prompt batch: chat template, tokenizer, image processor (train_rl)",
@@ -134,6 +141,14 @@ class Experience:
     ref_logprobs: torch.Tensor | None = None  # [N, T]; only with loss.ref_kl_coef != 0
     teacher_logprobs: torch.Tensor | None = None  # [N, T], log q(y_t): k1/k2/k3
     teacher_hidden: torch.Tensor | None = None  # [N, T, Ht]: "full" (CPU)
+    # [N] 1/0: 0 leaves row i out of the loss and its normalisation (loss.mask_truncated_completions); None: all in
+    loss_rows: torch.Tensor | None = None
+
+    def loss_mask(self) -> torch.Tensor:
+        """``completion_mask`` with the rows left out of the loss (``loss_rows == 0``) zeroed ``[N, T]``."""
+        if self.loss_rows is None:
+            return self.completion_mask
+        return self.completion_mask * self.loss_rows.to(self.completion_mask)[:, None]
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -169,6 +184,7 @@ def compute_loss(student: torch.nn.Module, exp: Experience, lc: LossConfig, *,
     ids, mask = exp.completion_ids, exp.completion_mask
     prompts = {k: v.to(ids.device) for k, v in exp.prompt_inputs.items()}
     select = cu_seqlens = None
+    loss_mask = exp.loss_mask()  # the hidden states still cover every row (packing needs the real tokens)
     with autocast(ids.device, autocast_dtype):
         if packing:
             hidden, cu_seqlens, select = packed_completion_hidden_states(student, prompts, ids, mask)
@@ -185,7 +201,7 @@ def compute_loss(student: torch.nn.Module, exp: Experience, lc: LossConfig, *,
     elif lc.distill_coef != 0.0:
         teacher = {"teacher_logprobs": tokens(exp.teacher_logprobs)}
     return vold_loss(
-        hidden, weight, tokens(ids), exp.advantages, tokens(exp.old_logprobs), tokens(mask), student_bias=bias,
+        hidden, weight, tokens(ids), exp.advantages, tokens(exp.old_logprobs), tokens(loss_mask), student_bias=bias,
         ref_logprobs=tokens(exp.ref_logprobs), distill_mask=exp.distill_mask, temperature=temperature,
         max_completion_length=max_completion_length, token_normalizer=token_normalizer, vocab_size=vocab_size,
         cu_seqlens=cu_seqlens, **teacher, **loss_options(lc),
@@ -257,7 +273,8 @@ def rollout_step(step: int, batch: PromptBatch, engine: RolloutEngine, rewards: 
                                   seed=seeds)
     prompts = [p for p in batch.prompts for _ in range(G)]
     with phase_timer(timings, "reward", device):
-        total, per_function = rewards(prompts, rollout.texts, **batch.reward_columns(G))
+        ids = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)]
+        total, per_function = rewards(prompts, rollout.texts, completion_ids=ids, **batch.reward_columns(G))
         advantages = group_advantages(total, G, scale=cfg.loss.scale_rewards)
         weights = distill_weights(per_function, cfg.loss)
     rows = [i for i in range(len(batch)) for _ in range(G)]
@@ -266,6 +283,8 @@ def rollout_step(step: int, batch: PromptBatch, engine: RolloutEngine, rewards: 
         num_images=[batch.num_images[i] for i in rows], completion_ids=rollout.completion_ids.to(device),
         completion_mask=rollout.completion_mask.to(device), advantages=advantages.to(device),
         distill_mask=weights.to(device),
+        # DAPO's overlong filtering: a truncated completion (no EOS within max_new_tokens) leaves the loss
+        loss_rows=rollout.finished.float().to(device) if cfg.loss.mask_truncated_completions else None,
     )
     lengths = rollout.lengths.float()
     prompt_mask = exp.prompt_inputs.get("attention_mask", torch.ones_like(exp.prompt_inputs["input_ids"]))
@@ -355,24 +374,27 @@ def optimize(student: torch.nn.Module, exp: Experience, cfg: Config, optimizer: 
         for minibatch in order.tensor_split(oc.minibatches):
             with phase_timer(timings, "update_actor", device):
                 # global counts: the gradients are averaged over the ranks, so each rank's loss is scaled by W
-                minibatch_tokens, minibatch_rows = rt.sum([
-                    float(exp.completion_mask[minibatch.to(exp.completion_mask.device)].sum()), len(minibatch)])
+                # (rows left out by loss.mask_truncated_completions count in neither)
+                rows = minibatch.to(exp.completion_mask.device)
+                kept = len(minibatch) if exp.loss_rows is None else float(exp.loss_rows[rows].sum())
+                minibatch_tokens, minibatch_rows = rt.sum([float(exp.loss_mask()[rows].sum()), kept])
                 update_loss = 0.0
                 micros = minibatch.tensor_split(oc.grad_accum)
+                # dapo and bnpo: divided by the minibatch's token count, so the micro-batch split changes nothing
+                by_tokens = lc.loss_type in ("dapo", "bnpo")
                 for index, micro in enumerate(micros):
                     part = exp.select(micro.tolist())
-                    dapo = lc.loss_type == "dapo"
                     with rt.accumulate(last=index == len(micros) - 1):
                         loss, metrics = rt.forward(
                             compute_loss, part, lc, teacher_head=teacher_head, vocab_size=vocab_size,
                             temperature=cfg.rollout.temperature, max_completion_length=cfg.rollout.max_new_tokens,
-                            token_normalizer=max(minibatch_tokens, 1.0) / world if dapo else None,
+                            token_normalizer=max(minibatch_tokens, 1.0) / world if by_tokens else None,
                             autocast_dtype=cfg.model.autocast, packing=oc.packing,
                         )
-                        scale = 1.0 if dapo else len(micro) * world / minibatch_rows
+                        scale = 1.0 if by_tokens else len(micro) * world / max(minibatch_rows, 1.0)
                         rt.backward(loss * scale)
                     update_loss += float(loss.detach()) * scale
-                    count = float(part.completion_mask.sum())
+                    count = float(part.loss_mask().sum())
                     for key, value in metrics.items():
                         if key not in ("loss", "policy_loss"):
                             sums[key] = sums.get(key, 0.0) + float(value) * count
@@ -401,7 +423,7 @@ def student_start(cfg: Config) -> str:
     if not cfg.sft.enabled:
         return cfg.model.student
     path = run_dir(cfg, "sft") / "final"
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not is_adapter_folder(path):
         raise FileNotFoundError(f"sft.enabled=true but {path} has no model: run `vold sft` with this config first "
                                 f"(or set sft.enabled=false to start from model.student)")
     return str(path)
@@ -420,7 +442,8 @@ def train_rl(cfg: Config) -> Path:
     examples = load_examples(data.train_files, image_root=data.image_root, check_images=data.check_images,
                              prompt_column=data.prompt_column, answer_column=data.answer_column)
     sampler = PromptSampler(len(examples), data.batch_size, seed=cfg.seed, shuffle=data.shuffle)
-    rewards = RewardFunctions(cfg.reward.functions, cfg.reward.weights)
+    rewards = RewardFunctions(cfg.reward.functions, cfg.reward.weights, overlong_cache=cfg.reward.overlong_cache,
+                              max_completion_length=cfg.rollout.max_new_tokens)
     if lc.distill_on_wrong_only and lc.distill_mask_reward not in rewards.names:
         raise ValueError(f"loss.distill_mask_reward={lc.distill_mask_reward!r} is not one of reward.functions "
                          f"{rewards.names}")
@@ -449,10 +472,12 @@ def train_rl(cfg: Config) -> Path:
 
     oc = cfg.optim
     updates_per_step = oc.ppo_epochs * oc.minibatches
+    if runtime.is_main:
+        print(parameter_summary(student, "train"))
     optimizer = make_optimizer(student, oc.lr, weight_decay=oc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2),
                                eps=oc.adam_eps)
     scheduler = make_scheduler(optimizer, kind=oc.lr_scheduler, warmup=oc.warmup_steps,
-                               total=oc.max_steps * updates_per_step)
+                               total=oc.max_steps * updates_per_step, min_ratio=oc.min_lr_ratio)
     runtime.wrap(student, optimizer, grad_accum=oc.grad_accum, max_grad_norm=oc.max_grad_norm,
                  bf16="bfloat16" in (mc.dtype, mc.autocast),
                  zero3="is for `vold sft` only: the rollouts and the old-policy pass of `vold train` need the "
@@ -501,4 +526,4 @@ def train_rl(cfg: Config) -> Path:
         runtime.save_training_checkpoint(run, step, processor, scheduler=scheduler, sampler=sampler,
                                          optimizer=optimizer, checkpoint_cfg=cfg.checkpoint)
     bar.close()
-    return runtime.finish(processor, run, logger, "train", step)
+    return runtime.finish(processor, run, logger, "train", step, merged=mc.lora.save_merged)

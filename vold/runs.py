@@ -127,12 +127,21 @@ def checkpoint_dir(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step_{step:06d}"
 
 
-def save_model(model: torch.nn.Module, processor: Any, path: Path) -> Path:
-    """``save_pretrained`` of the model and its processor/tokenizer: a folder every loader reads."""
+def save_model(model: torch.nn.Module, processor: Any, path: Path, *, merged: bool = False) -> Path:
+    """``save_pretrained`` of the model and its processor/tokenizer: a folder every loader reads.
+
+    A LoRA student (``vold.models.lora_wrapper``) is saved as its adapter (PEFT's ``adapter_config.json`` +
+    ``adapter_model.safetensors``, the base model named in the config); ``merged``: also the merged full model
+    in ``path/merged`` (loadable without peft)."""
+    from vold.models import lora_wrapper, merged_copy
+
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
+    wrapper = lora_wrapper(model)
+    (model if wrapper is None else wrapper).save_pretrained(path)
     if processor is not None:
         processor.save_pretrained(path)
+    if merged and wrapper is not None:
+        save_model(merged_copy(model), processor, path / "merged")
     return path
 
 

@@ -17,17 +17,18 @@ and the normaliser is the all-reduced token count / W (the gradients are average
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vold.config import Config
+from vold.config import Config, ModelConfig
 from vold.data import Example, PromptSampler, build_prompt_batch, load_examples, tokenizer_of
 from vold.distributed import Runtime
 from vold.kernels import fused_linear_logprobs
-from vold.models import autocast, completion_hidden_states, head_for_loss, student_from_config
+from vold.models import autocast, completion_hidden_states, head_for_loss, parameter_summary, student_from_config
 from vold.packing import pack, packed_completion_hidden_states
 from vold.runs import (
     Logger,
@@ -86,6 +87,13 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, Any], *, normalizer: float
     return -(logp * mask).sum() / normalizer
 
 
+def sft_model_config(cfg: Config) -> ModelConfig:
+    """``cfg.model`` with this stage's freezing switches (``sft.freeze_*`` that are not None) in place."""
+    switches = ("freeze_vision_tower", "freeze_projector", "freeze_language_model")
+    return dataclasses.replace(cfg.model, **{k: getattr(cfg.sft, k) for k in switches
+                                             if getattr(cfg.sft, k) is not None})
+
+
 def train_sft(cfg: Config) -> Path:
     """Run stage 1; returns the folder of the final model (``{output_dir}/sft/final``)."""
     sc, data = cfg.sft, cfg.data
@@ -109,10 +117,13 @@ def train_sft(cfg: Config) -> Path:
 
     device = runtime.device
     checkpoint = runtime.broadcast(find_checkpoint(run, cfg.checkpoint.resume) if runtime.is_main else None)
-    model, processor = student_from_config(cfg.model, device, path=str(checkpoint / "model") if checkpoint else None)
+    model, processor = student_from_config(sft_model_config(cfg), device,
+                                           path=str(checkpoint / "model") if checkpoint else None)
     oc = cfg.optim
-    optimizer = make_optimizer(model, sc.lr, weight_decay=oc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2),
-                               eps=oc.adam_eps)
+    if runtime.is_main:
+        print(parameter_summary(model, "sft"))
+    optimizer = make_optimizer(model, sc.lr, weight_decay=oc.weight_decay if sc.weight_decay is None
+                               else sc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps)
     scheduler = make_scheduler(optimizer, kind=sc.lr_scheduler, warmup=sc.warmup_steps, total=max_steps,
                                min_ratio=sc.min_lr_ratio)
     runtime.wrap(model, optimizer, grad_accum=sc.grad_accum, max_grad_norm=oc.max_grad_norm,
@@ -155,4 +166,4 @@ def train_sft(cfg: Config) -> Path:
         runtime.save_training_checkpoint(run, step, processor, scheduler=scheduler, sampler=sampler,
                                          optimizer=optimizer, checkpoint_cfg=cfg.checkpoint)
     bar.close()
-    return runtime.finish(processor, run, logger, "sft", step)
+    return runtime.finish(processor, run, logger, "sft", step, merged=cfg.model.lora.save_merged)

@@ -65,7 +65,7 @@ from vold.data import (
     tokenizer_of,
 )
 from vold.distributed import Runtime, prompt_seeds
-from vold.models import check_vocab_compatible, student_from_config, teacher_from_config
+from vold.models import check_vocab_compatible, parameter_summary, student_from_config, teacher_from_config
 from vold.rewards import RewardFunctions
 from vold.rl import phase_timer, score, student_start
 from vold.rollout import Rollout, make_rollout_engine, pad_completions
@@ -359,9 +359,11 @@ def train_sophia(cfg: Config) -> Path:
                              f"student's target tokens, so one vocabulary: {error}") from error
         vocab_size, shared_vocab = mc.vocab_size, False
 
-    optimizer = make_optimizer(student, sc.lr, weight_decay=oc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2),
-                               eps=oc.adam_eps)
-    scheduler = make_scheduler(optimizer, kind=sc.lr_scheduler, warmup=sc.warmup_steps, total=sc.max_steps)
+    print(parameter_summary(student, "sophia"))
+    optimizer = make_optimizer(student, sc.lr, weight_decay=oc.weight_decay if sc.weight_decay is None
+                               else sc.weight_decay, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps)
+    scheduler = make_scheduler(optimizer, kind=sc.lr_scheduler, warmup=sc.warmup_steps, total=sc.max_steps,
+                               min_ratio=sc.min_lr_ratio)
     runtime.wrap(student, optimizer, grad_accum=sc.grad_accum, max_grad_norm=oc.max_grad_norm)
     step = runtime.resume(run, checkpoint, optimizer, scheduler, sampler, "sophia")
     caption_engine = make_rollout_engine(cfg.rollout, student, processor, model_path=start_path,
@@ -413,4 +415,4 @@ def train_sophia(cfg: Config) -> Path:
         runtime.save_training_checkpoint(run, step, processor, scheduler=scheduler, sampler=sampler,
                                          optimizer=optimizer, checkpoint_cfg=cfg.checkpoint)
     bar.close()
-    return runtime.finish(processor, run, logger, "sophia", step)
+    return runtime.finish(processor, run, logger, "sophia", step, merged=mc.lora.save_merged)

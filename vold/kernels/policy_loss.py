@@ -76,7 +76,9 @@ def normalization_weights(
     sequence i and B = num_seqs:
 
     - grpo:    n_t = m_t / (B * max(L_i, 1))          mean over tokens, then over sequences
-    - bnpo:    n_t = m_t / max(sum_t m_t, 1)          mean over all tokens of this batch
+    - bnpo:    n_t = m_t / max(sum_t m_t, 1)          mean over all tokens of this batch, or
+               n_t = m_t / token_normalizer           when given: the token count of the whole batch that
+                                                      this micro-batch is a part of (exact accumulation)
     - dr_grpo: n_t = m_t / (B * max_completion_length)  constant denominator (Dr. GRPO)
     - dapo:    n_t = m_t / token_normalizer           global token count (default: this batch's)
     """
@@ -84,9 +86,9 @@ def normalization_weights(
     if loss_type == "grpo":
         lengths = torch.zeros(num_seqs, dtype=mask.dtype, device=mask.device).index_add_(0, seq_index, mask)
         return mask / (num_seqs * lengths.clamp(min=1.0)[seq_index])
-    if loss_type == "bnpo" or (loss_type == "dapo" and token_normalizer is None):
+    if loss_type in ("bnpo", "dapo") and token_normalizer is None:
         return mask / mask.sum().clamp(min=1.0)
-    if loss_type == "dapo":
+    if loss_type in ("bnpo", "dapo"):
         if not token_normalizer > 0:
             raise ValueError(f"token_normalizer must be > 0, got {token_normalizer}")
         return mask / token_normalizer

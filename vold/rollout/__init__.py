@@ -117,6 +117,9 @@ def make_rollout_engine(cfg: RolloutConfig, model: torch.nn.Module, processor: A
 
         if model_path is None:
             raise ValueError("the vllm engine needs model_path (the student's checkpoint) to build its LLM")
+        from vold.models import base_model_path
+
+        model_path = base_model_path(model_path)  # a LoRA adapter folder: its base (merged weights come by sync)
         return VLLMRolloutEngine(
             model_path, processor, gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_sleep_mode=cfg.enable_sleep_mode, sleep_level=cfg.sleep_level, max_model_len=cfg.max_model_len,

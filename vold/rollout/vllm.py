@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vold.data import is_multimodal, tokenizer_of
+from vold.models import merged_state_dict
 from vold.rollout import Rollout, RolloutEngine, completion_mask, pad_completions
 
 if TYPE_CHECKING:
@@ -38,8 +39,9 @@ def _import_vllm() -> Any:
 
 
 def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of the trainer's model under checkpoint names (``torch.compile`` prefix removed)."""
-    for name, tensor in model.state_dict().items():
+    """``(name, tensor)`` of the trainer's model under checkpoint names (``torch.compile`` prefix removed); a
+    LoRA student's adapted weights merged, ``W + (alpha / r) B A`` (``vold.models.merged_state_dict``)."""
+    for name, tensor in merged_state_dict(model).items():
         yield name.replace("_orig_mod.", ""), tensor.detach()
 
 
