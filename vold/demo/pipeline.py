@@ -115,11 +115,7 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def frozen_vision() -> dict[str, Any]:
     """``model.*`` keys that freeze the student's vision tower and projector (as VOLD and SOPHIA do), for every
     stage that trains the student after its vision was aligned to the text embeddings."""
-    from vold.config import ModelConfig
-
-    keys = {"freeze_vision_tower": True, "freeze_projector": True}
-    # TODO(recipes): the keys land with the recipes branch; until it is merged they are left out
-    return {k: v for k, v in keys.items() if k in ModelConfig.__dataclass_fields__}
+    return {"freeze_vision_tower": True, "freeze_projector": True}
 
 
 def sft_config(dc: DemoConfig, *, model: str, files: list[str], output_dir: Path, steps: int, lr: float,
