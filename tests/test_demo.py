@@ -29,7 +29,9 @@ def test_task_solutions_renders_and_splits():
     for q in problems:  # Python's precedence; no negative intermediate result; at most one product
         assert q.answer == eval(q.text) and all(r >= 0 for *_, r in q.steps()) and q.text.count("*") <= 1
     facts = fact_rows()  # the student LM's pre-training: every operation that is a step of some problem, answered
-    assert len(facts) == 1125 and {"4*2=8", "81+9=90"} <= {row["response"] for row in facts}
+    lines = [line for row in facts for line in row["response"].split("\n")]
+    assert len(facts) == 1125 and len(lines) == 5 * 1125 and {"4*2=8", "81+9=90"} <= set(lines)
+    assert all(eval(line.replace("=", "==")) for line in lines) and len(set(lines)) == 1125
     assert all(q.solution().count("\n") == 3 for q in problems[:5])
     sample = problems[::113]  # the reward (math-verify) reads the solution's answer, and not the direct one's wrong
     assert accuracy_reward([q.solution() for q in sample], [str(q.answer) for q in sample]) == [1.0] * len(sample)

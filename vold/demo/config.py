@@ -18,8 +18,8 @@ from typing import Any
 from vold.config import _coerce
 
 # bump when the task, a model or its training change in a way the fields do not show
-# lm 2, perception 4: facts as "x o y=r", image prompt without its leading line break (see task.image_prompt)
-CACHE_VERSIONS = {"teacher": 1, "lm": 2, "perception": 4}
+# lm 3, perception 5: facts as "x o y=r", 5 a row; image prompt without its leading line break (task.image_prompt)
+CACHE_VERSIONS = {"teacher": 1, "lm": 3, "perception": 5}
 
 
 @dataclass

@@ -106,14 +106,26 @@ def facts() -> list[tuple[int, str, int]]:
     return sorted(seen, key=lambda f: (OPS.index(f[1]), f[0], f[2]))
 
 
-def fact_rows() -> list[dict]:
-    """Text rows of the primitive operations: ``4*2\nCompute.`` -> ``4*2=8`` (the form a step line has)."""
+def fact_rows(per_row: int = 5, passes: int = 5, seed: int = 0) -> list[dict]:
+    """Text rows of the primitive operations, ``per_row`` independent ones a row, every fact in ``passes`` rows:
+    ``4*2\n81-9\n...\nCompute.`` -> ``4*2=8\n81-9=72\n...`` (each line the form a step of a solution has;
+    no line uses another's result: operations, not the procedure). Several a row: a fact is seen ``passes`` times
+    per epoch at the cost of ``passes / per_row`` rows."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(passes):
+        order = facts()
+        rng.shuffle(order)
+        lines += order
     rows = []
-    for x, op, y in facts():
-        text, answer = f"{x}{op}{y}", apply(x, op, y)
-        prompt = f"{text}\n{COMPUTE_INSTRUCTION}"
-        rows.append({"prompt": prompt, "answer": str(answer), "teacher_prompt": prompt, "data_source": "arith_fact",
-                     "response": f"{text}={answer}"})
+    for i in range(0, len(lines), per_row):
+        group = lines[i:i + per_row]
+        texts = [f"{x}{op}{y}" for x, op, y in group]
+        prompt = "\n".join(texts) + f"\n{COMPUTE_INSTRUCTION}"
+        results = [apply(x, op, y) for x, op, y in group]
+        rows.append({"prompt": prompt, "answer": str(results[-1]), "teacher_prompt": prompt,
+                     "data_source": "arith_fact",
+                     "response": "\n".join(f"{t}={r}" for t, r in zip(texts, results, strict=True))})
     return rows
 
 
