@@ -162,7 +162,8 @@ def test_demo_quick_end_to_end_then_cached(tmp_path, capsys):
         if arm.estimator:
             assert all(math.isfinite(m["distill_kl"]) and m["distill_kl"] >= 0 for m in metrics)
         assert (run / "config.yaml").is_file() and (seed / arm.key / "eval" / "summary.json").is_file()
-    train_images = [json.loads(line) for line in (out / "data" / "train_image.jsonl").read_text().splitlines()]
+    train_images = [json.loads(line) for line in (out / "data" / "rl_image.jsonl").read_text().splitlines()]
+    assert len(train_images) == results["config"]["rl_problems"]
     assert all("image" in row and row["prompt"] == "Solve." for row in train_images)
     perception = [json.loads(line) for line in (out / "data" / "perception.jsonl").read_text().splitlines()]
     assert any(row["prompt"] == "Read." and row["response"] == row["teacher_prompt"].split("\n")[0]

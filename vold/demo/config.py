@@ -18,8 +18,8 @@ from typing import Any
 from vold.config import _coerce
 
 # bump when the task, a model or its training change in a way the fields do not show
-# lm 3, perception 5: facts as "x o y=r", 5 a row; image prompt without its leading line break (task.image_prompt)
-CACHE_VERSIONS = {"teacher": 1, "lm": 3, "perception": 5}
+# lm 4, perception 6: the LM learns facts only ("x o y=r", 5 a row); image prompt without its leading line break
+CACHE_VERSIONS = {"teacher": 1, "lm": 4, "perception": 6}
 
 
 @dataclass
@@ -34,7 +34,8 @@ class DemoConfig:
     # problems (of the 5647 valid expressions; eval is disjoint from all others, perception from train)
     eval_problems: int = 300  # held out: evaluated as images and as text
     perception_problems: int = 2000  # the student's own problems: its text pre-training and its perception stage
-    train_problems: int = 2000  # the ablation's training prompts: text (arms b-e), images (arms f, g)
+    train_problems: int = 2000  # the cold start's prompts (the teacher's traces of them, as text)
+    rl_problems: int = 400  # the first of those: the RL and SOPHIA prompts, text (c-e) or images (f, g), several epochs
     teacher_problems: int = 3000  # the teacher's own training set (gold step-by-step solutions)
 
     # teacher: Qwen3 causal LM trained from scratch with `vold sft` on gold solutions
@@ -96,7 +97,7 @@ class DemoConfig:
 
 
 QUICK = dict(
-    seeds=1, teacher_problems=2000, perception_problems=800, train_problems=120, eval_problems=40,
+    seeds=1, teacher_problems=2000, perception_problems=800, train_problems=120, rl_problems=60, eval_problems=40,
     teacher_steps=250, lm_steps=150, align_steps=40, perception_steps=60, sft_steps=40, rl_steps=6, rl_batch=4,
     curve_points=2, eval_samples=2,
     sophia_steps=4, sophia_batch=4, sophia_captions=2, sophia_traces=2,
@@ -131,6 +132,9 @@ def make_config(quick: bool = False, overrides: list[str] | None = None, **value
     if unknown:
         raise ValueError(f"demo setting arms: unknown arms {unknown} (trained arms: "
                          f"{', '.join(arm.key for arm in TRAINED_ARMS)})")
+    if not 1 <= cfg.rl_problems <= cfg.train_problems:
+        raise ValueError(f"demo setting rl_problems must be in [1, train_problems={cfg.train_problems}], "
+                         f"got {cfg.rl_problems}")
     if cfg.jobs == 0:
         cfg.jobs = max(1, min(4, os.cpu_count() or 1))
     for key in ("seeds", "jobs", "threads", "rl_steps", "sft_steps", "eval_samples", "curve_points", "rl_batch",

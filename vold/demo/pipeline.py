@@ -323,14 +323,15 @@ def prepare_data(dc: DemoConfig, data: Path) -> dict[str, Any]:
     images = data / "images"
     files = {
         "teacher": write_rows(data / "teacher_solutions.jsonl", text_rows(sets["teacher"], "solution")),
-        # the student's text pre-training: the primitive operations and direct answers, never the steps
-        "lm": write_rows(data / "lm_text.jsonl", fact_rows() + text_rows(sets["perception"], "direct")),
+        # the student's text pre-training: the primitive operations, never the procedure
+        "lm": write_rows(data / "lm_text.jsonl", fact_rows()),
         "perception": write_rows(data / "perception.jsonl",
                                  image_rows(sets["perception"], images, data, "direct")
                                  + image_rows(sets["perception"], images, data, "transcription", READ_INSTRUCTION)
                                  + fact_rows() + text_rows(sets["perception"], "direct")),
         "train": write_rows(data / "train_text.jsonl", text_rows(sets["train"])),
-        "train_image": write_rows(data / "train_image.jsonl", image_rows(sets["train"], images, data)),
+        "rl": write_rows(data / "rl_text.jsonl", text_rows(sets["train"][:dc.rl_problems])),
+        "rl_image": write_rows(data / "rl_image.jsonl", image_rows(sets["train"][:dc.rl_problems], images, data)),
         "image": write_rows(data / "image.jsonl", image_rows(sets["eval"], images, data)),
         "text": write_rows(data / "text.jsonl", text_rows(sets["eval"])),
     }
@@ -452,7 +453,7 @@ def run_demo(dc: DemoConfig, output: str | Path, *, cache_dir: str | Path | None
             key = arm.key
             deps = [*teacher_deps, *student_deps] + ([f"seed_{seed}/sft"] if arm.start == "sft" else [])
             start_model = sft_model if arm.start == "sft" else student
-            train_file = files["train_image" if arm.images else "train"]
+            train_file = files["rl_image" if arm.images else "rl"]
             total = steps_of(dc, arm)
             every = max(1, total // dc.curve_points)  # checkpoints evaluated for the accuracy-vs-step curves
             common = merge(base_config(dc), {
