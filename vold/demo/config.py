@@ -35,7 +35,7 @@ class DemoConfig:
     eval_problems: int = 300  # held out: evaluated as images and as text
     perception_problems: int = 2000  # the student's own problems: its text pre-training and its perception stage
     train_problems: int = 2000  # the cold start's prompts (the teacher's traces of them, as text)
-    rl_problems: int = 400  # the first of those: the RL and SOPHIA prompts, text (c-e) or images (f, g), several epochs
+    rl_problems: int = 200  # the first of those: the RL and SOPHIA prompts, text (c-e) or images (f, g), 8 epochs
     teacher_problems: int = 3000  # the teacher's own training set (gold step-by-step solutions)
 
     # teacher: Qwen3 causal LM trained from scratch with `vold sft` on gold solutions
@@ -98,7 +98,7 @@ class DemoConfig:
 
 QUICK = dict(
     seeds=1, teacher_problems=2000, perception_problems=800, train_problems=120, rl_problems=60, eval_problems=40,
-    teacher_steps=250, lm_steps=150, align_steps=40, perception_steps=60, sft_steps=40, rl_steps=6, rl_batch=4,
+    teacher_steps=250, lm_steps=100, align_steps=30, perception_steps=40, sft_steps=40, rl_steps=6, rl_batch=4,
     curve_points=2, eval_samples=2,
     sophia_steps=4, sophia_batch=4, sophia_captions=2, sophia_traces=2,
 )
