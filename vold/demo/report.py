@@ -182,7 +182,7 @@ def markdown(data: dict[str, Any], dc: DemoConfig) -> str:
     kept = [t["kept"] / max(t["prompts"], 1) for t in data["traces"]]
     notes = (f"\nAccuracy: mean@{dc.eval_samples} (temperature {dc.eval_temperature}, top-p {dc.eval_top_p}) on "
              f"{dc.eval_problems} held-out problems, shown as images and as text; mean ± std over {dc.seeds} "
-             f"seed{'s' if dc.seeds > 1 else ''}. Arms (b)-(e) train on text only; (f) and (g) on the same training "
+             f"seed{'s' if dc.seeds > 1 else ''}. Arms (b)-(e) train on text only; (f) and (g) on the RL "
              f"problems shown as images. Always answering the most frequent "
              f"answer scores {100 * data['majority_answer']:.1f}%. Cold start: {dc.sft_steps} SFT steps on teacher "
              f"traces of {dc.train_problems} text prompts ({100 * mean_std(kept)[0]:.0f}% of them solved by the "
@@ -191,7 +191,10 @@ def markdown(data: dict[str, Any], dc: DemoConfig) -> str:
              f"beta {dc.distill_coef:g} on wrong rollouts (1 - r); (f) k3 reference KL "
              f"{dc.images_ref_kl_coef:g}. SOPHIA: {dc.sophia_steps} steps x {dc.sophia_batch} images, "
              f"K = {dc.sophia_captions} captions x N = {dc.sophia_traces} teacher traces, alpha {dc.sophia_alpha:g}, "
-             f"ratio-1 update, lr {dc.sophia_lr:g}. \"reads image\": first line of an image completion = the "
+             f"ratio-1 update, lr {dc.sophia_lr:g}. Student: a {dc.student_layers}-layer width-{dc.student_hidden} LM "
+             f"pre-trained on the primitive operations ({dc.lm_steps} steps), vision aligned to its text embeddings "
+             f"then frozen, eyes {dc.perception_steps} steps; teacher {dc.teacher_layers} x {dc.teacher_hidden}. "
+             f"\"reads image\": first line of an image completion = the "
              f"problem.\n")
     return "\n".join(lines) + "\n" + notes + premises_markdown(premises(data)) + paired(data)
 
