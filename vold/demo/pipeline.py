@@ -4,9 +4,11 @@ Stages (every one is a call of the trainer's public function on a :class:`vold.c
 each run folder has its ``config.yaml``, ``metrics.jsonl`` and models exactly as ``vold sft`` /
 ``vold make-traces`` / ``vold train`` / ``vold eval`` write them):
 
-    data                      problems -> JSONL (+ PNGs): teacher / perception / train (text, images) / eval
+    data                      problems -> JSONL (+ PNGs): teacher / lm / perception / train / rl (text, images) / eval
     teacher        [cached]   `vold sft` of a random Qwen3 on gold step-by-step solutions
-    perception     [cached]   `vold sft` of a random Qwen2.5-VL on (image | text) -> direct answers, image -> read
+    lm             [cached]   `vold sft` of a random Qwen2.5-VL on text: the primitive operations (text pre-training)
+    perception     [cached]   per seed: the lm's vision aligned to its text embeddings (`align_vision`), then
+                              `vold sft` (vision frozen) on (image | text) -> direct answers, image -> read
     teacher eval              `vold eval` of the teacher on the held-out problems, as text
     per seed s:
       traces                  `vold make-traces`: the teacher solves the train prompts (text; correct ones kept)
@@ -18,8 +20,9 @@ each run folder has its ``config.yaml``, ``metrics.jsonl`` and models exactly as
                               prompt), the teacher's traces from caption + question, ratio-1 update
       eval/<arm>      (a-g)   `vold eval` on the held-out problems as images and as text (+ checkpoints)
 
-Independent stages run in ``jobs`` worker processes (``threads`` torch threads each). The teacher and the
-perception student are cached under ``cache_dir`` by a hash of the settings that make them.
+Independent stages run in ``jobs`` worker processes (``threads`` torch threads each). The teacher, the
+student's text-pre-trained LM and its perception students are cached under ``cache_dir`` by a hash of the
+settings that make them. RL and SOPHIA train on the first ``rl_problems`` training prompts.
 """
 
 from __future__ import annotations
