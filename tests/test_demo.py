@@ -68,6 +68,8 @@ def test_config_overrides_and_cache_keys():
     assert make_config(False, ["arms=c_sft_grpo,e_vold_k2"]).arms == ["c_sft_grpo", "e_vold_k2"]
     with pytest.raises(ValueError, match="unknown arms"):
         make_config(False, ["arms=c_sft"])
+    with pytest.raises(ValueError, match="rl_problems must be in"):
+        make_config(False, ["rl_problems=2001"])
 
 
 def test_premises_from_run_numbers():
