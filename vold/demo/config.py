@@ -16,7 +16,8 @@ from typing import Any
 from vold.config import section
 
 # bump when the task, a model or its training change in a way the fields do not show
-CACHE_VERSIONS = {"teacher": 1, "perception": 2}  # perception 2: + the read prompt (image -> transcription)
+# lm 4, perception 6: the LM learns facts only ("x o y=r", 5 a row); image prompt without its leading line break
+CACHE_VERSIONS = {"teacher": 1, "lm": 4, "perception": 6}
 
 
 @section
@@ -25,11 +26,14 @@ class DemoConfig:
     jobs: int = 0  # worker processes running independent stages at once (0: one per CPU core, at most 4)
     threads: int = 1  # torch threads per worker
     data_seed: int = 0  # the problem split (shared by all seeds)
+    # the trained arms to run (keys of vold.demo.pipeline.ARMS, e.g. c_sft_grpo); empty: all. (a) and (b) always run
+    arms: list[str] = dataclasses.field(default_factory=list)
 
     # problems (of the 5647 valid expressions; eval is disjoint from all others, perception from train)
     eval_problems: int = 300  # held out: evaluated as images and as text
-    perception_problems: int = 2000  # the student's perception stage (images: read + direct answers; text: direct)
-    train_problems: int = 2000  # the ablation's training prompts: text (arms b-e), images (arms f, g)
+    perception_problems: int = 2000  # the student's own problems: its text pre-training and its perception stage
+    train_problems: int = 2000  # the cold start's prompts (the teacher's traces of them, as text)
+    rl_problems: int = 200  # the first of those: the RL and SOPHIA prompts, text (c-e) or images (f, g), 8 epochs
     teacher_problems: int = 3000  # the teacher's own training set (gold step-by-step solutions)
 
     # teacher: Qwen3 causal LM trained from scratch with `vold sft` on gold solutions
@@ -39,13 +43,23 @@ class DemoConfig:
     teacher_lr: float = 3e-3
     teacher_batch: int = 32
 
-    # student: Qwen2.5-VL, perception stage with `vold sft` on (image | text) -> "3+4*2=\boxed{11}"
-    student_hidden: int = 64
-    student_layers: int = 2
+    # student: Qwen2.5-VL whose language model has the teacher's size. (1) text pre-training [shared by the
+    # seeds, like the teacher]: `vold sft` on the primitive operations and on direct answers ("3+4*2=\boxed{11}"),
+    # never the step-by-step procedure; (2) eyes [per seed]: the vision tower + projector trained to map each
+    # character cell to that character's input embedding (`align_*`), then `vold sft` on image -> read /
+    # direct answer (+ the text rows, kept), vision tower and projector frozen.
+    student_hidden: int = 96
+    student_layers: int = 3
     vision_hidden: int = 32
     vision_depth: int = 2
-    perception_steps: int = 1000
-    perception_lr: float = 3e-3
+    lm_steps: int = 1000
+    lm_lr: float = 3e-3
+    lm_batch: int = 32
+    align_steps: int = 300
+    align_lr: float = 3e-3
+    align_batch: int = 16
+    perception_steps: int = 400
+    perception_lr: float = 1e-3
     perception_batch: int = 32
 
     # (b) cold start: `vold make-traces` (teacher, text prompts) then `vold sft`
@@ -81,15 +95,18 @@ class DemoConfig:
 
 
 QUICK = dict(
-    seeds=1, teacher_problems=2000, perception_problems=800, train_problems=120, eval_problems=40,
-    teacher_steps=250, perception_steps=200, sft_steps=40, rl_steps=6, rl_batch=4, curve_points=2, eval_samples=2,
+    seeds=1, teacher_problems=2000, perception_problems=800, train_problems=120, rl_problems=60, eval_problems=40,
+    teacher_steps=250, lm_steps=100, align_steps=30, perception_steps=40, sft_steps=40, rl_steps=6, rl_batch=4,
+    curve_points=2, eval_samples=2,
     sophia_steps=4, sophia_batch=4, sophia_captions=2, sophia_traces=2,
 )
 
 TEACHER_KEYS = ("data_seed", "eval_problems", "teacher_problems", "teacher_hidden", "teacher_layers",
                 "teacher_steps", "teacher_lr", "teacher_batch")
-PERCEPTION_KEYS = ("data_seed", "eval_problems", "perception_problems", "student_hidden", "student_layers",
-                   "vision_hidden", "vision_depth", "perception_steps", "perception_lr", "perception_batch")
+LM_KEYS = ("data_seed", "eval_problems", "perception_problems", "student_hidden", "student_layers", "vision_hidden",
+           "vision_depth", "lm_steps", "lm_lr", "lm_batch")
+PERCEPTION_KEYS = (*LM_KEYS, "align_steps", "align_lr", "align_batch", "perception_steps", "perception_lr",
+                   "perception_batch")
 
 
 def make_config(quick: bool = False, overrides: list[str] | None = None, **values: Any) -> DemoConfig:
@@ -107,11 +124,20 @@ def make_config(quick: bool = False, overrides: list[str] | None = None, **value
     for key, value in values.items():
         if value is not None:
             setattr(cfg, key, value)
+    from vold.demo.pipeline import TRAINED_ARMS
+
+    unknown = sorted(set(cfg.arms) - {arm.key for arm in TRAINED_ARMS})
+    if unknown:
+        raise ValueError(f"demo setting arms: unknown arms {unknown} (trained arms: "
+                         f"{', '.join(arm.key for arm in TRAINED_ARMS)})")
+    if not 1 <= cfg.rl_problems <= cfg.train_problems:
+        raise ValueError(f"demo setting rl_problems must be in [1, train_problems={cfg.train_problems}], "
+                         f"got {cfg.rl_problems}")
     if cfg.jobs == 0:
         cfg.jobs = max(1, min(4, os.cpu_count() or 1))
     for key in ("seeds", "jobs", "threads", "rl_steps", "sft_steps", "eval_samples", "curve_points", "rl_batch",
-                "num_generations", "teacher_steps", "perception_steps", "sophia_steps", "sophia_batch",
-                "sophia_captions", "sophia_traces"):
+                "num_generations", "teacher_steps", "lm_steps", "align_steps", "perception_steps", "sophia_steps",
+                "sophia_batch", "sophia_captions", "sophia_traces"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"demo setting {key} must be >= 1, got {getattr(cfg, key)}")
     return cfg

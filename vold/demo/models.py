@@ -85,3 +85,74 @@ def save_student(path: Path, *, hidden_size: int, layers: int, vision_hidden: in
     processor = QwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(path)
     return Path(path)
+
+
+def align_vision(path: Path, output: Path, *, steps: int, lr: float, batch: int, seed: int = 0) -> dict[str, float]:
+    """Train the student's vision tower and projector (the merger) so that the image token of each
+    character cell *is* that character's input embedding in the language model; save to ``output``.
+
+    Loss (relative squared error per image token, the language model frozen and its embeddings the target):
+
+        L = mean_i ||v_i - E[c_i]||^2 / ||E[c_i]||^2
+
+    over the tokens ``v_i`` of ``batch`` random strings of the font's characters (3-8 of them, rendered by
+    :func:`vold.demo.task.render`), with ``E`` the language model's ``embed_tokens`` weight and ``c_i``
+    the character in cell ``i``. After it, an image of ``3+4*2`` reaches the language model as (nearly)
+    the embeddings of the text ``3+4*2``: the toy's stand-in for a VLM whose visual tokens live in the
+    language model's input space. Adam, constant ``lr``, ``steps`` updates, float32 on the CPU.
+    Returns ``{"loss_first": ..., "loss_last": ..., "token_accuracy": ...}`` (the last: the share of
+    tokens of a fresh batch whose nearest embedding, by cosine, is their own character's).
+    """
+    import random
+
+    from vold.demo.task import GLYPHS, render
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    processor = QwenVLProcessor.from_pretrained(path)
+    tokenizer = processor.tokenizer
+    chars = [c for c in GLYPHS if c != " "]
+    char_ids = torch.tensor([tokenizer.convert_tokens_to_ids(c) for c in chars])
+    if any(tokenizer.encode(c, add_special_tokens=False) != [i] for c, i in zip(chars, char_ids.tolist(), strict=True)):
+        raise ValueError("the tokenizer has no single token for every character of the font")
+    embed = model.get_input_embeddings().weight.detach()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    visual = model.model.visual
+    for param in visual.parameters():
+        param.requires_grad_(True)
+    optimizer = torch.optim.Adam(visual.parameters(), lr=lr)
+
+    def sample() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        texts = ["".join(rng.choice(chars) for _ in range(rng.randint(3, 8))) for _ in range(batch)]
+        inputs = processor.image_processor(images=[render(t) for t in texts], return_tensors="pt")
+        ids = torch.tensor([tokenizer.convert_tokens_to_ids(c) for t in texts for c in t])
+        return inputs["pixel_values"], inputs["image_grid_thw"], ids
+
+    def tokens(pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        return torch.cat(model.model.get_image_features(pixels, grid).pooler_output)
+
+    losses = []
+    visual.train()
+    for _ in range(steps):
+        pixels, grid, ids = sample()
+        out, target = tokens(pixels, grid), embed[ids]
+        loss = ((out - target) ** 2).sum(-1).div(target.pow(2).sum(-1)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    visual.eval()
+    with torch.no_grad():
+        pixels, grid, ids = sample()
+        out = torch.nn.functional.normalize(tokens(pixels, grid), dim=-1)
+        table = torch.nn.functional.normalize(embed[char_ids], dim=-1)
+        nearest = char_ids[(out @ table.T).argmax(-1)]
+        accuracy = (nearest == ids).float().mean().item()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    k = max(1, min(20, steps // 10))
+    return {"loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "token_accuracy": accuracy}

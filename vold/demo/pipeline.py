@@ -4,9 +4,11 @@ Stages (every one is a call of the trainer's public function on a :class:`vold.c
 each run folder has its ``config.yaml``, ``metrics.jsonl`` and models exactly as ``vold sft`` /
 ``vold make-traces`` / ``vold train`` / ``vold eval`` write them):
 
-    data                      problems -> JSONL (+ PNGs): teacher / perception / train (text, images) / eval
+    data                      problems -> JSONL (+ PNGs): teacher / lm / perception / train / rl (text, images) / eval
     teacher        [cached]   `vold sft` of a random Qwen3 on gold step-by-step solutions
-    perception     [cached]   `vold sft` of a random Qwen2.5-VL on (image | text) -> direct answers, image -> read
+    lm             [cached]   `vold sft` of a random Qwen2.5-VL on text: the primitive operations (text pre-training)
+    perception     [cached]   per seed: the lm's vision aligned to its text embeddings (`align_vision`), then
+                              `vold sft` (vision frozen) on (image | text) -> direct answers, image -> read
     teacher eval              `vold eval` of the teacher on the held-out problems, as text
     per seed s:
       traces                  `vold make-traces`: the teacher solves the train prompts (text; correct ones kept)
@@ -18,8 +20,9 @@ each run folder has its ``config.yaml``, ``metrics.jsonl`` and models exactly as
                               prompt), the teacher's traces from caption + question, ratio-1 update
       eval/<arm>      (a-g)   `vold eval` on the held-out problems as images and as text (+ checkpoints)
 
-Independent stages run in ``jobs`` worker processes (``threads`` torch threads each). The teacher and the
-perception student are cached under ``cache_dir`` by a hash of the settings that make them.
+Independent stages run in ``jobs`` worker processes (``threads`` torch threads each). The teacher, the
+student's text-pre-trained LM and its perception students are cached under ``cache_dir`` by a hash of the
+settings that make them. RL and SOPHIA train on the first ``rl_problems`` training prompts.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from vold.demo.config import PERCEPTION_KEYS, TEACHER_KEYS, DemoConfig, as_dict, cache_key
+from vold.demo.config import LM_KEYS, PERCEPTION_KEYS, TEACHER_KEYS, DemoConfig, as_dict, cache_key
 from vold.demo.models import MAX_PIXELS, MIN_PIXELS
 
 
@@ -113,10 +116,16 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def frozen_vision() -> dict[str, Any]:
+    """``model.*`` keys that freeze the student's vision tower and projector (as VOLD and SOPHIA do), for every
+    stage that trains the student after its vision was aligned to the text embeddings."""
+    return {"freeze_vision_tower": True, "freeze_projector": True}
+
+
 def sft_config(dc: DemoConfig, *, model: str, files: list[str], output_dir: Path, steps: int, lr: float,
-               batch: int, seed: int, response: str) -> dict[str, Any]:
+               batch: int, seed: int, response: str, frozen: bool = True) -> dict[str, Any]:
     return merge(base_config(dc), {
-        "model": {"student": model},
+        "model": {"student": model, **(frozen_vision() if frozen else {})},
         "sft": {"train_files": files, "response_column": response, "lr": lr, "batch_size": batch,
                 "max_steps": steps, "warmup_steps": min(20, steps // 10), "lr_scheduler": "cosine",
                 "min_lr_ratio": 0.1, "max_length": 160},
@@ -135,18 +144,25 @@ def eval_config(dc: DemoConfig, *, model: str, files: list[str], output_dir: Pat
 
 # ---- the stages (run in worker processes: module-level functions of plain arguments) -------------------
 
-def stage_train_model(kind: str, folder: str, size: dict[str, int], config: dict[str, Any]) -> str:
-    """``teacher`` / ``perception``: write a random model to ``folder/init``, then ``vold sft`` it."""
+def stage_train_model(kind: str, folder: str, size: dict[str, int], config: dict[str, Any],
+                      start: str | None = None, align: dict[str, Any] | None = None) -> str:
+    """A cached model, then ``vold sft`` of it on ``config``'s data: ``teacher`` (a random Qwen3), ``lm``
+    (a random Qwen2.5-VL: its text pre-training) or ``perception`` (the ``start`` text-pre-trained student,
+    its vision aligned to the text embeddings first: :func:`vold.demo.models.align_vision` with ``align``)."""
     from vold.config import config_from_dict
-    from vold.demo.models import save_student, save_teacher
+    from vold.demo.models import align_vision, save_student, save_teacher
     from vold.sft import train_sft
 
     folder = Path(folder)
     if kind == "teacher":
-        save_teacher(folder / "init", **size)
+        init = save_teacher(folder / "init", **size)
+    elif kind == "lm":
+        init = save_student(folder / "init", **size)
     else:
-        save_student(folder / "init", **size)
-    config = merge(config, {"model": {"student": str(folder / "init")}, "output_dir": str(folder)})
+        init = folder / "aligned"
+        stats = align_vision(Path(start), init, **align)
+        (folder / "align.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    config = merge(config, {"model": {"student": str(init)}, "output_dir": str(folder)})
     return str(train_sft(config_from_dict(config)))
 
 
@@ -304,19 +320,22 @@ class Scheduler:
 
 def prepare_data(dc: DemoConfig, data: Path) -> dict[str, Any]:
     """Write the problem sets; returns the file paths and, per eval benchmark, the problems' texts."""
-    from vold.demo.task import READ_INSTRUCTION, image_rows, split_problems, text_rows, write_rows
+    from vold.demo.task import READ_INSTRUCTION, fact_rows, image_rows, split_problems, text_rows, write_rows
 
     sets = split_problems(dc.data_seed, eval=dc.eval_problems, perception=dc.perception_problems,
                           train=dc.train_problems, teacher=dc.teacher_problems)
     images = data / "images"
     files = {
         "teacher": write_rows(data / "teacher_solutions.jsonl", text_rows(sets["teacher"], "solution")),
+        # the student's text pre-training: the primitive operations, never the procedure
+        "lm": write_rows(data / "lm_text.jsonl", fact_rows()),
         "perception": write_rows(data / "perception.jsonl",
                                  image_rows(sets["perception"], images, data, "direct")
                                  + image_rows(sets["perception"], images, data, "transcription", READ_INSTRUCTION)
-                                 + text_rows(sets["perception"], "direct")),
+                                 + fact_rows() + text_rows(sets["perception"], "direct")),
         "train": write_rows(data / "train_text.jsonl", text_rows(sets["train"])),
-        "train_image": write_rows(data / "train_image.jsonl", image_rows(sets["train"], images, data)),
+        "rl": write_rows(data / "rl_text.jsonl", text_rows(sets["train"][:dc.rl_problems])),
+        "rl_image": write_rows(data / "rl_image.jsonl", image_rows(sets["train"][:dc.rl_problems], images, data)),
         "image": write_rows(data / "image.jsonl", image_rows(sets["eval"], images, data)),
         "text": write_rows(data / "text.jsonl", text_rows(sets["eval"])),
     }
@@ -363,17 +382,18 @@ def run_demo(dc: DemoConfig, output: str | Path, *, cache_dir: str | Path | None
     eval_files = [files[name] for name in BENCHMARKS]
     sched = Scheduler(dc.jobs, dc.threads, out / "logs", say)
 
-    # cached models: the teacher (one) and the perception-aligned students (one per seed: how well a tiny
-    # student's reading survives text-only post-training varies a lot from one perception model to the next)
+    # cached models: the teacher and the student's text-pre-trained language model (one each: given models,
+    # like a paper's base checkpoints), and the student with eyes (one per seed)
     cached: dict[str, Any] = {}
     models: dict[str, tuple[str, list[str]]] = {}  # name -> (final model folder, task names to wait for)
+    student_size = {"hidden_size": dc.student_hidden, "layers": dc.student_layers,
+                    "vision_hidden": dc.vision_hidden, "vision_depth": dc.vision_depth}
     specs = [("teacher", "teacher", TEACHER_KEYS, None, files["teacher"],
               {"hidden_size": dc.teacher_hidden, "layers": dc.teacher_layers},
-              (dc.teacher_steps, dc.teacher_lr, dc.teacher_batch))]
-    specs += [(f"seed_{seed}/perception", "perception", PERCEPTION_KEYS, seed, files["perception"],
-               {"hidden_size": dc.student_hidden, "layers": dc.student_layers, "vision_hidden": dc.vision_hidden,
-                "vision_depth": dc.vision_depth}, (dc.perception_steps, dc.perception_lr, dc.perception_batch))
-              for seed in range(dc.seeds)]
+              (dc.teacher_steps, dc.teacher_lr, dc.teacher_batch)),
+             ("lm", "lm", LM_KEYS, None, files["lm"], student_size, (dc.lm_steps, dc.lm_lr, dc.lm_batch))]
+    specs += [(f"seed_{seed}/perception", "perception", PERCEPTION_KEYS, seed, files["perception"], student_size,
+               (dc.perception_steps, dc.perception_lr, dc.perception_batch)) for seed in range(dc.seeds)]
     for name, kind, keys, seed, train_file, size, (steps, lr, batch) in specs:
         folder, hit = cached_model(cache, kind, dc, keys, seed)
         final = str(folder / "sft" / "final")
@@ -385,17 +405,22 @@ def run_demo(dc: DemoConfig, output: str | Path, *, cache_dir: str | Path | None
         # the training file is copied into the cache folder, so the cached model does not point into a run
         folder.mkdir(parents=True, exist_ok=True)
         local = shutil.copy(train_file, folder / Path(train_file).name)
+        extra: dict[str, Any] = {}
+        deps: list[str] = []
         if kind == "perception":
             shutil.copytree(Path(train_file).parent / "images", folder / "images", dirs_exist_ok=True)
+            start, deps = models["lm"]
+            extra = {"start": start, "align": {"steps": dc.align_steps, "lr": dc.align_lr, "batch": dc.align_batch,
+                                               "seed": seed}}
         config = sft_config(dc, model="", files=[str(local)], output_dir=folder, steps=steps, lr=lr, batch=batch,
-                            seed=seed or 0, response="response")
+                            seed=seed or 0, response="response", frozen=kind == "perception")
         spec = {"seed": seed, **{k: getattr(dc, k) for k in keys}}
 
         def mark(_result: Any, folder: Path = folder, spec: dict = spec) -> None:
             (folder / "demo_cache.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
 
-        sched.add(Task(name, "train_model", {"kind": kind, "folder": str(folder),
-                                             "size": {**size, "seed": seed or 0}, "config": config}, after=mark))
+        sched.add(Task(name, "train_model", {"kind": kind, "folder": str(folder), "size": {**size, "seed": seed or 0},
+                                             "config": config, **extra}, deps=deps, after=mark))
     teacher, teacher_deps = models["teacher"]
 
     sched.add(Task("teacher/eval", "eval", {
@@ -427,14 +452,16 @@ def run_demo(dc: DemoConfig, output: str | Path, *, cache_dir: str | Path | None
                                   seed=seed),
             "problems": problems}, deps=[f"seed_{seed}/sft"]))
         for arm in TRAINED_ARMS:
+            if dc.arms and arm.key not in dc.arms:
+                continue
             key = arm.key
             deps = [*teacher_deps, *student_deps] + ([f"seed_{seed}/sft"] if arm.start == "sft" else [])
             start_model = sft_model if arm.start == "sft" else student
-            train_file = files["train_image" if arm.images else "train"]
+            train_file = files["rl_image" if arm.images else "rl"]
             total = steps_of(dc, arm)
             every = max(1, total // dc.curve_points)  # checkpoints evaluated for the accuracy-vs-step curves
             common = merge(base_config(dc), {
-                "model": {"student": start_model, "teacher": teacher},
+                "model": {"student": start_model, "teacher": teacher, **frozen_vision()},
                 "checkpoint": {"every": every, "keep_last": dc.curve_points + 1, "save_optimizer": False},
                 "seed": seed, "output_dir": str(root / key),
             })
@@ -447,7 +474,7 @@ def run_demo(dc: DemoConfig, output: str | Path, *, cache_dir: str | Path | None
                                "caption_reward_threshold": dc.sophia_alpha,
                                "caption_prompt": image_prompt(READ_INSTRUCTION),
                                "caption_max_new_tokens": 12, "caption_temperature": 1.0,  # ~6 characters
-                               "teacher_prompt_template": "{caption}{question}",
+                               "teacher_prompt_template": "{caption}\n{question}",
                                "trace_max_new_tokens": dc.max_new_tokens, "trace_temperature": dc.trace_temperature,
                                "trace_top_p": dc.trace_top_p, "response_separator": "\n",
                                "importance_weighting": "none", "batch_size": dc.sophia_batch,

@@ -95,6 +95,84 @@ def collect(out: Path, dc: DemoConfig) -> dict[str, Any]:
             "traces": [t for t in traces if t], "majority_answer": majority}
 
 
+# the premises under which the paper makes its claims (issue 16), checked on the run itself
+P_READS_A, P_READS_B, P_REWARD_RISE, P_DISTILL_FALL = 0.95, 0.90, 0.05, 0.9
+PREMISES = {
+    "P1": "the student sees: (a) reads the image problems",
+    "P2": "text-only post-training leaves perception intact: (b) still reads the image problems",
+    "P3": "the student can execute what it imitates: (b)'s text accuracy above (a)'s (mean within-seed difference)",
+    "P4": "RL learns: (c)'s training reward, last 20 steps minus first 20 (mean over seeds); and D_t of each (e) "
+          "arm falls (last 20 / first 20 steps)",
+}
+
+
+def _ends(values: list[float], window: int = 20) -> tuple[float, float]:
+    """Means of the first and the last ``window`` finite values (half the run each when it is shorter)."""
+    finite = [v for v in values if not math.isnan(v)]
+    k = max(1, min(window, len(finite) // 2))
+    if len(finite) < 2:
+        return math.nan, math.nan
+    return sum(finite[:k]) / k, sum(finite[-k:]) / k
+
+
+def premises(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """P1-P4 measured on the run: ``{"P1": {"value", "threshold", "holds", "what"}, ...}`` (fractions, not %).
+
+    P1: mean over seeds of (a)'s "reads image" >= 0.95. P2: the same for (b) >= 0.90. P3: mean over seeds of
+    text acc. (b) - (a) > 0. P4: mean over seeds of (c)'s reward/mean, mean of the last 20 steps minus the first
+    20, >= 0.05, *and* for each (e) arm the mean over seeds of D_t's last-20 / first-20 ratio <= 0.9 (``distill``).
+    A premise whose arms did not run has value NaN (written as null) and does not hold.
+    """
+    arms, curves = data["arms"], data["curves"]
+
+    def mean(values: list[float]) -> float:
+        return mean_std(values)[0]
+
+    def entry(value: float, threshold: float, holds: bool, **extra: Any) -> dict[str, Any]:
+        value = None if math.isnan(value) else value
+        return {"value": value, "threshold": threshold, "holds": bool(value is not None and holds), **extra}
+
+    p1 = mean(arms["a_base"]["reads_image"])
+    p2 = mean(arms["b_sft"]["reads_image"])
+    a_text, b_text = arms["a_base"]["text"], arms["b_sft"]["text"]
+    p3 = mean([b - a for a, b in zip(a_text, b_text, strict=False)]) if len(a_text) == len(b_text) else math.nan
+    rises = [last - first for first, last in (_ends(r["reward"]) for r in curves.get("c_sft_grpo", []))]
+    p4 = mean([r for r in rises if not math.isnan(r)])
+    distill: dict[str, Any] = {}
+    for arm in TRAINED_ARMS:
+        if arm.key.startswith("e_"):
+            ratios = [last / first for first, last in (_ends(r["distill_kl"]) for r in curves.get(arm.key, []))
+                      if first > 0]
+            ratio = mean(ratios)
+            distill[arm.key] = {"value": None if math.isnan(ratio) else ratio, "threshold": P_DISTILL_FALL,
+                                "holds": bool(ratio <= P_DISTILL_FALL)}
+    falls = bool(distill) and all(d["holds"] for d in distill.values())
+    out = {"P1": entry(p1, P_READS_A, p1 >= P_READS_A), "P2": entry(p2, P_READS_B, p2 >= P_READS_B),
+           "P3": entry(p3, 0.0, p3 > 0.0), "P4": entry(p4, P_REWARD_RISE, p4 >= P_REWARD_RISE and falls,
+                                                      reward_rise_per_seed=rises, distill=distill)}
+    for key, what in PREMISES.items():
+        out[key]["what"] = what
+    return out
+
+
+def premises_markdown(found: dict[str, dict[str, Any]]) -> str:
+    """The premises as a table (values in %, or percentage points for P3 and P4's reward rise)."""
+    lines = ["\nPremises (issue 16), measured on this run:\n", "| premise | what | value | threshold | holds |",
+             "|---|---|--:|--:|:-:|"]
+    for key, p in found.items():
+        value = "–" if p["value"] is None else f"{100 * p['value']:.1f}"
+        if key == "P4":
+            parts = []
+            for arm, d in p["distill"].items():
+                ratio = "–" if d["value"] is None else f"{d['value']:.2f}"
+                parts.append(f"D_t {ARM[arm].short} {ratio}")
+            value += f"; {', '.join(parts)} (≤ {P_DISTILL_FALL:g})" if parts else ""
+        op = ">" if key == "P3" else "≥"
+        lines.append(f"| {key} | {p['what']} | {value} | {op} {100 * p['threshold']:g} | "
+                     f"{'yes' if p['holds'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(data: dict[str, Any], dc: DemoConfig) -> str:
     header = ["arm", "cold start", "GRPO", "from the teacher", "image acc. (%)", "text acc. (%)", "reads image (%)"]
     lines = ["| " + " | ".join(header) + " |", "|---|:-:|:-:|:-:|--:|--:|--:|"]
@@ -106,17 +184,21 @@ def markdown(data: dict[str, Any], dc: DemoConfig) -> str:
     kept = [t["kept"] / max(t["prompts"], 1) for t in data["traces"]]
     notes = (f"\nAccuracy: mean@{dc.eval_samples} (temperature {dc.eval_temperature}, top-p {dc.eval_top_p}) on "
              f"{dc.eval_problems} held-out problems, shown as images and as text; mean ± std over {dc.seeds} "
-             f"seed{'s' if dc.seeds > 1 else ''}. Arms (b)-(e) train on text only; (f) and (g) on the same training "
+             f"seed{'s' if dc.seeds > 1 else ''}. Arms (b)-(e) train on text only; (f) and (g) on the RL "
              f"problems shown as images. Always answering the most frequent "
              f"answer scores {100 * data['majority_answer']:.1f}%. Cold start: {dc.sft_steps} SFT steps on teacher "
              f"traces of {dc.train_problems} text prompts ({100 * mean_std(kept)[0]:.0f}% of them solved by the "
              f"teacher and kept); RL: {dc.rl_steps} steps x {dc.rl_batch} prompts x {dc.num_generations} rollouts, "
-             f"lr {dc.rl_lr:g}, beta {dc.distill_coef:g} on wrong rollouts (1 - r); (f) k3 reference KL "
+             f"on the first {dc.rl_problems} of those prompts, lr {dc.rl_lr:g}, "
+             f"beta {dc.distill_coef:g} on wrong rollouts (1 - r); (f) k3 reference KL "
              f"{dc.images_ref_kl_coef:g}. SOPHIA: {dc.sophia_steps} steps x {dc.sophia_batch} images, "
              f"K = {dc.sophia_captions} captions x N = {dc.sophia_traces} teacher traces, alpha {dc.sophia_alpha:g}, "
-             f"ratio-1 update, lr {dc.sophia_lr:g}. \"reads image\": first line of an image completion = the "
+             f"ratio-1 update, lr {dc.sophia_lr:g}. Student: a {dc.student_layers}-layer width-{dc.student_hidden} LM "
+             f"pre-trained on the primitive operations ({dc.lm_steps} steps), vision aligned to its text embeddings "
+             f"then frozen, eyes {dc.perception_steps} steps; teacher {dc.teacher_layers} x {dc.teacher_hidden}. "
+             f"\"reads image\": first line of an image completion = the "
              f"problem.\n")
-    return "\n".join(lines) + "\n" + notes + paired(data)
+    return "\n".join(lines) + "\n" + notes + premises_markdown(premises(data)) + paired(data)
 
 
 PAIRS = [("e_vold_full", "c_sft_grpo", "distillation (full) on top of SFT + GRPO"),
@@ -279,8 +361,8 @@ def write_report(out: Path, dc: DemoConfig, *, cached: dict[str, Any], seconds: 
     table = markdown(data, dc)
     (out / "results.md").write_text("# vold demo: results\n\n" + table, encoding="utf-8")
     write_plots(out, data, dc)
-    results = {"table": table, "config": as_dict(dc), "cached_models": cached, "seconds": seconds,
-               "elapsed_s": elapsed, **data}
+    results = {"premises": premises(data), "table": table, "config": as_dict(dc), "cached_models": cached,
+               "seconds": seconds, "elapsed_s": elapsed, **data}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return results
 

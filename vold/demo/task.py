@@ -34,6 +34,7 @@ from PIL import Image
 OPS = "+-*"
 INSTRUCTION = "Solve."  # after the problem (text) or after the image
 READ_INSTRUCTION = "Read."  # after the image: transcribe it (the perception stage; SOPHIA's caption prompt)
+COMPUTE_INSTRUCTION = "Compute."  # after one operation (text): its result (the student LM's pre-training)
 
 # 5 x 7 glyphs ('#' = ink)
 GLYPHS = {
@@ -98,6 +99,36 @@ def apply(x: int, op: str, y: int) -> int:
     return x + y if op == "+" else x - y if op == "-" else x * y
 
 
+def facts() -> list[tuple[int, str, int]]:
+    """Every one-operation problem ``x o y`` that occurs as a step of some problem (1125 of them), in a
+    fixed order: the primitive operations the student's language model learns in its text pre-training."""
+    seen = {(x, op, y) for p in all_problems() for x, op, y, _ in p.steps()}
+    return sorted(seen, key=lambda f: (OPS.index(f[1]), f[0], f[2]))
+
+
+def fact_rows(per_row: int = 5, passes: int = 5, seed: int = 0) -> list[dict]:
+    """Text rows of the primitive operations, ``per_row`` independent ones a row, every fact in ``passes`` rows:
+    ``4*2\n81-9\n...\nCompute.`` -> ``4*2=8\n81-9=72\n...`` (each line the form a step of a solution has;
+    no line uses another's result: operations, not the procedure). Several a row: a fact is seen ``passes`` times
+    per epoch at the cost of ``passes / per_row`` rows."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(passes):
+        order = facts()
+        rng.shuffle(order)
+        lines += order
+    rows = []
+    for i in range(0, len(lines), per_row):
+        group = lines[i:i + per_row]
+        texts = [f"{x}{op}{y}" for x, op, y in group]
+        prompt = "\n".join(texts) + f"\n{COMPUTE_INSTRUCTION}"
+        results = [apply(x, op, y) for x, op, y in group]
+        rows.append({"prompt": prompt, "answer": str(results[-1]), "teacher_prompt": prompt,
+                     "data_source": "arith_fact",
+                     "response": "\n".join(f"{t}={r}" for t, r in zip(texts, results, strict=True))})
+    return rows
+
+
 def all_problems() -> list[Problem]:
     """Every valid problem (at most one ``*``, no negative intermediate result), in a fixed order."""
     out = []
@@ -146,7 +177,10 @@ def text_prompt(p: Problem) -> str:
 
 
 def image_prompt(instruction: str = INSTRUCTION) -> str:
-    return f"\n{instruction}"  # the image takes the problem's place, before this text
+    """The text after the image. The image takes the problem's place and its end marker (``<|vision_end|>``)
+    the line break's, so the k-th character of the problem is as far from the instruction (and from the
+    answer) as in the text prompt ``3+4*2\nSolve.``: a copy learnt on text reads the image the same way."""
+    return instruction
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
