@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from vold.cli import main
+from vold.demo.arms import ARMS, TRAINED_ARMS
 from vold.demo.config import LM_KEYS, PERCEPTION_KEYS, TEACHER_KEYS, cache_key, make_config
 from vold.demo.models import align_vision, save_student
-from vold.demo.pipeline import ARMS, TRAINED_ARMS
 from vold.demo.report import premises, premises_markdown
 from vold.demo.task import Problem, all_problems, fact_rows, render, split_problems
 from vold.rewards import accuracy_reward

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from vold.config import section
+from vold.demo.arms import TRAINED_ARMS, Arm
 
 # bump when the task, a model or its training change in a way the fields do not show
 # lm 4, perception 6: the LM learns facts only ("x o y=r", 5 a row); image prompt without its leading line break
@@ -124,8 +125,6 @@ def make_config(quick: bool = False, overrides: list[str] | None = None, **value
     for key, value in values.items():
         if value is not None:
             setattr(cfg, key, value)
-    from vold.demo.pipeline import TRAINED_ARMS
-
     unknown = sorted(set(cfg.arms) - {arm.key for arm in TRAINED_ARMS})
     if unknown:
         raise ValueError(f"demo setting arms: unknown arms {unknown} (trained arms: "
@@ -151,3 +150,8 @@ def cache_key(cfg: DemoConfig, keys: tuple[str, ...], kind: str) -> str:
 
 def as_dict(cfg: DemoConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def steps_of(dc: DemoConfig, arm: Arm) -> int:
+    """Optimizer steps of a trained arm."""
+    return dc.sophia_steps if arm.trainer == "sophia" else dc.rl_steps

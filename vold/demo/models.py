@@ -3,7 +3,7 @@
 - teacher: a Qwen3 causal LM (text only), trained from scratch on step-by-step solutions;
 - student: a Qwen2.5-VL (vision tower + language model), first trained for perception only.
 
-Both use :func:`vold.testing.make_tiny_tokenizer` (character level, Qwen's special tokens), so the
+Both use :func:`vold.tiny.make_tiny_tokenizer` (character level, Qwen's special tokens), so the
 teacher can score the student's token ids: one vocabulary, as distillation needs.
 
 The student's M-RoPE puts every rotary frequency on the image *width* axis (``mrope_section =
@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from vold.models import QwenVLProcessor
-from vold.testing import CHAT_TEMPLATE, make_tiny_tokenizer
+from vold.tiny import CHAT_TEMPLATE, make_tiny_tokenizer
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28, 28 * 28 * 8  # problems are rendered 28 px high, up to 8 characters wide
 

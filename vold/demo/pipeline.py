@@ -42,54 +42,9 @@ from typing import Any
 
 import yaml
 
-from vold.demo.config import LM_KEYS, PERCEPTION_KEYS, TEACHER_KEYS, DemoConfig, as_dict, cache_key
+from vold.demo.arms import BENCHMARKS, TRAINED_ARMS
+from vold.demo.config import LM_KEYS, PERCEPTION_KEYS, TEACHER_KEYS, DemoConfig, as_dict, cache_key, steps_of
 from vold.demo.models import MAX_PIXELS, MIN_PIXELS
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One arm of the ablation: how its model is made, and how the report shows it."""
-
-    key: str
-    label: str
-    short: str  # legend of the plots
-    color: str
-    marks: tuple[str, str, str]  # the table's columns: cold start, GRPO, distillation
-    start: str | None = None  # "base" (perception student) | "sft" (cold start) | None: not a training run
-    trainer: str = "rl"  # "rl" (`vold train`) | "sophia" (`vold sophia`)
-    estimator: str | None = None  # distillation estimator of an RL arm (None: no distillation)
-    images: bool = False  # trains on the train problems as images (else as text)
-
-    @property
-    def run(self) -> str:
-        """The stage's run folder under the arm (``vold train`` -> rl, ``vold sophia`` -> sophia)."""
-        return self.trainer
-
-
-ARMS = [
-    Arm("a_base", "(a) student, perception only", "(a) base", "#7f7f7f", ("", "", "")),
-    Arm("b_sft", "(b) + cold-start SFT on teacher traces", "(b) SFT", "#bcbd22", ("✓", "", "")),
-    Arm("c_sft_grpo", "(c) SFT + GRPO", "(c) SFT+GRPO", "#1f77b4", ("✓", "✓", ""), start="sft"),
-    Arm("d_grpo_distill", "(d) GRPO + distillation (k2), no cold start", "(d) GRPO+KD (k2)", "#9467bd",
-        ("", "✓", "k2"), start="base", estimator="k2"),
-    Arm("e_vold_k2", "(e) VOLD: SFT + GRPO + distillation (k2)", "(e) VOLD k2", "#d62728", ("✓", "✓", "k2"),
-        start="sft", estimator="k2"),
-    Arm("e_vold_full", "(e) VOLD: SFT + GRPO + distillation (full KL)", "(e) VOLD full", "#ff7f0e",
-        ("✓", "✓", "full"), start="sft", estimator="full"),
-    Arm("f_sft_grpo_images", "(f) RL with cold start: SFT + GRPO on images (k3 ref. KL)", "(f) SFT+GRPO images",
-        "#17becf", ("✓", "✓ images", ""), start="sft", images=True),
-    Arm("g_sophia", "(g) SOPHIA: student captions + teacher traces, on images", "(g) SOPHIA", "#2ca02c",
-        ("", "", "teacher traces"), start="base", trainer="sophia", images=True),
-]
-TRAINED_ARMS = [arm for arm in ARMS if arm.start is not None]
-RL_ARMS = [arm for arm in TRAINED_ARMS if arm.trainer == "rl"]
-BENCHMARKS = ("image", "text")
-
-
-def steps_of(dc: DemoConfig, arm: Arm) -> int:
-    """Optimizer steps of a trained arm."""
-    return dc.sophia_steps if arm.trainer == "sophia" else dc.rl_steps
-
 
 # ---- configs of the trainer's stages ------------------------------------------------------------------
 

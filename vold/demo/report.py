@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vold.demo.config import DemoConfig, as_dict
-from vold.demo.pipeline import ARMS, BENCHMARKS, TRAINED_ARMS, steps_of
+from vold.demo.arms import ARMS, BENCHMARKS, TRAINED_ARMS
+from vold.demo.config import DemoConfig, as_dict, steps_of
 from vold.runs import distill_metric, read_jsonl
 
 ARM = {arm.key: arm for arm in ARMS}

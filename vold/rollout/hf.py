@@ -10,8 +10,8 @@ from transformers import GenerationConfig
 
 from vold.data import select_rows, tokenizer_of
 from vold.models import lm_head_weight
-from vold.rollout import Rollout, RolloutEngine, completion_mask
-from vold.rollout import eos_token_ids as default_eos_token_ids
+from vold.rollout.base import Rollout, RolloutEngine, completion_mask
+from vold.rollout.base import eos_token_ids as default_eos_token_ids
 
 if TYPE_CHECKING:
     from vold.data import PromptBatch

@@ -19,7 +19,7 @@ import torch
 
 from vold.data import is_multimodal, tokenizer_of
 from vold.models import merged_state_dict
-from vold.rollout import Rollout, RolloutEngine, completion_mask, pad_completions
+from vold.rollout.base import Rollout, RolloutEngine, completion_mask, pad_completions
 
 if TYPE_CHECKING:
     from vold.data import PromptBatch
