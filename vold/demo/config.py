@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from vold.config import section
+from vold.config import StrList, section
 from vold.demo.arms import TRAINED_ARMS, Arm
 
 # bump when the task, a model or its training change in a way the fields do not show
@@ -27,8 +27,8 @@ class DemoConfig:
     jobs: int = 0  # worker processes running independent stages at once (0: one per CPU core, at most 4)
     threads: int = 1  # torch threads per worker
     data_seed: int = 0  # the problem split (shared by all seeds)
-    # the trained arms to run (keys of vold.demo.pipeline.ARMS, e.g. c_sft_grpo); empty: all. (a) and (b) always run
-    arms: list[str] = dataclasses.field(default_factory=list)
+    # the trained arms to run (keys of vold.demo.arms.ARMS, e.g. c_sft_grpo); empty: all. (a) and (b) always run
+    arms: StrList = dataclasses.field(default_factory=list)  # 'a,b' or '[a, b]', as the trainer's list keys
 
     # problems (of the 5647 valid expressions; eval is disjoint from all others, perception from train)
     eval_problems: int = 300  # held out: evaluated as images and as text
