@@ -162,6 +162,12 @@ def test_every_bad_key_is_named_on_one_line():
     ("model.lora.rr=3", "unknown config key 'model.lora.rr'; did you mean 'r'?"),
     ("data.train_files=[a", "config key 'data.train_files' expects a list, got '[a'"),
     ("optim.lr.x=1", "config key 'optim.lr' is not a section"),
+    # refused when the run reaches them otherwise: vold_loss without the key's name after the first rollouts, a
+    # ZeroDivisionError at the end of step 1, a run of no steps
+    ("loss.clip_ratio_c=0.5", "config key 'loss.clip_ratio_c' must be > 1, got '0.5'"),
+    ("logging.every=0", "config key 'logging.every' must be > 0"),
+    ("optim.max_steps=-1", "config key 'optim.max_steps' must be >= 0"),
+    ("sft.max_steps=-1", "config key 'sft.max_steps' must be >= 0"),
 ])
 def test_ranges_and_nested_keys_are_named(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -1,11 +1,21 @@
 """The trainer reads each model's logit transform from its config (``vold.models.logit_options``): Gemma-2's
-``final_logit_softcapping`` and Cohere's ``logit_scale``. The fused passes (``vold.scoring.score``,
-``response_logprobs``, ``vold.rl.compute_loss``) then give the log-probs of the model's own forward
-(``model(...).logits``, which applies the cap / the scale), checked on tiny random Gemma-2 and Cohere models."""
+``final_logit_softcapping``, Cohere's ``logit_scale`` and Granite's ``logits_scaling``. The fused passes
+(``vold.scoring.score``, ``response_logprobs``, ``vold.rl.compute_loss``) then give the log-probs of the model's own
+forward (``model(...).logits``, which applies the cap / the scale), checked on tiny random Gemma-2, Cohere and
+Granite models."""
 
 import pytest
 import torch
-from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from vold.config import load_config
 from vold.kernels import fused_linear_logprobs
@@ -31,6 +41,15 @@ def gemma2(vocab: int, cap: float = 0.05) -> torch.nn.Module:
 def cohere(vocab: int, scale: float = 20.0) -> torch.nn.Module:
     torch.manual_seed(1)
     return CohereForCausalLM(CohereConfig(vocab_size=vocab, logit_scale=scale, **SIZES)).eval()
+
+
+def granite(vocab: int, scaling: float = 0.05) -> torch.nn.Module:
+    """A Granite, whose forward divides the logits by ``logits_scaling`` (0.05: the logits grow 20x)."""
+    torch.manual_seed(3)
+    return GraniteForCausalLM(GraniteConfig(vocab_size=vocab, logits_scaling=scaling, **SIZES)).eval()
+
+
+BUILDS, BUILD_IDS = [gemma2, cohere, granite], ["gemma2_softcap", "cohere_logit_scale", "granite_logits_scaling"]
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +86,23 @@ def test_logit_options_read_from_the_config(tokens):
     assert logit_options(make_tiny_student(tokens["tokenizer"])) == {}  # Qwen2.5-VL (text_config): none
     uncapped = Gemma2Config(vocab_size=vocab, final_logit_softcapping=None, **SIZES)
     assert logit_options(Gemma2ForCausalLM(uncapped)) == {}
+    # Granite divides its logits by logits_scaling (vold ignored it: log-probs of another distribution)
+    assert logit_options(granite(vocab, 16.0), "student_") == {"student_logit_scale": 1 / 16}
+    assert logit_options(granite(vocab, 1.0)) == {}
 
 
-@pytest.mark.parametrize("build", [gemma2, cohere], ids=["gemma2_softcap", "cohere_logit_scale"])
+def test_an_unknown_head_multiplier_is_refused(tokens):
+    """A language model whose config sets a MuP head multiplier vold has no rule for: a ValueError naming the key
+    (multiply or divide is the model's choice), not silently the untransformed log-probs."""
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokens["vocab"], **SIZES))
+    model.config.logits_scaling = 8.0
+    with pytest.raises(ValueError, match=r"config sets logits_scaling=8.*multiplies or divides"):
+        logit_options(model)
+    model.config.logits_scaling = 1.0  # the identity: nothing to apply
+    assert logit_options(model) == {}
+
+
+@pytest.mark.parametrize("build", BUILDS, ids=BUILD_IDS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_score_gives_the_models_own_logprobs(tokens, build, temperature):
     model = build(tokens["vocab"])
@@ -84,7 +117,7 @@ def test_score_gives_the_models_own_logprobs(tokens, build, temperature):
     assert ((plain.double() - expected) * tokens["mask"]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("build", [gemma2, cohere], ids=["gemma2_softcap", "cohere_logit_scale"])
+@pytest.mark.parametrize("build", BUILDS, ids=BUILD_IDS)
 def test_response_logprobs_and_its_gradient_follow_the_transform(tokens, build):
     model = build(tokens["vocab"])
     batch = {"prompt_inputs": tokens["prompts"], "ids": tokens["ids"], "mask": tokens["mask"]}

@@ -16,7 +16,7 @@ in (0, 1], got 0``; ``unknown config key 'optim.lrr'; did you mean 'lr'?``). Che
 Why pydantic and not OmegaConf structured configs: OmegaConf types a key only as int/float/bool/str/enum
 (no ``Literal``, no ranges), so every choice and range check here would stay hand-written, and it is not a
 dependency here; pydantic is (of DeepSpeed and vLLM; the ``train`` extra names it), and the dotlist
-form users know from verl/Hydra is kept by :func:`apply_override` (``a.b=value``; ``none``/``null`` for an
+form users know from verl/Hydra is kept by :func:`load_config`'s overrides (``a.b=value``; ``none``/``null`` for an
 optional key, ``[a, b]`` or ``a,b`` for a list, ``true``/``false``, ``2e3`` for an int).
 """
 
@@ -91,6 +91,8 @@ OptStr = Annotated[str | None, _NONE_TEXT]
 OptBool = Annotated[bool | None, _NONE_TEXT]
 OptInt = Annotated[Int | None, _NONE_TEXT]
 OptPosInt = Annotated[PosInt | None, _NONE_TEXT]
+OptNonNegInt = Annotated[NonNegInt | None, _NONE_TEXT]
+OptDualClip = Annotated[Annotated[float, Field(gt=1)] | None, _NONE_TEXT]  # loss.clip_ratio_c: dual clip c > 1
 OptFloat = Annotated[float | None, _NONE_TEXT]
 OptNonNegFloat = Annotated[NonNegFloat | None, _NONE_TEXT]
 OptFloatList = Annotated[FloatList | None, _NONE_TEXT]
@@ -245,7 +247,7 @@ class LossConfig:
     loss_type: Literal[LOSS_TYPES] = _KERNEL_DEFAULTS["loss_type"]
     epsilon_low: NonNegFloat = _KERNEL_DEFAULTS["epsilon_low"]
     epsilon_high: NonNegFloat = _KERNEL_DEFAULTS["epsilon_high"]
-    clip_ratio_c: OptFloat = _KERNEL_DEFAULTS["clip_ratio_c"]
+    clip_ratio_c: OptDualClip = _KERNEL_DEFAULTS["clip_ratio_c"]  # None, or c > 1 (vold_loss refuses c <= 1)
     importance_sampling_level: Literal[IS_LEVELS] = _KERNEL_DEFAULTS["importance_sampling_level"]
     ref_kl_coef: float = _KERNEL_DEFAULTS["ref_kl_coef"]
     ref_kl_estimator: Literal[KL_ESTIMATORS] = _KERNEL_DEFAULTS["ref_kl_estimator"]
@@ -303,7 +305,7 @@ class OptimConfig:
     lr_scheduler: Scheduler = "constant"  # constant | linear | cosine (all after warmup)
     warmup_steps: NonNegInt = 0  # in optimizer updates (ppo_epochs * minibatches per training step)
     min_lr_ratio: Fraction = 0.0  # linear/cosine decay to min_lr_ratio * lr
-    max_steps: Int = 1000  # training steps (one rollout batch each)
+    max_steps: NonNegInt = 1000  # training steps (one rollout batch each)
     # micro-batches per minibatch: memory only, the update is the same for every loss type (dapo and bnpo
     # divide by the minibatch's token count, grpo/dr_grpo weight each micro-batch by its share of the sequences)
     grad_accum: PosInt = 1
@@ -349,7 +351,7 @@ class SFTConfig:
     train_files: StrList = field(default_factory=list)  # default: [traces.output_file]
     response_column: str = "trace"  # the target text; the prompt comes from data.prompt_column
     epochs: PosInt = 1
-    max_steps: OptInt = None  # default: epochs * (rows // (batch_size * grad_accum))
+    max_steps: OptNonNegInt = None  # default: epochs * (rows // (batch_size * grad_accum))
     lr: PosFloat = 1e-5
     lr_scheduler: Scheduler = "cosine"  # constant | linear | cosine (after warmup)
     warmup_steps: NonNegInt = 0
@@ -447,13 +449,13 @@ class CheckpointConfig:
 
 @section
 class LoggingConfig:
-    every: Int = 1
+    every: PosInt = 1  # steps between log lines (and the last step)
     jsonl: bool = True
     tensorboard: bool = False  # needs the tensorboard package; skipped with a warning without it
     wandb: bool = False  # needs wandb; skipped with a warning without it
     wandb_project: str = "vold"
     progress: bool = True  # tqdm progress bars, when tqdm is installed
-    num_completions: Int = 2  # completions written to the log per step
+    num_completions: NonNegInt = 2  # completions written to the log per step
 
 
 @section

@@ -270,20 +270,58 @@ def lm_head_bias(model: PreTrainedModel) -> torch.Tensor | None:
     return getattr(model.get_output_embeddings(), "bias", None)
 
 
+# Heads whose forward multiplies the logits by a config value v (MuP-style) as ``z -> z * v**power``, by the
+# top-level model_type (the class whose forward applies it; a VLM reads v from its text_config): Granite and
+# MiniCPM3 divide by ``logits_scaling`` (MiniCPM3 divides the hidden states: the same, its head has no bias),
+# HyperCLOVA X multiplies by it, Falcon-H1 by ``lm_head_multiplier``, Muse by ``output_multiplier``
+# (transformers 5.24's modeling files). A LLaVA-NeXT with a Granite language model does not apply it (LLaVA's
+# forward), hence the top-level key.
+HEAD_SCALING = {
+    **dict.fromkeys(("granite", "granitemoe", "granitemoehybrid", "granitemoeshared", "granite_swa",
+                     "granitemoe_swa", "granite4_vision", "granite_docling", "minicpm3"), ("logits_scaling", -1)),
+    "hyperclovax": ("logits_scaling", 1), "hyperclovax_vision_v2": ("logits_scaling", 1),
+    "falcon_h1": ("lm_head_multiplier", 1),
+    "muse_glimmer": ("output_multiplier", 1), "muse_spark": ("output_multiplier", 1),
+}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def logit_options(model: PreTrainedModel, prefix: str = "") -> dict[str, float]:
     """The kernels' logit-transform keywords for ``model``'s head, read from its config (the language model's
-    ``text_config`` for a VLM): ``{prefix}logit_scale`` (Cohere's ``logit_scale`` s) and
-    ``{prefix}final_logit_softcapping`` (Gemma-2's cap c), so the fused losses see the distribution the model's own
-    forward (and ``generate``) gives, ``z' = c tanh(s z / c) / T`` (``vold.kernels``). Only the keys the config
-    sets (a number; ``None`` caps are left out): ``{}`` for Qwen, Llama and most models. ``prefix``: ``""`` for
-    ``fused_linear_logprobs``, ``"student_"``/``"teacher_"`` for ``vold_loss`` and ``fused_linear_divergence``."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
+    ``text_config`` for a VLM): ``{prefix}logit_scale`` (Cohere's ``logit_scale`` s, times a MuP head multiplier:
+    Granite's ``1 / logits_scaling`` and the others of :data:`HEAD_SCALING`) and ``{prefix}final_logit_softcapping``
+    (Gemma-2's cap c), so the fused losses see the distribution the model's own forward (and ``generate``) gives,
+    ``z' = c tanh(s z / c) / T`` (``vold.kernels``). Only the keys the config sets (a number; ``None`` caps are
+    left out): ``{}`` for Qwen, Llama and most models. ``prefix``: ``""`` for ``fused_linear_logprobs``,
+    ``"student_"``/``"teacher_"`` for ``vold_loss`` and ``fused_linear_divergence``.
+
+    ``ValueError`` for a language model (no ``text_config``) of a type not in :data:`HEAD_SCALING` whose config
+    sets one of those multipliers (``logits_scaling``, ``lm_head_multiplier``, ``output_multiplier``) to a value
+    other than 1: whether its forward multiplies or divides is not known here, and ignoring it gives log-probs of
+    another distribution (TRL adapter: the same refusal)."""
+    top = getattr(model, "config", None)
+    config = getattr(top, "text_config", None) or top
     out = {}
     for key in ("logit_scale", "final_logit_softcapping"):
-        value = getattr(config, key, None)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out[prefix + key] = float(value)
+        value = _number(getattr(config, key, None))
+        if value is not None:
+            out[prefix + key] = value
+    model_type = getattr(top, "model_type", None)
+    if model_type in HEAD_SCALING:
+        key, power = HEAD_SCALING[model_type]
+        value = _number(getattr(config, key, None))
+        if value is not None and value != 1.0:
+            out[prefix + "logit_scale"] = out.get(prefix + "logit_scale", 1.0) * value ** power
+    elif config is top:
+        for key in ("logits_scaling", "lm_head_multiplier", "output_multiplier"):
+            value = _number(getattr(config, key, None))
+            if value is not None and value != 1.0:
+                raise ValueError(f"the {model_type!r} model's config sets {key}={value:g}: vold does not know whether "
+                                 f"its forward multiplies or divides the logits by it (known: "
+                                 f"{', '.join(sorted(HEAD_SCALING))})")
     return out
 
 
@@ -385,6 +423,7 @@ def student_from_config(mc: ModelConfig, device: torch.device, path: str | None 
     model = load_student(path, dtype=mc.dtype, device=device, attn_implementation=mc.attn_implementation,
                          local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code,
                          gradient_checkpointing=mc.gradient_checkpointing, trainable_adapter=mc.lora.enabled)
+    logit_options(model)  # a head multiplier vold has no rule for is refused here, before any run file
     if mc.lora.enabled and lora_wrapper(model) is None:
         model = add_lora(model, mc.lora, freeze_vision_tower=mc.freeze_vision_tower)
     apply_freezing(model, mc, switch_keys=switch_keys)
@@ -604,6 +643,7 @@ def teacher_from_config(mc: ModelConfig, device: torch.device) -> tuple[PreTrain
     teacher = load_teacher(mc.teacher, dtype=mc.teacher_dtype or mc.dtype, device=device,
                            attn_implementation=mc.attn_implementation, local_files_only=mc.local_files_only,
                            trust_remote_code=mc.trust_remote_code)
+    logit_options(teacher)  # a head multiplier vold has no rule for is refused here, before any run file
     tokenizer = load_tokenizer(mc.teacher_tokenizer or mc.teacher, local_files_only=mc.local_files_only,
                                trust_remote_code=mc.trust_remote_code)
     return teacher, tokenizer

@@ -31,7 +31,7 @@ Objective = Callable[[int, int, dict], tuple[torch.Tensor, torch.Tensor | None, 
 
 @dataclass
 class ChunkResult:
-    stats: dict[str, torch.Tensor]  # each [N] fp32
+    stats: dict[str, torch.Tensor]  # each [N], in the compute dtype (fp32, or fp64 for fp64 inputs)
     grad_hidden: torch.Tensor | None = None
     grad_weight: torch.Tensor | None = None
     grad_bias: torch.Tensor | None = None

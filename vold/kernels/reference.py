@@ -254,8 +254,8 @@ def ref_vold_loss(
 
     Per token t of sequence i (m_t = mask, L_i = sum of m over sequence i, B = number of sequences)::
 
-        r_t  = exp(logp_t - old_t)                                       (token level)
-             = exp(sum_{s in i} m_s (logp_s - old_s) / max(L_i, 1))       (sequence level, all t in i)
+        r_t  = exp(clamp(x_t, -20, 20)), x_t = logp_t - old_t                    (token level)
+             x_t = sum_{s in i} m_s (logp_s - old_s) / max(L_i, 1)               (sequence level, all t in i)
         pg_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t);  dual clip: A_t < 0 -> min(pg_t, -c A_t)
         l_t  = pg_t + ref_kl_coef k(logp_t, ref_t) + distill_coef w_t D_t - entropy_coef H_t
         loss = sum_t n_t l_t

@@ -108,8 +108,8 @@ def chunk_statistics(
 ) -> dict[str, torch.Tensor]:
     """Per-row statistics of one chunk (pure function: eager, or compiled by torch.compile).
 
-    Returns fp32 ``[chunk]`` tensors: lse_z, logp, entropy and, with a teacher, lse_u, teacher_logp,
-    divergence (code 1 reverse KL, 2 forward KL, 3 JSD) and aux (KL(p||m) for JSD). Differences of
+    Returns ``[chunk]`` tensors in the logits' dtype (fp32, or fp64): lse_z, logp, entropy and, with a teacher,
+    lse_u, teacher_logp, divergence (code 1 reverse KL, 2 forward KL, 3 JSD) and aux (KL(p||m) for JSD). Differences of
     log-probabilities are formed before each reduction (no cancellation of two ~log V sums).
     ``workspace`` (eager): its buffers hold the ``[chunk, V]`` intermediates instead of new tensors.
     """
@@ -177,7 +177,7 @@ def chunk_logit_grad(
     shard: VocabShard | None = None,
     in_place: bool = False,
 ) -> torch.Tensor:
-    """dL/dz (fp32 ``[chunk, V]``) from the row coefficients; recomputes p, log p (and log q) from the
+    """dL/dz (``[chunk, V]``, the logits' dtype) from the row coefficients; recomputes p, log p (and log q) from the
     logits and the saved log-normalisers::
 
         dz' = p * (-g_logp - g_ent (log p + H) + g_div [c=1] (log p - log q - D)
