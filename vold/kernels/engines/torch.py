@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ..common import DIVERGENCE_CODE, ChunkSpec, VocabShard, Workspace
+from ..common import DIVERGENCE_CODE, ChunkSpec, VocabShard, Workspace, block_rows
 
 
 def _reduce_max(x: torch.Tensor, shard: VocabShard | None) -> torch.Tensor:
@@ -125,7 +125,7 @@ def chunk_statistics(
     out["lse_u"] = lse_u
     out["teacher_logp"] = _gather_rows(logq_all, targets, shard)
     if code == 1:
-        out["divergence"] = _rowdot(p, logq_all.neg_().add_(logp_all), shard, consume_b=True)  # sum p (log p - log q)
+        out["divergence"] = _rowdot(p, torch.sub(logp_all, logq_all, out=logq_all), shard, consume_b=True)  # sum p (log p - log q)
     elif code == 2:
         out["divergence"] = _rowdot(q, logq_all.sub_(logp_all), shard, consume_b=True)  # sum q (log q - log p)
     elif code == 3:
@@ -188,21 +188,26 @@ def chunk_logit_grad(
     buffer, so a chunk allocates no new ``[chunk, V]`` buffer (each is a fresh, page-faulted mmap on the CPU).
     """
     logp = _shifted(z, inv_t, stats["lse_z"], in_place)
+    # inner: the [chunk, V] part of the bracket; const: its per-row part (row vectors are folded there, so no
+    # [chunk, V] pass subtracts them)
     inner, q, const = None, None, -g_logp
     if g_div is not None and code:
         logq = _shifted(u, inv_t, stats["lse_u"], in_place)
-        if code == 1:
-            inner = logq.neg_().add_(logp).sub_(stats["divergence"][:, None]).mul_(g_div[:, None])
+        if code == 1:  # g_div (log p - log q) - g_div D
+            inner = torch.sub(logp, logq, out=logq if in_place else None).mul_(g_div[:, None])
+            const = const - g_div * stats["divergence"]
         elif code == 2:
             q, const = logq.exp_(), const + g_div  # g_div (p - q) = p * g_div - g_div q
-        else:
+        else:  # w (log p/m) - w KL(p||m)
             w = g_div * (1.0 - beta)
-            inner = _log_p_over_mixture(logq.sub_(logp), beta).sub_(stats["aux"][:, None]).mul_(w[:, None])
-    if g_ent is not None:  # inner -= g_ent (log p + H)
+            inner = _log_p_over_mixture(logq.sub_(logp), beta).mul_(w[:, None])
+            const = const - w * stats["aux"]
+    if g_ent is not None:  # - g_ent log p - g_ent H
         if inner is None:
-            inner = (logp + stats["entropy"][:, None]).mul_(-g_ent[:, None])
+            inner = logp * (-g_ent)[:, None]
         else:
-            inner.addcmul_(logp, g_ent[:, None], value=-1.0).sub_((g_ent * stats["entropy"])[:, None])
+            inner.addcmul_(logp, g_ent[:, None], value=-1.0)
+        const = const - g_ent * stats["entropy"]
     p = logp.exp_()  # log p is not needed any more
     dz = p.mul_(const[:, None]) if inner is None else p.mul_(inner.add_(const[:, None]))
     if q is not None:
@@ -219,29 +224,44 @@ def _logit_grad_into(z: torch.Tensor, *args) -> None:
 
 class TorchEngine:
     """The PyTorch engine. ``compiled=True`` runs the same per-chunk functions through torch.compile
-    (inductor fuses them into a few reductions and one pointwise pass); chunks of another row count
-    than ``chunk_rows`` (a ragged last chunk, or N below one chunk) run eagerly, so a changing N never
-    recompiles."""
+    (inductor fuses them into a few reductions and one pointwise pass).
+
+    On the CPU a chunk's elementwise work runs in row blocks (``common.block_rows``: ~2 MiB eager, ~16 MiB
+    compiled, at most ``chunk_rows``) so each pass stays in the cache; the GEMMs still see the whole chunk.
+    torch_compile compiles for the full block shape only: a ragged block (the end of a ragged chunk, or N
+    below one block) runs eagerly, so a changing N never recompiles. A vocab-parallel chunk (collectives
+    per reduction) is one block, run eagerly."""
 
     def __init__(self, compiled: bool = False, chunk_rows: int | None = None):
         self.compiled = compiled
         self.chunk_rows = chunk_rows
         self.name = "torch_compile" if compiled else "torch"
 
-    def _fn(self, eager, rows: int, spec: ChunkSpec):
-        compiled = self.compiled and rows == self.chunk_rows and spec.shard is None  # collectives run eagerly
-        return _compiled(eager) if compiled else eager
+    def _blocks(self, z: torch.Tensor, spec: ChunkSpec):
+        """``(start, end, compiled)`` of each row block of the chunk ``z``."""
+        rows = z.shape[0]
+        block = None if spec.shard is not None else block_rows(z.shape[1], z.device, self.compiled, self.chunk_rows)
+        if block is None:  # one block: compiled when it has the chunk shape torch_compile compiles for
+            yield 0, rows, self.compiled and spec.shard is None and rows == self.chunk_rows
+            return
+        for start in range(0, rows, block):
+            end = min(rows, start + block)
+            yield start, end, self.compiled and end - start == block
 
     def forward(
         self, z: torch.Tensor, u: torch.Tensor | None, targets: torch.Tensor, spec: ChunkSpec,
         workspace: Workspace | None = None,
     ):
         code = DIVERGENCE_CODE[spec.divergence] if u is not None else 0
-        fn = self._fn(chunk_statistics, z.shape[0], spec)
-        if fn is chunk_statistics:
-            stats = fn(z, u, targets, spec.inv_temperature, code, spec.beta, spec.shard, workspace)
-        else:
-            stats = fn(z, u, targets, spec.inv_temperature, code, spec.beta, spec.shard)
+        parts = []
+        for start, end, compiled in self._blocks(z, spec):
+            args = (z[start:end], None if u is None else u[start:end], targets[start:end], spec.inv_temperature,
+                    code, spec.beta)
+            if compiled:
+                parts.append(_compiled(chunk_statistics)(*args, None))
+            else:
+                parts.append(chunk_statistics(*args, spec.shard, workspace))
+        stats = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         cache = {"z": z, "u": u, "targets": targets, "stats": stats, "code": code}
         public = {"logp": stats["logp"]}
         if spec.need_entropy:
@@ -253,16 +273,23 @@ class TorchEngine:
         return public, cache
 
     def backward(self, cache: dict, g_logp, g_ent, g_div, spec: ChunkSpec) -> torch.Tensor:
-        """dL/dz of the chunk. Consumes the chunk's logits: dz is written over ``z`` when z is fp32."""
-        z = cache["z"]
-        args = (cache["u"], cache["targets"], cache["stats"], g_logp.to(z.dtype), g_ent, g_div,
-                spec.inv_temperature, cache["code"], spec.beta, spec.shard)
-        if self.compiled and z.shape[0] == self.chunk_rows and spec.shard is None:
-            if z.dtype in (torch.float32, torch.float64) and z.is_contiguous():
-                _compiled(_logit_grad_into)(z, *args)
-                return z
-            return _compiled(chunk_logit_grad)(z, *args)
-        return chunk_logit_grad(z, *args, in_place=True)
+        """dL/dz of the chunk, written over the chunk's logits ``z`` (fp32 or fp64) block by block."""
+        z, u, targets, stats = cache["z"], cache["u"], cache["targets"], cache["stats"]
+        g_logp = g_logp.to(z.dtype)
+        for start, end, compiled in self._blocks(z, spec):
+            def rows(x):
+                return None if x is None else x[start:end]
+
+            zb = z[start:end]
+            args = (rows(u), targets[start:end], {k: v[start:end] for k, v in stats.items()}, g_logp[start:end],
+                    rows(g_ent), rows(g_div), spec.inv_temperature, cache["code"], spec.beta)
+            if compiled:
+                _compiled(_logit_grad_into)(zb, *args, None)
+            else:
+                dz = chunk_logit_grad(zb, *args, spec.shard, in_place=True)
+                if dz.data_ptr() != zb.data_ptr():
+                    zb.copy_(dz)
+        return z
 
 
 _COMPILED: dict = {}
