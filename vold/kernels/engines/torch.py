@@ -125,7 +125,8 @@ def chunk_statistics(
     out["lse_u"] = lse_u
     out["teacher_logp"] = _gather_rows(logq_all, targets, shard)
     if code == 1:
-        out["divergence"] = _rowdot(p, torch.sub(logp_all, logq_all, out=logq_all), shard, consume_b=True)  # sum p (log p - log q)
+        log_p_over_q = torch.sub(logp_all, logq_all, out=logq_all)
+        out["divergence"] = _rowdot(p, log_p_over_q, shard, consume_b=True)  # sum p (log p - log q)
     elif code == 2:
         out["divergence"] = _rowdot(q, logq_all.sub_(logp_all), shard, consume_b=True)  # sum q (log q - log p)
     elif code == 3:
@@ -277,12 +278,10 @@ class TorchEngine:
         z, u, targets, stats = cache["z"], cache["u"], cache["targets"], cache["stats"]
         g_logp = g_logp.to(z.dtype)
         for start, end, compiled in self._blocks(z, spec):
-            def rows(x):
-                return None if x is None else x[start:end]
-
-            zb = z[start:end]
-            args = (rows(u), targets[start:end], {k: v[start:end] for k, v in stats.items()}, g_logp[start:end],
-                    rows(g_ent), rows(g_div), spec.inv_temperature, cache["code"], spec.beta)
+            block = slice(start, end)
+            zb = z[block]
+            args = (_rows(u, block), targets[block], {k: v[block] for k, v in stats.items()}, g_logp[block],
+                    _rows(g_ent, block), _rows(g_div, block), spec.inv_temperature, cache["code"], spec.beta)
             if compiled:
                 _compiled(_logit_grad_into)(zb, *args, None)
             else:
@@ -290,6 +289,10 @@ class TorchEngine:
                 if dz.data_ptr() != zb.data_ptr():
                     zb.copy_(dz)
         return z
+
+
+def _rows(x: torch.Tensor | None, block: slice) -> torch.Tensor | None:
+    return None if x is None else x[block]
 
 
 _COMPILED: dict = {}
