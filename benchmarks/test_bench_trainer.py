@@ -127,3 +127,32 @@ def test_a_point_over_the_cap_fails_alone() -> None:
     assert bt.GIB < rows[0]["rss_at_stop_bytes"] < 2 * bt.GIB
     assert rows[1]["status"] == "skipped (failed at T=8)" and not rows[1]["fits"]
     assert bt.longest_fit(rows, "vold_train") is None
+
+
+def test_point_budget_stops_a_slow_system_and_partial_results_are_written(monkeypatch, tmp_path: Path) -> None:
+    # run_point stubbed out: trl_grpo's point at T=32 "takes" 100 s, so it is not run at T=64; every
+    # other point is instant. The results file exists after every point, marked partial until the end.
+    clock = {"now": 0.0}
+    seen: list[bool] = []
+
+    def fake_run_point(system: str, length: int, s: bt.Settings) -> dict:
+        clock["now"] += 100.0 if (system, length) == ("trl_grpo", 32) else 1.0
+        if (tmp_path / "trainer_t.json").exists():
+            seen.append(json.loads((tmp_path / "trainer_t.json").read_text())["complete"])
+        return {"status": "ok", "time_s": 0.5, "peak_bytes": bt.GIB, "losses": [1.0]}
+
+    monkeypatch.setattr(bt, "run_point", fake_run_point)
+    monkeypatch.setattr(bt.time, "perf_counter", lambda: clock["now"])
+    result = bt.main(["--quick", "--lengths", "16,32,64", "--systems", "vold_train,trl_grpo", "--point-budget-s",
+                      "50", "--output", str(tmp_path), "--tag", "t", "--no-plot"])
+    status = {(r["system"], r["length"]): r["status"] for r in result["rows"]}
+    assert status[("trl_grpo", 32)] == "ok"
+    assert status[("trl_grpo", 64)] == "skipped (not run: T=32 took 100 s > --point-budget-s 50)"
+    assert status[("vold_train", 64)] == "ok"
+    assert seen and not any(seen)  # partial files while running
+    saved = json.loads((tmp_path / "trainer_t.json").read_text())
+    assert saved["complete"] is True and len(saved["rows"]) == 6
+    text = (tmp_path / "trainer_t.md").read_text()
+    assert ">= 32 (longer not run)" in text and "Partial" not in text
+    with pytest.raises(SystemExit, match="--point-budget-s"):
+        bt.settings_from_args(bt.parse_args(["--point-budget-s", "0"]))

@@ -123,6 +123,7 @@ class Settings:
     threads: int | None = None
     seed: int = 0
     child_timeout: float = 7200.0
+    point_budget_s: float | None = None  # a system whose point took longer is not run at longer lengths
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -429,23 +430,28 @@ def run_point(system: str, length: int, s: Settings) -> dict[str, Any]:
     return out
 
 
-def sweep(s: Settings) -> list[dict[str, Any]]:
-    """Every (system, length) point, shortest first; a system that failed is skipped at longer lengths."""
+def sweep(s: Settings, on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Every (system, length) point, shortest first; a system that failed is skipped at longer lengths, and so
+    is one whose point took longer than ``s.point_budget_s`` (its longer points would take longer still).
+    ``on_row(rows)`` is called after each point (the caller writes the partial results)."""
     rows: list[dict[str, Any]] = []
-    failed: dict[str, int] = {}
+    stopped: dict[str, str] = {}
     tokens = {t: s.batch * t for t in s.lengths}
     for length in sorted(s.lengths):
         for system in s.systems:
             row: dict[str, Any] = {"system": system, "label": LABELS[system], "length": length,
                                    "tokens": tokens[length], "estimator": s.estimator}
-            if system in failed:
-                row["status"] = f"skipped (failed at T={failed[system]})"
+            if system in stopped:
+                row["status"] = f"skipped ({stopped[system]})"
             else:
                 started = time.perf_counter()
                 row.update(run_point(system, length, s))
                 row["child_s"] = time.perf_counter() - started
                 if row["status"] != "ok":
-                    failed[system] = length
+                    stopped[system] = f"failed at T={length}"
+                elif s.point_budget_s is not None and row["child_s"] > s.point_budget_s:
+                    stopped[system] = (f"not run: T={length} took {row['child_s']:.0f} s > "
+                                       f"--point-budget-s {s.point_budget_s:g}")
             if row.get("time_s"):
                 row["time_per_token_s"] = row["time_s"] / tokens[length]
             peak = row.get("peak_bytes")
@@ -454,6 +460,8 @@ def sweep(s: Settings) -> list[dict[str, Any]]:
             log(f"[trainer-bench] T={length} {system}: {row['status']}"
                 + (f", {row['time_s']:.3f} s/step, peak {peak / MIB:,.0f} MiB" if row["status"] == "ok" else ""))
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -482,6 +490,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"warm-up, each point in a fresh process. Memory cap {fmt(cap / GIB if cap else None, '.1f')} GiB. "
         f"{device}; torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}; {m['date']}.",
         "",
+        *([f"**Partial: the sweep was still running** ({len(rows)} points so far).", ""]
+          if result.get("complete") is False else []),
         "| system | T | tokens | s / step | ms / token | peak memory (MiB) | step's rise (MiB) | loss | status |",
         "|---|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
@@ -499,7 +509,10 @@ def markdown(result: dict[str, Any]) -> str:
     for system in result["settings"]["systems"]:
         t = longest_fit(rows, system)
         at = next((r for r in rows if r["system"] == system and r["length"] == t), None)
-        lines.append(f"| {LABELS[system]} | {t if t is not None else 'none'} "
+        # stopped by the time budget: longer lengths were not tried, so the longest fit is a lower bound
+        unknown = t is not None and any(r["system"] == system and r["status"].startswith("skipped (not run")
+                                        for r in rows)
+        lines.append(f"| {LABELS[system]} | {'none' if t is None else (f'>= {t} (longer not run)' if unknown else t)} "
                      f"| {fmt(at['peak_bytes'] / MIB if at else None, ',.0f')} |")
     lines += ["", "Peak memory: the process's whole footprint during the timed steps (models, gradients, AdamW "
               "state, activations; CPU: VmHWM, CUDA: max_memory_allocated); rise: above the footprint before the "
@@ -586,6 +599,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads in each child (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child-timeout", type=float, default=7200.0, help="seconds per point (default 7200)")
+    p.add_argument("--point-budget-s", type=float,
+                   help="a system whose point took longer (seconds, child process included) is not run at longer "
+                        "lengths, reported as such (default: no budget)")
     p.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results",
                    help="output directory (default: benchmarks/results/)")
     p.add_argument("--tag", help="file name tag: trainer_<tag>.* (default: the device type; 'quick' with --quick)")
@@ -617,8 +633,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise SystemExit("--warmup must be >= 1 (the first step allocates AdamW's state)")
     if base.get("hidden", 256) % 4:
         raise SystemExit("--hidden must be a multiple of 4 (4 attention heads)")
+    if args.point_budget_s is not None and args.point_budget_s <= 0:
+        raise SystemExit("--point-budget-s must be > 0")
     s = Settings(device=device, dtype=args.dtype or ("bf16" if device == "cuda" else "fp32"), seed=args.seed,
-                 child_timeout=args.child_timeout, **base)
+                 child_timeout=args.child_timeout, point_budget_s=args.point_budget_s, **base)
     if s.estimator == "k2":
         dropped = [x for x in s.systems if "k2" not in ESTIMATORS_OF[x]]
         if dropped:
@@ -640,14 +658,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     log(f"[trainer-bench] {len(s.systems)} systems x {len(s.lengths)} lengths on {s.device}: {s.model_note()}; "
         f"batch {s.batch}, memory cap {fmt(s.mem_cap_bytes / GIB if s.mem_cap_bytes else None, '.1f')} GiB")
     started = time.perf_counter()
-    rows = sweep(s)
     machine = machine_info(torch.device(s.device))
     machine["git_modified"] = modified_files()
-    result = {"tag": tag, "machine": machine, "models": s.model_note(), "settings": dataclasses.asdict(s),
-              "systems": {k: LABELS[k] for k in s.systems}, "rows": rows,
-              "longest_fit": {k: longest_fit(rows, k) for k in s.systems}, "elapsed_s": time.perf_counter() - started}
-    text = markdown(result)
-    paths = write_result(result, text, args.output, f"trainer_{tag}")
+
+    def report(rows: list[dict[str, Any]], complete: bool) -> tuple[dict[str, Any], str, list[Path]]:
+        result = {"tag": tag, "machine": machine, "models": s.model_note(), "settings": dataclasses.asdict(s),
+                  "systems": {k: LABELS[k] for k in s.systems}, "rows": rows, "complete": complete,
+                  "longest_fit": {k: longest_fit(rows, k) for k in s.systems},
+                  "elapsed_s": time.perf_counter() - started}
+        text = markdown(result)
+        return result, text, write_result(result, text, args.output, f"trainer_{tag}")
+
+    # the results so far are written after every point: a sweep stopped midway keeps what it measured
+    rows = sweep(s, on_row=lambda so_far: report(so_far, complete=False))
+    result, text, paths = report(rows, complete=True)
     if not args.no_plot:
         png = plot(result, args.output / f"trainer_{tag}.png")
         paths += [png] if png else []
