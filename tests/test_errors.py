@@ -304,6 +304,31 @@ def test_vold_loss_non_finite(impl, key, match):
     vold_loss(**tensors, **options, check_finite=False)  # no check, no error
 
 
+@pytest.mark.parametrize("check_finite", [True, False])
+@pytest.mark.parametrize(
+    "key,layout",
+    [("mask", "token"), ("distill_mask", "seq"), ("distill_mask", "token")],
+)
+def test_vold_loss_negative_weights(key, layout, check_finite):
+    """A negative mask / distill_mask weight flipped the sign of that token's loss silently; now it is named.
+
+    Fractional weights in [0, inf) stay valid, and a distill_mask weight of a token that does not count (mask 0)
+    is never read (as for its NaN check)."""
+    tensors = _vold_inputs(mask="fractional", distill_mask="token" if layout == "token" else "seq")
+    options = dict(impl="torch", distill_coef=0.3, check_finite=check_finite)
+    loss, _ = vold_loss(**tensors, **options)  # fractional weights: fine
+    assert torch.isfinite(loss)
+    bad = tensors[key].clone()
+    bad.view(-1)[0] = -0.5  # sequence 0 / token (0, 0): counts (mask[0, 0] > 0)
+    with pytest.raises(ValueError, match=f"^{key} must be >= 0"):
+        vold_loss(**dict(tensors, **{key: bad}), **options)
+    if key == "distill_mask" and layout == "token":
+        hidden_token = tensors["mask"] == 0
+        assert bool(hidden_token.any())
+        ignored = torch.where(hidden_token, torch.full_like(tensors[key], -3.0), tensors[key])
+        assert_rel(vold_loss(**dict(tensors, distill_mask=ignored), **options)[0], loss, 0.0, "loss")
+
+
 def test_vold_loss_layout_errors():
     tensors = _vold_inputs()
     flat = {k: (v.reshape(-1, v.shape[-1]) if k.endswith("_hidden") else v) for k, v in tensors.items()}

@@ -218,7 +218,9 @@ def vold_loss(
     for any finite log-probs (metrics ``ratio_clamp_frac``, ``ref_kl_clamp_frac``, ``distill_clamp_frac``:
     masked fraction of clamped tokens). Dtypes: per-token math, loss and metrics in promote(fp32, heads'
     dtype): fp32 for fp32/bf16/fp16 heads (logits accumulated and kept in fp32), fp64 for fp64 heads.
-    Raises ``ValueError`` (naming the argument) for bad shapes/options, NaN/inf in hidden states or in
+    ``mask`` and ``distill_mask`` are weights in ``[0, inf)`` (0/1 or fractional; ``mask`` 0 drops a token).
+    Raises ``ValueError`` (naming the argument) for bad shapes/options, a negative ``mask`` or ``distill_mask``
+    weight (of a token that counts, for ``distill_mask``), NaN/inf in hidden states, ``mask`` or in
     the log-probs/advantages of tokens that count (``check_finite``), fp64 with ``impl="triton"``, and,
     in backward, an fp16 gradient beyond fp16's range.
     """
@@ -274,7 +276,9 @@ def vold_loss(
     checks.check_targets(targets, token_shape, global_vocab)
     if mask is None:
         mask = torch.ones(token_shape, device=student_hidden.device)
-    checks.check_same_shape("mask", mask, token_shape, finite=check_finite)
+    else:
+        checks.check_same_shape("mask", mask, token_shape)
+        checks.check_weights("mask", mask, finite=check_finite)
     for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
                         ("teacher_logprobs", teacher_logprobs)):
         checks.check_same_shape(name, value, token_shape)
@@ -320,10 +324,11 @@ def vold_loss(
     )
     if check_finite:
         for name, value in (("advantages", inputs.advantages), ("old_logprobs", inputs.old_logp),
-                            ("ref_logprobs", inputs.ref_logp), ("teacher_logprobs", inputs.teacher_logp),
-                            ("distill_mask", inputs.distill_weight)):
+                            ("ref_logprobs", inputs.ref_logp), ("teacher_logprobs", inputs.teacher_logp)):
             if value is not None:
                 checks.check_finite(name, value)
+    if inputs.distill_weight is not None:  # the tokens that count; >= 0 always, finite with check_finite
+        checks.check_weights("distill_mask", inputs.distill_weight, finite=check_finite)
 
     h_dim = student_hidden.shape[-1]
     s_hidden = student_hidden.reshape(-1, h_dim).index_select(0, active)
