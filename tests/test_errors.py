@@ -234,7 +234,10 @@ def test_vold_loss_bad_option_strings(option, value):
 
 @pytest.mark.parametrize(
     "options,match",
-    [(dict(epsilon_low=-0.1), "epsilon"), (dict(epsilon_high=-0.1), "epsilon"),
+    [(dict(epsilon_low=-0.1), "^epsilon_low must be in"), (dict(epsilon_high=-0.1), "^epsilon_high must be >= 0"),
+     # 1 - epsilon_low <= 0: the lower clip bound was below every ratio (meaningless), silently
+     (dict(epsilon_low=1.0), "^epsilon_low must be in"), (dict(epsilon_low=1.5), "^epsilon_low must be in"),
+     (dict(epsilon_low=math.nan), "^epsilon_low must be in"), (dict(epsilon_high=math.nan), "^epsilon_high"),
      (dict(clip_ratio_c=0.5), "clip_ratio_c"), (dict(clip_ratio_c=1.0), "clip_ratio_c"),
      (dict(temperature=0.0), "temperature"),
      (dict(divergence="jsd", jsd_beta=1.2), "beta"), (dict(loss_type="dapo", token_normalizer=0.0), "token_normalizer"),
