@@ -379,6 +379,25 @@ def test_convert_gguf_refuses_an_existing_output_without_overwrite(tmp_path, cap
     assert "is a file; OUT is the output folder" in error_line(capsys) and len(calls) == 2
 
 
+def test_eval_skips_the_training_freeze_checks(tiny, tmp_path, capsys, user):
+    """`vold eval` ran model.freeze_*/frozen/trainable's checks (apply_freezing) although it trains nothing: a
+    text-only eval.model under a config with model.freeze_vision_tower=true (the paper configs) was refused ("no
+    vision tower parameters"), after the eval folder was written. Training still refuses them."""
+    bench = write_jsonl(tmp_path / "bench.jsonl", [{"prompt": "1+1? Answer in \\boxed{}.", "answer": "2"}])
+    keys = ("model.freeze_vision_tower=true", "model.frozen=[.]", "model.trainable=[no_such_param]")
+    for key in keys:
+        out = tmp_path / key.split("=")[0]
+        assert vold("eval", tiny, out, key, f"eval.model={tiny['teacher']}", f"eval.files=[{bench}]") == 0, key
+        assert json.loads((out / "eval" / model_folder_name(str(tiny["teacher"])) / "summary.json").read_text()
+                          )["results"]["all"]["n"] == 1
+    from vold.config import load_config
+    from vold.models import student_from_config
+
+    cfg = load_config(CONFIG, [keys[0]])
+    with pytest.raises(ValueError, match="model.freeze_vision_tower=true but the student has no vision tower"):
+        student_from_config(cfg.model, torch.device("cpu"), path=str(tiny["teacher"]))  # training: still refused
+
+
 def test_bench_help_lists_its_verbs(capsys, user):
     """`vold bench --help` used to print only "error: the following arguments are required: what" (exit 2): the
     bench parser leaves --help to each benchmark. Now it lists step | kernels | trainer, one line each; a bare
