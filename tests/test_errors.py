@@ -234,7 +234,10 @@ def test_vold_loss_bad_option_strings(option, value):
 
 @pytest.mark.parametrize(
     "options,match",
-    [(dict(epsilon_low=-0.1), "epsilon"), (dict(epsilon_high=-0.1), "epsilon"),
+    [(dict(epsilon_low=-0.1), "^epsilon_low must be in"), (dict(epsilon_high=-0.1), "^epsilon_high must be >= 0"),
+     # 1 - epsilon_low <= 0: the lower clip bound was below every ratio (meaningless), silently
+     (dict(epsilon_low=1.0), "^epsilon_low must be in"), (dict(epsilon_low=1.5), "^epsilon_low must be in"),
+     (dict(epsilon_low=math.nan), "^epsilon_low must be in"), (dict(epsilon_high=math.nan), "^epsilon_high"),
      (dict(clip_ratio_c=0.5), "clip_ratio_c"), (dict(clip_ratio_c=1.0), "clip_ratio_c"),
      (dict(temperature=0.0), "temperature"),
      (dict(divergence="jsd", jsd_beta=1.2), "beta"), (dict(loss_type="dapo", token_normalizer=0.0), "token_normalizer"),
@@ -302,6 +305,31 @@ def test_vold_loss_non_finite(impl, key, match):
     with pytest.raises(ValueError, match=match):
         vold_loss(**tensors, **options)
     vold_loss(**tensors, **options, check_finite=False)  # no check, no error
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+@pytest.mark.parametrize(
+    "key,layout",
+    [("mask", "token"), ("distill_mask", "seq"), ("distill_mask", "token")],
+)
+def test_vold_loss_negative_weights(key, layout, check_finite):
+    """A negative mask / distill_mask weight flipped the sign of that token's loss silently; now it is named.
+
+    Fractional weights in [0, inf) stay valid, and a distill_mask weight of a token that does not count (mask 0)
+    is never read (as for its NaN check)."""
+    tensors = _vold_inputs(mask="fractional", distill_mask="token" if layout == "token" else "seq")
+    options = dict(impl="torch", distill_coef=0.3, check_finite=check_finite)
+    loss, _ = vold_loss(**tensors, **options)  # fractional weights: fine
+    assert torch.isfinite(loss)
+    bad = tensors[key].clone()
+    bad.view(-1)[0] = -0.5  # sequence 0 / token (0, 0): counts (mask[0, 0] > 0)
+    with pytest.raises(ValueError, match=f"^{key} must be >= 0"):
+        vold_loss(**dict(tensors, **{key: bad}), **options)
+    if key == "distill_mask" and layout == "token":
+        hidden_token = tensors["mask"] == 0
+        assert bool(hidden_token.any())
+        ignored = torch.where(hidden_token, torch.full_like(tensors[key], -3.0), tensors[key])
+        assert_rel(vold_loss(**dict(tensors, distill_mask=ignored), **options)[0], loss, 0.0, "loss")
 
 
 def test_vold_loss_layout_errors():

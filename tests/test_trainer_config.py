@@ -165,6 +165,10 @@ def test_every_bad_key_is_named_on_one_line():
     # refused when the run reaches them otherwise: vold_loss without the key's name after the first rollouts, a
     # ZeroDivisionError at the end of step 1, a run of no steps
     ("loss.clip_ratio_c=0.5", "config key 'loss.clip_ratio_c' must be > 1, got '0.5'"),
+    # the lower clip bound 1 - epsilon_low <= 0 (vold_loss refuses it too)
+    ("loss.epsilon_low=1.5", "config key 'loss.epsilon_low' must be in [0, 1), got '1.5'"),
+    ("loss.epsilon_low=1", "config key 'loss.epsilon_low' must be in [0, 1), got '1'"),
+    ("loss.epsilon_low=-0.1", "config key 'loss.epsilon_low' must be in [0, 1), got '-0.1'"),
     ("logging.every=0", "config key 'logging.every' must be > 0"),
     ("optim.max_steps=-1", "config key 'optim.max_steps' must be >= 0"),
     ("sft.max_steps=-1", "config key 'sft.max_steps' must be >= 0"),

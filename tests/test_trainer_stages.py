@@ -122,19 +122,19 @@ def test_make_traces_filters_and_determinism(tiny, tmp_path):
     assert run("make-traces", tiny, b, "traces.keep_per_prompt=2") == 0
     text = (a / "traces" / "traces.jsonl").read_text()
     assert text == (b / "traces" / "traces.jsonl").read_text() and text.count("\n") == 16  # same seed, same file
-    assert run("make-traces", tiny, b, "traces.keep_per_prompt=2", "seed=1") == 0
+    assert run("make-traces", tiny, b, "traces.keep_per_prompt=2", "seed=1", "--overwrite") == 0
     assert (b / "traces" / "traces.jsonl").read_text() != text
 
     # correctness filter (random teacher: nothing is right), length filter, truncation
-    assert run("make-traces", tiny, a, "traces.filter_correct=true") == 0
+    assert run("make-traces", tiny, a, "traces.filter_correct=true", "--overwrite") == 0
     stats = json.loads((a / "traces" / "stats.json").read_text())
     assert stats["kept"] == 0 and stats["dropped_incorrect"] == 16 and (a / "traces" / "traces.jsonl").read_text() == ""
-    assert run("make-traces", tiny, a, "traces.max_tokens=10", "traces.keep_per_prompt=2") == 0
+    assert run("make-traces", tiny, a, "traces.max_tokens=10", "traces.keep_per_prompt=2", "--overwrite") == 0
     stats = json.loads((a / "traces" / "stats.json").read_text())
     kept = read_jsonl(a / "traces" / "traces.jsonl")
     assert stats["dropped_length"] > 0 and stats["kept"] == len(kept) == 16 - stats["dropped_length"]
     assert all(r["trace_tokens"] <= 10 for r in kept)
-    assert run("make-traces", tiny, a, "traces.drop_truncated=true", "traces.keep_per_prompt=2") == 0
+    assert run("make-traces", tiny, a, "traces.drop_truncated=true", "traces.keep_per_prompt=2", "--overwrite") == 0
     stats = json.loads((a / "traces" / "stats.json").read_text())
     assert stats["dropped_truncated"] > 0 and stats["kept"] == 16 - stats["dropped_truncated"]
 

@@ -234,12 +234,33 @@ def test_make_traces_says_why_it_dropped_traces(tiny, tmp_path, capsys):
     rows = read_jsonl(dropped)
     assert len(rows) == 16 and {r["dropped"] for r in rows} == {"incorrect"} and all(r["trace"] for r in rows)
 
-    assert vold("make-traces", tiny, tmp_path, "traces.max_new_tokens=4", "traces.drop_truncated=true") == 0
+    assert vold("make-traces", tiny, tmp_path, "traces.max_new_tokens=4", "traces.drop_truncated=true",
+                "--overwrite") == 0
     printed = capsys.readouterr().out
     stats = json.loads((tmp_path / "traces" / "stats.json").read_text())
     assert stats["dropped_truncated"] > 0
     assert f"{stats['dropped_truncated']} truncated at traces.max_new_tokens" in printed
     assert sum(r["dropped"] == "truncated" for r in read_jsonl(dropped)) == stats["dropped_truncated"]
+
+
+def test_make_traces_refuses_to_overwrite_without_overwrite(tiny, tmp_path, capsys, user):
+    """A second `vold make-traces` into the same output silently replaced traces.jsonl (and stats.json,
+    dropped.jsonl); now it is a one-line error naming traces.output_file and --overwrite, before any work."""
+    assert vold("make-traces", tiny, tmp_path) == 0
+    traces = tmp_path / "traces" / "traces.jsonl"
+    before = {p.name: p.read_bytes() for p in (tmp_path / "traces").iterdir()}
+    capsys.readouterr()
+    assert vold("make-traces", tiny, tmp_path, "seed=1") == 2
+    line = error_line(capsys)
+    assert f"make-traces would overwrite {traces}" in line and "traces.output_file" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "traces").iterdir()} == before  # not even config.yaml
+    # another output file in the same run folder: its stats.json / dropped.jsonl would still be replaced
+    assert vold("make-traces", tiny, tmp_path, f"traces.output_file={tmp_path / 'other.jsonl'}") == 2
+    assert "stats.json" in error_line(capsys) and not (tmp_path / "other.jsonl").exists()
+    assert vold("make-traces", tiny, tmp_path, f"traces.output_file={tmp_path}", "--overwrite") == 2
+    assert f"traces.output_file={tmp_path} is a folder" in error_line(capsys)
+    assert vold("make-traces", tiny, tmp_path, "seed=1", "--overwrite") == 0  # asked for: replaced
+    assert traces.read_bytes() != before["traces.jsonl"]
 
 
 # ---- 5: metric names ------------------------------------------------------------------------------------------
@@ -334,6 +355,63 @@ def test_convert_gguf_verb_errors(tmp_path, capsys, user):
     assert main(["convert-gguf", str(tmp_path), "absent.gguf", str(tmp_path / "out")]) == 2
     assert f"{tmp_path / 'absent.gguf'} not found" in error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_gguf_refuses_an_existing_output_without_overwrite(tmp_path, capsys, user, monkeypatch):
+    """`vold convert-gguf` wrote over a non-empty OUT silently (and into an OUT that is a file, save_pretrained
+    logs an error and writes nothing); now both are one-line errors before the conversion, --overwrite allows
+    the first. The conversion itself is replaced by a recorder (it needs a real GGUF file)."""
+    import vold.models
+
+    calls = []
+    monkeypatch.setattr(vold.models, "convert_gguf", lambda folder, file, out, dtype: calls.append(out) or Path(out))
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["convert-gguf", str(tmp_path), "model.gguf", str(out)]
+    assert main(args) == 0 and calls == [str(out)]  # an empty folder: fine
+    (out / "config.json").write_text("{}")
+    assert main(args) == 2
+    line = error_line(capsys)
+    assert f"OUT={out} already exists and is not empty" in line and "--overwrite" in line and len(calls) == 1
+    assert main([*args, "--overwrite"]) == 0 and len(calls) == 2
+    assert main(["convert-gguf", str(tmp_path), "model.gguf", str(tmp_path / "model.gguf"), "--overwrite"]) == 2
+    assert "is a file; OUT is the output folder" in error_line(capsys) and len(calls) == 2
+
+
+def test_eval_skips_the_training_freeze_checks(tiny, tmp_path, capsys, user):
+    """`vold eval` ran model.freeze_*/frozen/trainable's checks (apply_freezing) although it trains nothing: a
+    text-only eval.model under a config with model.freeze_vision_tower=true (the paper configs) was refused ("no
+    vision tower parameters"), after the eval folder was written. Training still refuses them."""
+    bench = write_jsonl(tmp_path / "bench.jsonl", [{"prompt": "1+1? Answer in \\boxed{}.", "answer": "2"}])
+    keys = ("model.freeze_vision_tower=true", "model.frozen=[.]", "model.trainable=[no_such_param]")
+    for key in keys:
+        out = tmp_path / key.split("=")[0]
+        assert vold("eval", tiny, out, key, f"eval.model={tiny['teacher']}", f"eval.files=[{bench}]") == 0, key
+        assert json.loads((out / "eval" / model_folder_name(str(tiny["teacher"])) / "summary.json").read_text()
+                          )["results"]["all"]["n"] == 1
+    from vold.config import load_config
+    from vold.models import student_from_config
+
+    cfg = load_config(CONFIG, [keys[0]])
+    with pytest.raises(ValueError, match="model.freeze_vision_tower=true but the student has no vision tower"):
+        student_from_config(cfg.model, torch.device("cpu"), path=str(tiny["teacher"]))  # training: still refused
+
+
+def test_bench_help_lists_its_verbs(capsys, user):
+    """`vold bench --help` used to print only "error: the following arguments are required: what" (exit 2): the
+    bench parser leaves --help to each benchmark. Now it lists step | kernels | trainer, one line each; a bare
+    `vold bench` is a one-line error naming them."""
+    import vold.cli
+
+    for flag in ("--help", "-h"):
+        assert main(["bench", flag]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == "usage: vold bench {step,kernels,trainer} [options]"
+        for verb, text in vold.cli.BENCH_VERBS.items():
+            assert sum(line.split()[:1] == [verb] and line.endswith(text) for line in lines) == 1, verb
+    assert main(["bench"]) == 2
+    assert "name a benchmark: vold bench step | kernels | trainer" in error_line(capsys)
 
 
 @pytest.mark.slow

@@ -1,11 +1,11 @@
 """The ``vold`` command line (also ``python -m vold``).
 
-    vold make-traces [--config run.yaml] [key.sub=value ...]             stage 0: teacher traces
+    vold make-traces [--config run.yaml] [key.sub=value ...] [--overwrite]  stage 0: teacher traces
     vold sft         [--config run.yaml] [key.sub=value ...] [--resume auto|none|PATH]  stage 1
     vold train       [--config run.yaml] [key.sub=value ...] [--resume auto|none|PATH]  stage 2
     vold sophia      [--config run.yaml] [key.sub=value ...] [--resume auto|none|PATH]  semi-off-policy RL
     vold eval        [--config run.yaml] [key.sub=value ...]             pass@1 / mean@k
-    vold convert-gguf FOLDER FILE.gguf OUT [--dtype float32]             a GGUF checkpoint -> a model folder
+    vold convert-gguf FOLDER FILE.gguf OUT [--dtype float32] [--overwrite]  a GGUF checkpoint -> a model folder
     vold demo        [--quick] [--seeds N] [--output DIR] [key=value ...]  the ablation on a toy task (CPU)
     vold bench kernels [...]                                             kernel benchmarks (from a checkout)
     vold bench step [--config run.yaml] [key.sub=value ...] [--steps N]  trainer step: tokens/s, time per phase
@@ -16,7 +16,9 @@ Every stage reads one config (YAML, then the ``key.sub=value`` overrides) and wr
 ``{output_dir}/{traces,sft,rl,sophia,eval}`` with the resolved ``config.yaml``.
 
 A stage never continues an earlier run unless asked (``--resume auto``): a run folder that already holds
-checkpoints or a final model is refused (``overwrite_output_dir=true`` starts over). A user error (bad config,
+checkpoints or a final model is refused (``overwrite_output_dir=true`` starts over); so is an existing output of
+``make-traces`` (``traces.output_file``) or ``convert-gguf`` (a non-empty ``OUT``) unless ``--overwrite`` is given
+(for make-traces: ``overwrite_output_dir=true``). A user error (bad config,
 missing file or model, unfit data) prints one line ``vold <command>: error: ...`` and exits with status 2,
 before any run folder is written; ``--debug`` (anywhere on the line) or ``VOLD_DEBUG=1`` shows the traceback.
 """
@@ -34,6 +36,13 @@ STAGES = {
     "train": "GRPO + reverse-KL distillation from the teacher on the student's rollouts",
     "sophia": "semi-off-policy RL (SOPHIA): student captions, teacher traces, reward-weighted update",
     "eval": "pass@1 and mean@k accuracy on JSONL benchmarks",
+}
+
+#: ``vold bench VERB``: one line each (``vold bench --help`` lists them; ``vold bench VERB --help``: its options)
+BENCH_VERBS = {
+    "step": "trainer step: tokens/s of a full `vold train` step and its time per phase (rollout, scoring, update)",
+    "kernels": "kernel benchmarks: time and peak memory of one loss, vold's engines vs plain PyTorch, TRL, Liger",
+    "trainer": "one update step of GRPO + distillation: vold vs TRL trainers, same models and rollouts",
 }
 
 
@@ -84,12 +93,15 @@ def _cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
-def run_stage(command: str, config: str | None, overrides: list[str], resume: str | None) -> None:
+def run_stage(command: str, config: str | None, overrides: list[str], resume: str | None,
+              overwrite: bool = False) -> None:
     from vold.config import load_config
 
     quiet_third_party()
     if resume is not None:
         overrides = [*overrides, f"checkpoint.resume={resume}"]
+    if overwrite:  # make-traces' --overwrite: the config key every stage reads
+        overrides = [*overrides, "overwrite_output_dir=true"]
     cfg = load_config(config, overrides)
     if command in ("make-traces", "eval") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(f"vold {command} runs in one process (it samples; it is not data-parallel): "
@@ -123,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     # add_help=False: `vold bench step --help` reaches the benchmark's own parser
     bench = sub.add_parser("bench", help="benchmarks (run from a checkout: they live in benchmarks/)", add_help=False)
-    bench.add_argument("what", choices=["kernels", "step", "trainer"])
+    bench.add_argument("what", choices=list(BENCH_VERBS))
     for name, help_text in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--config", default=None, help="YAML config file (default: the built-in defaults)")
@@ -133,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                                help="auto: continue from the latest checkpoint of the run folder; none (default): "
                                     "a fresh start, refused in a folder holding a run; PATH: that checkpoint "
                                     "(sets checkpoint.resume)")
+        if name == "make-traces":
+            stage.add_argument("--overwrite", action="store_true",
+                               help="replace an existing traces.output_file (and the run folder's stats.json, "
+                                    "dropped.jsonl); refused without it (sets overwrite_output_dir=true)")
     sub.add_parser("gpu-check", help="GPU readiness: kernel tests, kernel benchmark, train and SFT steps on the "
                                      "device (from a checkout: benchmarks/gpu_check.py)", add_help=False)
     gguf = sub.add_parser("convert-gguf", help="dequantise a GGUF checkpoint into a save_pretrained model folder",
@@ -142,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("file", help="the .gguf file name inside FOLDER")
     gguf.add_argument("out", help="output folder (save_pretrained)")
     gguf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gguf.add_argument("--overwrite", action="store_true",
+                      help="write into OUT although it already holds files (refused without it)")
     demo = sub.add_parser("demo", help="the VOLD ablation at laptop scale on the CPU (toy task, tiny models)",
                           description="Teacher, perception-aligned student, then arms (a)-(e) through the stages "
                                       "above; writes a results table and figures (see docs/demo.md).")
@@ -156,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bench_help() -> str:
+    """What ``vold bench --help`` prints: the sub-verbs, one line each."""
+    width = max(map(len, BENCH_VERBS))
+    lines = [f"usage: vold bench {{{','.join(BENCH_VERBS)}}} [options]", "", "benchmarks (run from a checkout: they "
+             "live in benchmarks/); `vold bench VERB --help` shows that benchmark's options:", ""]
+    return "\n".join([*lines, *(f"  {verb:<{width}}  {text}" for verb, text in BENCH_VERBS.items())])
+
+
 def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     command = argv[0] if argv else None
     if command in DEPENDENCIES and not {"-h", "--help"} & set(argv):
@@ -167,6 +193,11 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 
         return demo_main(parser.parse_args(argv))
     if command == "bench":
+        if len(argv) == 1 or argv[1] in ("-h", "--help"):  # the bench parser has no help of its own (see above)
+            if len(argv) == 1:
+                raise UserError(f"name a benchmark: vold bench {' | '.join(BENCH_VERBS)} (vold bench --help)")
+            print(bench_help())
+            return 0
         args, rest = parser.parse_known_args(argv)
         try:
             if args.what == "step":
@@ -193,6 +224,11 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         quiet_third_party()
         if not (os.path.isfile(os.path.join(args.folder, args.file))):
             raise UserError(f"convert-gguf: {os.path.join(args.folder, args.file)} not found")
+        if os.path.isfile(args.out):
+            raise UserError(f"OUT={args.out} is a file; OUT is the output folder (save_pretrained)")
+        if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+            raise UserError(f"OUT={args.out} already exists and is not empty: pass --overwrite to write "
+                             f"the model over it, or choose another OUT")
         out = convert_gguf(args.folder, args.file, args.out, dtype=args.dtype)
         print(f"convert-gguf: {os.path.join(args.folder, args.file)} -> {out} (use it as model.student or "
               f"model.teacher)")
@@ -201,7 +237,8 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     unknown = [a for a in rest if a.startswith("-") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like key.sub=value)")
-    run_stage(args.command, args.config, [*args.overrides, *rest], getattr(args, "resume", None))
+    run_stage(args.command, args.config, [*args.overrides, *rest], getattr(args, "resume", None),
+              getattr(args, "overwrite", False))
     return 0
 
 

@@ -92,6 +92,7 @@ OptBool = Annotated[bool | None, _NONE_TEXT]
 OptInt = Annotated[Int | None, _NONE_TEXT]
 OptPosInt = Annotated[PosInt | None, _NONE_TEXT]
 OptNonNegInt = Annotated[NonNegInt | None, _NONE_TEXT]
+ClipEpsLow = Annotated[float, Field(ge=0, lt=1)]  # loss.epsilon_low: the lower clip bound 1 - epsilon_low > 0
 OptDualClip = Annotated[Annotated[float, Field(gt=1)] | None, _NONE_TEXT]  # loss.clip_ratio_c: dual clip c > 1
 OptFloat = Annotated[float | None, _NONE_TEXT]
 OptNonNegFloat = Annotated[NonNegFloat | None, _NONE_TEXT]
@@ -245,7 +246,7 @@ class LossConfig:
 
     # ---- the objective (vold_loss keywords; PolicyLossConfig's fields + divergence, jsd_beta) ----
     loss_type: Literal[LOSS_TYPES] = _KERNEL_DEFAULTS["loss_type"]
-    epsilon_low: NonNegFloat = _KERNEL_DEFAULTS["epsilon_low"]
+    epsilon_low: ClipEpsLow = _KERNEL_DEFAULTS["epsilon_low"]  # in [0, 1), as vold_loss
     epsilon_high: NonNegFloat = _KERNEL_DEFAULTS["epsilon_high"]
     clip_ratio_c: OptDualClip = _KERNEL_DEFAULTS["clip_ratio_c"]  # None, or c > 1 (vold_loss refuses c <= 1)
     importance_sampling_level: Literal[IS_LEVELS] = _KERNEL_DEFAULTS["importance_sampling_level"]

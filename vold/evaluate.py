@@ -100,8 +100,10 @@ def evaluate(cfg: Config) -> dict[str, dict[str, float]]:
                 files=files, extra={"samples per question": ec.num_samples})
 
     device = resolve_device(cfg.device)
-    # no gradient checkpointing: it turns the KV cache off in the model config, and nothing is trained here
-    model, processor = student_from_config(replace(cfg.model, gradient_checkpointing=False), device, path=model_path)
+    # nothing is trained here: no gradient checkpointing (it turns the KV cache off in the model config), and no
+    # model.freeze_*/frozen/trainable (their checks concern training: a text-only eval.model under a VLM config)
+    model, processor = student_from_config(replace(cfg.model, gradient_checkpointing=False), device, path=model_path,
+                                           freeze=False)
     model.eval()
     if not is_multimodal(processor) and any(e.images for ex in benchmarks.values() for e in ex):
         raise ValueError(f"the benchmark has images but {model_path} is a text-only model")

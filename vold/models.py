@@ -409,10 +409,11 @@ def check_model_path(path: str, key: str, *, local_files_only: bool = False, tim
 
 
 def student_from_config(mc: ModelConfig, device: torch.device, path: str | None = None, *,
-                        switch_keys: dict[str, str] | None = None) -> tuple[PreTrainedModel, Any]:
+                        switch_keys: dict[str, str] | None = None, freeze: bool = True) -> tuple[PreTrainedModel, Any]:
     """The student (``path`` or ``mc.student``) in training mode and its processor (or tokenizer), with
     ``model.lora`` adapters (:func:`add_lora`) and ``model.freeze_*``/``frozen``/``trainable`` applied
-    (:func:`apply_freezing`).
+    (:func:`apply_freezing`; ``freeze=False`` skips it and its checks: ``vold eval`` trains nothing, and a text-only
+    model evaluated under a VLM training config would fail ``model.freeze_vision_tower``'s check).
 
     ``path`` may be a LoRA adapter folder (a checkpoint's or ``final/`` of a LoRA run, :func:`is_adapter_folder`):
     its base model is loaded and, with ``model.lora.enabled``, the adapter goes on training (resume); without,
@@ -426,7 +427,8 @@ def student_from_config(mc: ModelConfig, device: torch.device, path: str | None 
     logit_options(model)  # a head multiplier vold has no rule for is refused here, before any run file
     if mc.lora.enabled and lora_wrapper(model) is None:
         model = add_lora(model, mc.lora, freeze_vision_tower=mc.freeze_vision_tower)
-    apply_freezing(model, mc, switch_keys=switch_keys)
+    if freeze:
+        apply_freezing(model, mc, switch_keys=switch_keys)
     processor = load_processor(mc.student_tokenizer or path, vision=is_vision_config(model.config),
                                local_files_only=mc.local_files_only, trust_remote_code=mc.trust_remote_code,
                                min_pixels=mc.min_pixels, max_pixels=mc.max_pixels)

@@ -38,6 +38,20 @@ def output_file(cfg: Config) -> Path:
     return Path(cfg.traces.output_file) if cfg.traces.output_file else run_dir(cfg, "traces") / "traces.jsonl"
 
 
+def check_output_free(cfg: Config) -> None:
+    """Refuse to overwrite an earlier make-traces' output (``traces.output_file``, and the run folder's
+    ``stats.json`` / ``dropped.jsonl``) unless ``overwrite_output_dir`` (``vold make-traces --overwrite``), as
+    :func:`vold.runs.prepare_run` refuses a run folder that holds a run. Raises ValueError naming the paths."""
+    path, run = output_file(cfg), run_dir(cfg, "traces")
+    if path.is_dir():
+        raise ValueError(f"traces.output_file={path} is a folder; name the JSONL file to write")
+    earlier = [str(p) for p in (path, run / DROPPED_FILE, run / STATS_FILE) if p.exists()]
+    if earlier and not cfg.overwrite_output_dir:
+        raise ValueError(f"make-traces would overwrite {', '.join(earlier)} (traces.output_file, default "
+                         f"{{output_dir}}/traces/traces.jsonl): replace them with --overwrite (overwrite_output_dir="
+                         f"true), or set another traces.output_file or output_dir")
+
+
 def teacher_view(example: Example) -> Example:
     """The example as the text-only teacher reads it: its ``teacher_prompt`` (or prompt), no images."""
     if example.images and example.teacher_prompt is None:
@@ -63,6 +77,7 @@ def make_traces(cfg: Config) -> Path:
     """Generate, filter and write the traces; returns the JSONL path (stats in ``stats.json`` beside the run)."""
     tc, data = cfg.traces, cfg.data
     # every check on the user's input comes before the run folder is written
+    check_output_free(cfg)
     files = tc.input_files or data.train_files
     if not files:
         raise ValueError("no prompts: set traces.input_files (or data.train_files)")
@@ -124,12 +139,13 @@ def make_traces(cfg: Config) -> Path:
     path = output_file(cfg)
     write_jsonl_atomic(path, rows)
     write_jsonl_atomic(run / DROPPED_FILE, dropped)
-    (run / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    (run / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     print(traces_report(stats, path, run / DROPPED_FILE, cfg))
     return path
 
 
 DROPPED_FILE = "dropped.jsonl"
+STATS_FILE = "stats.json"
 DROP_REASONS = {  # stats key -> why, and the key that controls it
     "dropped_truncated": "truncated at traces.max_new_tokens (no final answer; traces.drop_truncated)",
     "dropped_length": "outside traces.min_tokens..traces.max_tokens",

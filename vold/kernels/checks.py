@@ -37,6 +37,27 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
+def check_weights(name: str, tensor: torch.Tensor, *, finite: bool) -> None:
+    """Raise if a weight tensor (``mask``, ``distill_mask``) holds a negative value; with ``finite``, NaN/inf too.
+
+    Weights are 0/1 or fractional in ``[0, inf)``: a negative weight flips the sign of a token's loss. One
+    reduction and one host sync for both conditions (as :func:`check_finite`); skipped while torch.compile traces.
+    A NaN passes the sign test (``NaN < 0`` is False): it is the finite check's, when asked for.
+    """
+    if torch.compiler.is_compiling() or tensor.dtype == torch.bool:
+        return
+    finite = finite and tensor.is_floating_point()
+    bad = tensor < 0
+    if finite:
+        bad = bad | ~torch.isfinite(tensor)
+    if not bool(bad.any()):
+        return
+    if finite:
+        check_finite(name, tensor)  # NaN/inf: that message
+    raise ValueError(f"{name} must be >= 0 (token weights: 0/1 or fractional), got a negative value "
+                     f"(min {float(tensor.min()):g})")
+
+
 def check_linear_head(
     prefix: str,
     hidden: torch.Tensor,

@@ -218,7 +218,10 @@ def vold_loss(
     for any finite log-probs (metrics ``ratio_clamp_frac``, ``ref_kl_clamp_frac``, ``distill_clamp_frac``:
     masked fraction of clamped tokens). Dtypes: per-token math, loss and metrics in promote(fp32, heads'
     dtype): fp32 for fp32/bf16/fp16 heads (logits accumulated and kept in fp32), fp64 for fp64 heads.
-    Raises ``ValueError`` (naming the argument) for bad shapes/options, NaN/inf in hidden states or in
+    ``mask`` and ``distill_mask`` are weights in ``[0, inf)`` (0/1 or fractional; ``mask`` 0 drops a token).
+    ``epsilon_low`` in ``[0, 1)``, ``epsilon_high >= 0``, ``clip_ratio_c > 1`` or None.
+    Raises ``ValueError`` (naming the argument) for bad shapes/options, a negative ``mask`` or ``distill_mask``
+    weight (of a token that counts, for ``distill_mask``), NaN/inf in hidden states, ``mask`` or in
     the log-probs/advantages of tokens that count (``check_finite``), fp64 with ``impl="triton"``, and,
     in backward, an fp16 gradient beyond fp16's range.
     """
@@ -230,8 +233,12 @@ def vold_loss(
         ("distill_estimator", distill_estimator, DISTILL_ESTIMATORS), ("impl", impl, checks.IMPLS),
     ):
         checks.check_choice(name, value, choices)
-    if not (epsilon_low >= 0 and epsilon_high >= 0):
-        raise ValueError(f"epsilon_low/epsilon_high must be >= 0, got {epsilon_low}, {epsilon_high}")
+    # PPO/GRPO's clip range [1 - epsilon_low, 1 + epsilon_high] (TRL's epsilon/epsilon_high, verl's
+    # clip_ratio_low/high): epsilon_low >= 1 makes the lower bound <= 0, below every ratio exp(.) > 0.
+    if not 0 <= epsilon_low < 1:
+        raise ValueError(f"epsilon_low must be in [0, 1) (lower clip bound 1 - epsilon_low > 0), got {epsilon_low}")
+    if not epsilon_high >= 0:
+        raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
     if clip_ratio_c is not None and not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {clip_ratio_c}")
     for name, value in (("ref_kl_coef", ref_kl_coef), ("distill_coef", distill_coef), ("entropy_coef", entropy_coef)):
@@ -274,7 +281,9 @@ def vold_loss(
     checks.check_targets(targets, token_shape, global_vocab)
     if mask is None:
         mask = torch.ones(token_shape, device=student_hidden.device)
-    checks.check_same_shape("mask", mask, token_shape, finite=check_finite)
+    else:
+        checks.check_same_shape("mask", mask, token_shape)
+        checks.check_weights("mask", mask, finite=check_finite)
     for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
                         ("teacher_logprobs", teacher_logprobs)):
         checks.check_same_shape(name, value, token_shape)
@@ -320,10 +329,11 @@ def vold_loss(
     )
     if check_finite:
         for name, value in (("advantages", inputs.advantages), ("old_logprobs", inputs.old_logp),
-                            ("ref_logprobs", inputs.ref_logp), ("teacher_logprobs", inputs.teacher_logp),
-                            ("distill_mask", inputs.distill_weight)):
+                            ("ref_logprobs", inputs.ref_logp), ("teacher_logprobs", inputs.teacher_logp)):
             if value is not None:
                 checks.check_finite(name, value)
+    if inputs.distill_weight is not None:  # the tokens that count; >= 0 always, finite with check_finite
+        checks.check_weights("distill_mask", inputs.distill_weight, finite=check_finite)
 
     h_dim = student_hidden.shape[-1]
     s_hidden = student_hidden.reshape(-1, h_dim).index_select(0, active)
