@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.utils as dynamo_utils
 
 import vold.kernels.common as common
 from tests.helpers import FP32_TOL, assert_rel, compare_vold, make_vold_inputs, reference_cast, run_vold, select
@@ -83,3 +84,24 @@ def test_vold_loss_across_blocks(small_blocks, impl):
     reference = run_vold(ref_vold_loss, tensors, {k: v for k, v in options.items() if k != "chunk_size"},
                          cast=reference_cast())
     compare_vold(kernel, reference, FP32_TOL, required_metrics=("distill_kl",))
+
+
+def test_compiled_blocks_do_not_recompile_when_n_changes(small_blocks):
+    """Full blocks share one graph at every row offset of the chunk (a block is a view with a storage offset) and
+    ragged blocks run eagerly: once the first N has compiled, other N (other ragged chunks and blocks) add no graph."""
+    torch._dynamo.reset()  # a fresh recompile budget: past the limit dynamo runs eagerly and counts no new graph
+
+    def run(n: int):
+        g = torch.Generator().manual_seed(n)
+        h = torch.randn(n, 12, generator=g).requires_grad_()
+        w = torch.randn(V, 12, generator=g).requires_grad_()
+        th, tw = torch.randn(n, 10, generator=g), torch.randn(V, 10, generator=g)
+        fused_linear_divergence(h, w, th, tw, impl="torch_compile", chunk_size=CHUNK).sum().backward()
+        assert h.grad is not None and bool(torch.isfinite(h.grad).all())
+
+    run(37)  # chunks 16, 16, 5: full blocks at row offsets 0 and 8, a ragged chunk of 5 (eager)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # the statistics and the logit gradient were compiled
+    for n in (45, 20, 3, 64):  # ragged blocks of 5, 4 and 3 rows, N below one block, no ragged chunk
+        run(n)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
