@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.utils as dynamo_utils
 
 import vold.kernels.common as common
 from tests.helpers import FP32_TOL, assert_rel, compare_vold, make_vold_inputs, reference_cast, run_vold, select
 from vold.kernels import fused_linear_divergence, fused_linear_logprobs, vold_loss
+from vold.kernels.engines.torch import chunk_logit_grad, chunk_statistics
 from vold.kernels.reference import leaf64, ref_divergence, ref_logprobs, ref_vold_loss
 
 V, CHUNK = 97, 16
@@ -83,3 +85,51 @@ def test_vold_loss_across_blocks(small_blocks, impl):
     reference = run_vold(ref_vold_loss, tensors, {k: v for k, v in options.items() if k != "chunk_size"},
                          cast=reference_cast())
     compare_vold(kernel, reference, FP32_TOL, required_metrics=("distill_kl",))
+
+
+def test_compiled_blocks_do_not_recompile_when_n_changes(small_blocks):
+    """Full blocks share one graph at every row offset of the chunk (a block is a view with a storage offset) and
+    ragged blocks run eagerly: once the first N has compiled, other N (other ragged chunks and blocks) add no graph."""
+    torch._dynamo.reset()  # a fresh recompile budget: past the limit dynamo runs eagerly and counts no new graph
+
+    def run(n: int):
+        g = torch.Generator().manual_seed(n)
+        h = torch.randn(n, 12, generator=g).requires_grad_()
+        w = torch.randn(V, 12, generator=g).requires_grad_()
+        th, tw = torch.randn(n, 10, generator=g), torch.randn(V, 10, generator=g)
+        fused_linear_divergence(h, w, th, tw, impl="torch_compile", chunk_size=CHUNK).sum().backward()
+        assert h.grad is not None and bool(torch.isfinite(h.grad).all())
+
+    run(37)  # chunks 16, 16, 5: full blocks at row offsets 0 and 8, a ragged chunk of 5 (eager)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # the statistics and the logit gradient were compiled
+    for n in (45, 20, 3, 64):  # ragged blocks of 5, 4 and 3 rows, N below one block, no ragged chunk
+        run(n)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("code", [0, 1, 2, 3])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logit_grad_pure_form_keeps_its_inputs(code, temperature, dtype):
+    """``chunk_logit_grad(in_place=False)`` (what torch_compile traces, per block) reads its logits, statistics and
+    row coefficients without writing them, and gives the dz of the in-place form the eager blocks run (which may
+    consume only z and u: the statistics are the call's outputs, kept after the backward)."""
+    g = torch.Generator().manual_seed(code)
+    z, u = torch.randn(6, V, generator=g, dtype=dtype) * 3, torch.randn(6, V, generator=g, dtype=dtype) * 3
+    y = torch.randint(0, V, (6,), generator=g)
+    teacher = u if code else None
+    stats = chunk_statistics(z, teacher, y, 1.0 / temperature, code, 0.3)
+    coefficients = [torch.randn(6, generator=g, dtype=dtype) for _ in range(3)]
+    g_logp, g_ent, g_div = coefficients[0], coefficients[1], coefficients[2] if code else None
+    before = [t.clone() for t in (z, u, *stats.values(), *coefficients)]
+    dz = chunk_logit_grad(z, teacher, y, stats, g_logp, g_ent, g_div, 1.0 / temperature, code, 0.3)
+    for now, then in zip((z, u, *stats.values(), *coefficients), before, strict=True):
+        assert torch.equal(now, then)
+    in_place = chunk_logit_grad(z, teacher, y, stats, g_logp, g_ent, g_div, 1.0 / temperature, code, 0.3,
+                                in_place=True)
+    assert in_place.data_ptr() == z.data_ptr()  # dz over the logits' own buffer
+    for now, then in zip((*stats.values(), *coefficients), before[2:], strict=True):
+        assert torch.equal(now, then)
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(in_place, dz, rtol=10 * tol, atol=tol)

@@ -240,8 +240,8 @@ DIVERGENCE_CODE = {None: 0, "reverse_kl": 1, "forward_kl": 2, "jsd": 3}
 
 class Workspace:
     """Reusable ``[rows, V]`` scratch buffers (of the logits' dtype) for the eager engine, owned by one
-    ``run_chunks`` call: buffer ``i`` is allocated once and lent chunk after chunk (a ragged last chunk
-    gets a row slice)."""
+    ``run_chunks`` call: buffer ``i`` is allocated once and lent block after block, chunk after chunk (``[block,
+    V]`` on the CPU, see ``block_rows``; ``[chunk, V]`` on CUDA); a ragged block gets a row slice."""
 
     def __init__(self) -> None:
         self._buffers: dict[int, torch.Tensor] = {}
