@@ -1,12 +1,23 @@
-"""Shared test helpers: engine parameters, tolerance checks and input builders."""
+"""Shared test helpers: engine parameters, tolerance checks, input builders and the gloo multi-process runner."""
 
 from __future__ import annotations
 
+import datetime
+import faulthandler
 import importlib.util
 import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from vold.kernels.reference import half_ulp, leaf64, ref_logprobs
 
@@ -255,3 +266,117 @@ def compare_vold(kernel, reference, tol: float, *, required_metrics=(), grad_flo
         assert k_grads[key] is not None, f"no gradient for {key}"
         floor = 0.0 if grad_floor is None else grad_floor[key]
         assert_rel(k_grads[key], r_grads[key], tol, f"grad {key}", floor=floor, rounding=k_grads[key].dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# multi-process tests: gloo ranks on the CPU
+# ---------------------------------------------------------------------------------------------------
+
+# how long the parent waits past ``timeout_s`` for ranks that did not stop themselves before it kills them
+_KILL_GRACE_S = 60.0
+
+
+def run_on_gloo_ranks(fn: Callable[..., None], world_size: int, *args: Any, timeout_s: float = 300.0) -> None:
+    """Run ``fn(rank, *args)`` in ``world_size`` spawned CPU processes joined in one gloo process group (the
+    default group, ``dist.group.WORLD``); raise ``AssertionError`` here if any rank fails.
+
+    What it guarantees:
+
+    - **Every rank's error reaches the parent, with its traceback.** Each rank catches whatever ``fn`` raises
+      (any ``BaseException``: also the ``Failed`` of ``pytest.fail``/``pytest.raises``, which is not an
+      ``Exception``), puts ``"rank r:\n<traceback>"`` on a queue and leaves at once with status 0 (``os._exit``:
+      a normal exit with the group still up can abort in gloo's destructors), so the other ranks go on and
+      report their own errors too. The ``AssertionError`` raised here holds them all, in the order they were
+      raised: the first is the cause (a peer of a failed rank usually fails next, in a collective, with
+      "Connection closed by peer"). A rank that dies without raising (a signal such as SIGABRT, a nonzero
+      ``os._exit``) is reported with its exit status, after the other ranks are stopped.
+    - **No rank tears the group down while another still communicates.** After ``fn`` returns, every rank waits
+      in ``dist.barrier()`` before ``dist.destroy_process_group()`` (gloo destroyed on one rank while a peer's
+      collective, e.g. FSDP2's, is in flight can abort the peer with SIGABRT). A failed rank skips both.
+    - **A hung rank fails the test instead of hanging CI.** The group's timeout is ``timeout_s`` (a collective
+      that waits longer raises on its rank), and each rank arms ``faulthandler.dump_traceback_later(timeout_s,
+      exit=True)``: a rank still running ``timeout_s`` after it started writes the stack of every thread to a
+      file, which the parent adds at the end of its error, and exits with status 1. Ranks still alive ``timeout_s + 60``
+      seconds after the start are killed by the parent, which then fails.
+    - **No port race.** The rendezvous store (``TCPStore``) is opened here, on a port the OS picks and this
+      process holds, before any rank starts; the ranks connect to it as clients.
+    - Each rank sees the variables a launcher (torchrun) sets: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+      ``MASTER_ADDR``, ``MASTER_PORT`` (the store: a library that finds the group initialised, e.g. DeepSpeed or
+      ``vold.distributed.Runtime``, attaches to it), and computes on one thread (``OMP_NUM_THREADS=1``,
+      ``torch.set_num_threads(1)``): the ranks share the machine's cores.
+
+    ``fn`` and ``args`` are pickled to the ranks (``spawn`` start method), so ``fn`` must be a module-level
+    function. Raises ``ValueError`` (before starting anything) for ``world_size < 1`` or ``timeout_s <= 0``.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    failures: list[str] = []
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+
+    def drain() -> None:
+        while not errors.empty():
+            failures.append(errors.get())
+
+    with tempfile.TemporaryDirectory(prefix="gloo_ranks_") as stacks:
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
+        ranks = mp.start_processes(_gloo_rank, args=(world_size, store.port, timeout_s, stacks, errors, fn, args),
+                                   nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s + _KILL_GRACE_S
+        try:
+            while not ranks.join(timeout=1.0):
+                drain()
+                if time.monotonic() > deadline:
+                    alive = [r for r, p in enumerate(ranks.processes) if p.is_alive()]
+                    failures.append(f"ranks {alive} still running {timeout_s + _KILL_GRACE_S:.0f} s after the "
+                                    "start: killed")
+                    break
+        except mp.ProcessExitedException as crash:  # a rank died without raising; the others are stopped
+            drain()  # what was raised before
+            failures.append(f"rank {crash.error_index} exited with status {crash.exit_code} without raising: {crash}")
+        finally:
+            for process in ranks.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join()
+        drain()
+        for path in sorted(Path(stacks).glob("rank*.stack")):
+            if path.stat().st_size:
+                rank = path.stem[len("rank"):]
+                failures.append(f"rank {rank} ran past timeout_s={timeout_s} s; its threads then:\n{path.read_text()}")
+    if failures:
+        raise AssertionError(f"{len(failures)} failure(s) on {world_size} gloo ranks, in the order raised:\n"
+                             + "\n".join(failures))
+
+
+def _gloo_rank(rank: int, world_size: int, port: int, timeout_s: float, stacks: str, errors: Any,
+               fn: Callable[..., None], args: tuple) -> None:
+    """One rank of ``run_on_gloo_ranks`` (see there)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    failed = None
+    with open(Path(stacks) / f"rank{rank}.stack", "w") as stack:
+        faulthandler.dump_traceback_later(timeout_s, exit=True, file=stack)
+        try:
+            timeout = datetime.timedelta(seconds=timeout_s)
+            store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+            fn(rank, *args)
+            dist.barrier()
+            dist.destroy_process_group()
+        except BaseException:  # noqa: BLE001 - every rank's error goes to the parent, with its traceback
+            failed = f"rank {rank}:\n{traceback.format_exc()}"
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+    if failed is not None:
+        errors.put(failed)  # a SimpleQueue writes to the pipe before put returns: nothing is left to flush
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # exit at once, with status 0: a normal exit with the group still up can abort in gloo's destructors
+        # ("terminate called without an active exception", SIGABRT), and the parent would then stop the other
+        # ranks before they report their own errors
+        os._exit(0)

@@ -1,0 +1,64 @@
+"""``helpers.run_on_gloo_ranks``: a failing or hung rank fails the parent, with that rank's own report."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import run_on_gloo_ranks
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+
+
+def _disagree_on_rank_1(rank: int) -> None:
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)  # the group works: 1 + 2
+    assert total.item() == 3.0, total
+    assert rank != 1, f"rank 1 alone disagrees (sum {total.item()})"
+
+
+def _fail_on_every_rank(rank: int) -> None:
+    raise RuntimeError(f"rank {rank} fails on its own")
+
+
+def _hang_on_rank_1(rank: int) -> None:
+    if rank == 1:
+        time.sleep(3600)
+
+
+def test_error_on_one_rank_reaches_the_parent_with_its_traceback():
+    with pytest.raises(AssertionError) as failure:
+        run_on_gloo_ranks(_disagree_on_rank_1, 2)
+    message = str(failure.value)
+    first = message.split("\n", 1)[1]  # after the count line: the first error raised
+    assert first.startswith("rank 1:\nTraceback"), message
+    assert "AssertionError: rank 1 alone disagrees (sum 3.0)" in message, message
+    assert "in _disagree_on_rank_1" in message, message  # the rank's traceback, not just its message
+
+
+def test_every_rank_error_reaches_the_parent():
+    with pytest.raises(AssertionError) as failure:
+        run_on_gloo_ranks(_fail_on_every_rank, 2)
+    message = str(failure.value)
+    assert message.startswith("2 failure(s) on 2 gloo ranks"), message
+    for rank in (0, 1):
+        assert f"rank {rank}:\nTraceback" in message and f"RuntimeError: rank {rank} fails on its own" in message
+
+
+def test_hung_rank_fails_with_its_stack_instead_of_hanging():
+    started = time.monotonic()
+    with pytest.raises(AssertionError) as failure:
+        run_on_gloo_ranks(_hang_on_rank_1, 2, timeout_s=8)
+    message = str(failure.value)
+    assert "rank 1 exited with status 1" in message, message
+    assert "rank 1 ran past timeout_s=8 s" in message and "in _hang_on_rank_1" in message, message
+    assert time.monotonic() - started < 8 + 60, message  # stopped by the ranks' own timeout, not the parent's kill
+
+
+def test_bad_arguments_are_refused_before_starting():
+    with pytest.raises(ValueError, match="world_size must be >= 1"):
+        run_on_gloo_ranks(_disagree_on_rank_1, 0)
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        run_on_gloo_ranks(_disagree_on_rank_1, 2, timeout_s=0)
