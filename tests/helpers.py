@@ -308,6 +308,7 @@ def run_on_gloo_ranks(fn: Callable[..., None], world_size: int, *args: Any, time
     ``fn`` and ``args`` are pickled to the ranks (``spawn`` start method), so ``fn`` must be a module-level
     function. Raises ``ValueError`` (before starting anything) for ``world_size < 1`` or ``timeout_s <= 0``.
     """
+    __tracebackhide__ = True  # pytest shows the ranks' tracebacks in the message, not this function's source
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if not timeout_s > 0:

@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import socket
 import time
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import run_on_gloo_ranks
 from safetensors.torch import load_file
 
 from vold.cli import main
@@ -127,47 +124,30 @@ def optimize_weights(loss_type: str, packing: bool, runtime: Runtime | None,
     return weights
 
 
-def _worker(rank: int, port: int, jobs: list, errors) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        for job in jobs:
-            started = time.perf_counter()
-            if job[0] == "optimize":
-                out = {}
-                for key in OPTIMIZE_CASES:
-                    loss_type, packing, masked = OPTIMIZE_CASES[key]
-                    runtime = Runtime(DistributedConfig(), "cpu")
-                    out[key] = optimize_weights(loss_type, packing, runtime, masked)
-                if rank == 0:
-                    torch.save(out, job[1])
-            else:
-                assert main(job) == 0
-            dist.barrier()
+def _run_jobs(rank: int, jobs: list) -> None:
+    """This rank's share of every 2-rank job (``run_on_gloo_ranks`` joins the gloo group, then destroys it)."""
+    for job in jobs:
+        started = time.perf_counter()
+        if job[0] == "optimize":
+            out = {}
+            for key in OPTIMIZE_CASES:
+                loss_type, packing, masked = OPTIMIZE_CASES[key]
+                runtime = Runtime(DistributedConfig(), "cpu")
+                out[key] = optimize_weights(loss_type, packing, runtime, masked)
             if rank == 0:
-                print(f"job {job[0]} {' '.join(a for a in job if 'backend' in a or 'packing' in a)}: "
-                      f"{time.perf_counter() - started:.1f} s", flush=True)
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - reported to the parent with the traceback
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+                torch.save(out, job[1])
+        else:
+            assert main(job) == 0
+        dist.barrier()
+        if rank == 0:
+            print(f"job {job[0]} {' '.join(a for a in job if 'backend' in a or 'packing' in a)}: "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
 
 
 def run_two_ranks(jobs: list) -> None:
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    mp.start_processes(_worker, args=(_free_port(), jobs, errors), nprocs=WORLD, join=True, start_method="spawn")
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    assert not failures, "\n".join(failures)
+    """Run ``jobs`` (``vold`` CLI argument lists, or ``["optimize", path]``) one after the other on 2 gloo ranks,
+    in one spawn (also used by tests/test_trainer_freezing.py); any rank's error fails the caller."""
+    run_on_gloo_ranks(_run_jobs, WORLD, jobs, timeout_s=900)  # ~15 s here; generous for a loaded CI machine
 
 
 # ---- comparisons ---------------------------------------------------------------------------------

@@ -10,14 +10,11 @@ values (this rank's tokens), and gradients = the data-parallel mean (what FSDP2 
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import run_on_gloo_ranks
 
 from vold.kernels import fused_linear_divergence, fused_linear_logprobs, vold_loss
 
@@ -76,79 +73,61 @@ def _grads(model) -> dict:
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank: int, port: int, errors) -> None:
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+def _check_rank(rank: int) -> None:
+    """This rank's checks (``run_on_gloo_ranks`` joins the gloo group, then barriers and destroys it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        torch.manual_seed(0)
-        ref = Tiny()
-        model = copy.deepcopy(ref)
-        for module in (model.backbone, model.lm_head, model.teacher_head):
-            fully_shard(module)
-        assert isinstance(model.lm_head.weight, DTensor) and model.lm_head.weight.placements == (Shard(0),)
-        for case in CASES:
-            want_values = _step(ref, case, _data(rank))
-            mean = {}
-            for r in range(WORLD):  # the data-parallel mean gradient, from the unsharded copy
-                _step(ref, case, _data(r))
-                for name, g in _grads(ref).items():
-                    mean[name] = mean.get(name, 0) + g / WORLD
-            got_values = _step(model, case, _data(rank))
-            torch.testing.assert_close(got_values, want_values, **TOL, msg=lambda m, c=case: f"{c} values: {m}")
-            for name, g in _grads(model).items():
-                assert isinstance(g, DTensor), f"{case}: {name}.grad is {type(g).__name__}, not a DTensor"
-                torch.testing.assert_close(g.to_local(), mean[name].chunk(WORLD)[rank], **TOL,
-                                           msg=lambda m, c=case, n=name: f"{c} d{n}: {m}")
-        # a DTensor made by hand (Shard(0)) works the same way, without FSDP
-        mesh = init_device_mesh("cpu", (WORLD,))
-        w = distribute_tensor(ref.lm_head.weight.detach().clone(), mesh, [Shard(0)]).requires_grad_()
-        d, h = _data(rank), torch.randn(B, T, H) * (1 + rank)
-        fused_linear_logprobs(h, w, d["y"]).sum().backward()
-        w_ref = ref.lm_head.weight.detach().clone().requires_grad_()
-        fused_linear_logprobs(h, w_ref, d["y"]).sum().backward()
-        g_ref = [torch.empty_like(w_ref.grad) for _ in range(WORLD)]  # every rank's unsharded gradient
-        dist.all_gather(g_ref, w_ref.grad)
-        assert isinstance(w.grad, DTensor)
-        torch.testing.assert_close(w.grad.to_local(), torch.stack(g_ref).mean(0).chunk(WORLD)[rank], **TOL)
-        # FSDP2 mixed precision: fp32 shards under bf16 hidden states are cast to bf16 before the gather
-        w.grad = None
-        fused_linear_logprobs(h.bfloat16(), w, d["y"]).sum().backward()
-        w_ref.grad = None
-        fused_linear_logprobs(h.bfloat16(), w_ref.bfloat16(), d["y"]).sum().backward()
-        dist.all_gather(g_ref, w_ref.grad)
-        assert isinstance(w.grad, DTensor) and w.grad.dtype == torch.float32
-        torch.testing.assert_close(w.grad.to_local(), torch.stack(g_ref).mean(0).chunk(WORLD)[rank],
-                                   rtol=1e-2, atol=1e-2)
-        # what is not supported is refused, naming the argument
-        with pytest.raises(ValueError, match="hidden is a DTensor"):
-            fused_linear_logprobs(distribute_tensor(h, mesh, [Shard(0)]), w, d["y"])
-        with pytest.raises(ValueError, match="student_weight is a DTensor and process_group"):
-            vold_loss(h, w, d["y"], d["adv"], process_group=dist.group.WORLD, distill_coef=0.0)
-        dist.barrier()  # no rank tears gloo down while the other still has FSDP's collectives in flight (SIGABRT)
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - reported to the parent with the traceback
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    torch.manual_seed(0)
+    ref = Tiny()
+    model = copy.deepcopy(ref)
+    for module in (model.backbone, model.lm_head, model.teacher_head):
+        fully_shard(module)
+    assert isinstance(model.lm_head.weight, DTensor) and model.lm_head.weight.placements == (Shard(0),)
+    for case in CASES:
+        want_values = _step(ref, case, _data(rank))
+        mean = {}
+        for r in range(WORLD):  # the data-parallel mean gradient, from the unsharded copy
+            _step(ref, case, _data(r))
+            for name, g in _grads(ref).items():
+                mean[name] = mean.get(name, 0) + g / WORLD
+        got_values = _step(model, case, _data(rank))
+        torch.testing.assert_close(got_values, want_values, **TOL, msg=lambda m, c=case: f"{c} values: {m}")
+        for name, g in _grads(model).items():
+            assert isinstance(g, DTensor), f"{case}: {name}.grad is {type(g).__name__}, not a DTensor"
+            torch.testing.assert_close(g.to_local(), mean[name].chunk(WORLD)[rank], **TOL,
+                                       msg=lambda m, c=case, n=name: f"{c} d{n}: {m}")
+    # a DTensor made by hand (Shard(0)) works the same way, without FSDP
+    mesh = init_device_mesh("cpu", (WORLD,))
+    w = distribute_tensor(ref.lm_head.weight.detach().clone(), mesh, [Shard(0)]).requires_grad_()
+    d, h = _data(rank), torch.randn(B, T, H) * (1 + rank)
+    fused_linear_logprobs(h, w, d["y"]).sum().backward()
+    w_ref = ref.lm_head.weight.detach().clone().requires_grad_()
+    fused_linear_logprobs(h, w_ref, d["y"]).sum().backward()
+    g_ref = [torch.empty_like(w_ref.grad) for _ in range(WORLD)]  # every rank's unsharded gradient
+    dist.all_gather(g_ref, w_ref.grad)
+    assert isinstance(w.grad, DTensor)
+    torch.testing.assert_close(w.grad.to_local(), torch.stack(g_ref).mean(0).chunk(WORLD)[rank], **TOL)
+    # FSDP2 mixed precision: fp32 shards under bf16 hidden states are cast to bf16 before the gather
+    w.grad = None
+    fused_linear_logprobs(h.bfloat16(), w, d["y"]).sum().backward()
+    w_ref.grad = None
+    fused_linear_logprobs(h.bfloat16(), w_ref.bfloat16(), d["y"]).sum().backward()
+    dist.all_gather(g_ref, w_ref.grad)
+    assert isinstance(w.grad, DTensor) and w.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad.to_local(), torch.stack(g_ref).mean(0).chunk(WORLD)[rank],
+                               rtol=1e-2, atol=1e-2)
+    # what is not supported is refused, naming the argument
+    with pytest.raises(ValueError, match="hidden is a DTensor"):
+        fused_linear_logprobs(distribute_tensor(h, mesh, [Shard(0)]), w, d["y"])
+    with pytest.raises(ValueError, match="student_weight is a DTensor and process_group"):
+        vold_loss(h, w, d["y"], d["adv"], process_group=dist.group.WORLD, distill_coef=0.0)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_fsdp2_dtensor_heads_match_unsharded_two_gloo_ranks():
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    mp.start_processes(_worker, args=(_free_port(), errors), nprocs=WORLD, join=True, start_method="spawn")
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    assert not failures, "\n".join(failures)
+    run_on_gloo_ranks(_check_rank, WORLD)
 
 
 def test_plain_tensors_do_not_import_dtensor():

@@ -6,14 +6,10 @@ weight/bias gradients against the single-process result computed on the full wei
 
 from __future__ import annotations
 
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import run_on_gloo_ranks
 
 from vold.kernels import fused_linear_divergence, fused_linear_logprobs, vold_loss
 
@@ -72,49 +68,32 @@ def _run(case: str, x: dict, w, b, tw, **kw):
     return values, x["h_leaf"].grad, w.grad, b.grad
 
 
-def _worker(rank: int, port: int, errors) -> None:
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        torch.manual_seed(0)
-        x = _inputs()
-        rows = slice(rank * V // WORLD, (rank + 1) * V // WORLD)
-        for case in CASES:
-            want = _run(case, x, x["w"], x["b"], x["tw"], impl="torch")
-            got = _run(case, x, x["w"][rows], x["b"][rows], x["tw"][rows], process_group=dist.group.WORLD)
-            want_values = want[0] if isinstance(want[0], tuple) else (want[0],)
-            got_values = got[0] if isinstance(got[0], tuple) else (got[0],)
-            for g_val, w_val in zip(got_values, want_values, strict=True):
-                torch.testing.assert_close(g_val, w_val, rtol=1e-5, atol=1e-6, msg=lambda m, c=case: f"{c}: {m}")
-            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6, msg=lambda m, c=case: f"{c} dh: {m}")
-            torch.testing.assert_close(got[2], want[2][rows], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, c=case: f"{c} dW: {m}")
-            if want[3] is not None and want[3].abs().sum() > 0:
-                torch.testing.assert_close(got[3], want[3][rows], rtol=1e-5, atol=1e-6,
-                                           msg=lambda m, c=case: f"{c} db: {m}")
-        # unequal shards are refused with a clear error on every rank
-        uneven = x["w"][: V // WORLD + rank]
-        with pytest.raises(ValueError, match="same number of vocabulary rows"):
-            fused_linear_logprobs(x["h"], uneven, x["y"] % (V // WORLD), process_group=dist.group.WORLD)
-        with pytest.raises(ValueError, match="impl='torch'"):
-            fused_linear_logprobs(x["h"], x["w"][rows], x["y"], process_group=dist.group.WORLD, impl="triton")
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - reported to the parent with the traceback
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _check_rank(rank: int) -> None:
+    """This rank's checks (``run_on_gloo_ranks`` joins the gloo group, then barriers and destroys it)."""
+    torch.manual_seed(0)
+    x = _inputs()
+    rows = slice(rank * V // WORLD, (rank + 1) * V // WORLD)
+    for case in CASES:
+        want = _run(case, x, x["w"], x["b"], x["tw"], impl="torch")
+        got = _run(case, x, x["w"][rows], x["b"][rows], x["tw"][rows], process_group=dist.group.WORLD)
+        want_values = want[0] if isinstance(want[0], tuple) else (want[0],)
+        got_values = got[0] if isinstance(got[0], tuple) else (got[0],)
+        for g_val, w_val in zip(got_values, want_values, strict=True):
+            torch.testing.assert_close(g_val, w_val, rtol=1e-5, atol=1e-6, msg=lambda m, c=case: f"{c}: {m}")
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6, msg=lambda m, c=case: f"{c} dh: {m}")
+        torch.testing.assert_close(got[2], want[2][rows], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, c=case: f"{c} dW: {m}")
+        if want[3] is not None and want[3].abs().sum() > 0:
+            torch.testing.assert_close(got[3], want[3][rows], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, c=case: f"{c} db: {m}")
+    # unequal shards are refused with a clear error on every rank
+    uneven = x["w"][: V // WORLD + rank]
+    with pytest.raises(ValueError, match="same number of vocabulary rows"):
+        fused_linear_logprobs(x["h"], uneven, x["y"] % (V // WORLD), process_group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="impl='torch'"):
+        fused_linear_logprobs(x["h"], x["w"][rows], x["y"], process_group=dist.group.WORLD, impl="triton")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_vocab_parallel_matches_unsharded_two_gloo_ranks():
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    mp.start_processes(_worker, args=(_free_port(), errors), nprocs=WORLD, join=True, start_method="spawn")
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    assert not failures, "\n".join(failures)
+    run_on_gloo_ranks(_check_rank, WORLD)
