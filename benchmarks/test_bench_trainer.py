@@ -154,5 +154,8 @@ def test_point_budget_stops_a_slow_system_and_partial_results_are_written(monkey
     assert saved["complete"] is True and len(saved["rows"]) == 6
     text = (tmp_path / "trainer_t.md").read_text()
     assert ">= 32 (longer not run)" in text and "Partial" not in text
+    with pytest.raises(SystemExit, match="--batch must be >= 2 with vold_trl,trl_grpo"):
+        bt.settings_from_args(bt.parse_args(["--batch", "1"]))
+    assert bt.settings_from_args(bt.parse_args(["--batch", "1", "--systems", "vold_train,trl_distill"])).batch == 1
     with pytest.raises(SystemExit, match="--point-budget-s"):
         bt.settings_from_args(bt.parse_args(["--point-budget-s", "0"]))

@@ -637,6 +637,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise SystemExit("--point-budget-s must be > 0")
     s = Settings(device=device, dtype=args.dtype or ("bf16" if device == "cuda" else "fp32"), seed=args.seed,
                  child_timeout=args.child_timeout, point_budget_s=args.point_budget_s, **base)
+    grouped = [x for x in s.systems if x in ("vold_trl", "trl_grpo")]
+    if s.batch < 2 and grouped:
+        raise SystemExit(f"--batch must be >= 2 with {','.join(grouped)}: TRL's GRPOTrainer needs at least 2 "
+                         "generations per prompt (the completions of a step form one group)")
     if s.estimator == "k2":
         dropped = [x for x in s.systems if "k2" not in ESTIMATORS_OF[x]]
         if dropped:
