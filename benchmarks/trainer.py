@@ -48,6 +48,7 @@ Examples:
   python -m benchmarks.trainer --quick                 # tiny shapes, seconds per point (the test runs this)
   python -m benchmarks.trainer                         # T = 512 ... 16384, batch 2, H 256, 2 layers, cap 8 GiB
   python -m benchmarks.trainer --lengths 512,1024 --systems vold_train,trl_grpo --mem-cap-gb 4
+  python -m benchmarks.trainer --threads 2 --point-budget-s 400   # the committed CPU run (trainer_cpu.*)
 """
 
 from __future__ import annotations
