@@ -431,6 +431,10 @@ def run_point(system: str, length: int, s: Settings) -> dict[str, Any]:
     return out
 
 
+# the reason a system is not run beyond a point that exceeded --point-budget-s (sweep writes it, markdown reads it)
+OVER_BUDGET = "not run: "
+
+
 def sweep(s: Settings, on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Every (system, length) point, shortest first; a system that failed is skipped at longer lengths, and so
     is one whose point took longer than ``s.point_budget_s`` (its longer points would take longer still).
@@ -451,7 +455,7 @@ def sweep(s: Settings, on_row: Callable[[list[dict[str, Any]]], None] | None = N
                 if row["status"] != "ok":
                     stopped[system] = f"failed at T={length}"
                 elif s.point_budget_s is not None and row["child_s"] > s.point_budget_s:
-                    stopped[system] = (f"not run: T={length} took {row['child_s']:.0f} s > "
+                    stopped[system] = (f"{OVER_BUDGET}T={length} took {row['child_s']:.0f} s > "
                                        f"--point-budget-s {s.point_budget_s:g}")
             if row.get("time_s"):
                 row["time_per_token_s"] = row["time_s"] / tokens[length]
@@ -511,7 +515,7 @@ def markdown(result: dict[str, Any]) -> str:
         t = longest_fit(rows, system)
         at = next((r for r in rows if r["system"] == system and r["length"] == t), None)
         # stopped by the time budget: longer lengths were not tried, so the longest fit is a lower bound
-        unknown = t is not None and any(r["system"] == system and r["status"].startswith("skipped (not run")
+        unknown = t is not None and any(r["system"] == system and r["status"].startswith(f"skipped ({OVER_BUDGET}")
                                         for r in rows)
         lines.append(f"| {LABELS[system]} | {'none' if t is None else (f'>= {t} (longer not run)' if unknown else t)} "
                      f"| {fmt(at['peak_bytes'] / MIB if at else None, ',.0f')} |")
