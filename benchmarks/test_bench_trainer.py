@@ -89,7 +89,8 @@ def test_arguments() -> None:
     assert full.vocab == bt.QWEN25_VOCAB and full.lengths == bt.DEFAULT_LENGTHS and full.mem_cap_bytes == 8 * bt.GIB
     k2 = bt.settings_from_args(bt.parse_args(["--estimator", "k2"]))
     assert k2.systems == ("vold_train", "vold_trl")  # TRL's rows have no k2 path
-    for argv in (["--lengths", "0"], ["--systems", "vold,trl"], ["--estimator", "k9"]):
+    for argv in (["--lengths", "0"], ["--systems", "vold,trl"], ["--estimator", "k9"],
+                 ["--lengths", "16,32,16"], ["--systems", "vold_train,vold_train"]):  # a repeat ran twice
         with pytest.raises(SystemExit):
             bt.parse_args(argv)
     with pytest.raises(SystemExit, match="--hidden"):

@@ -567,6 +567,8 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of positive integers") from error
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of positive integers")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a length is listed twice")
     return values
 
 
@@ -575,6 +577,8 @@ def _systems(text: str) -> tuple[str, ...]:
     bad = [x for x in values if x not in SYSTEMS]
     if bad or not values:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {','.join(SYSTEMS)}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a system is listed twice")
     return values
 
 
