@@ -89,7 +89,8 @@ def test_arguments() -> None:
     assert full.vocab == bt.QWEN25_VOCAB and full.lengths == bt.DEFAULT_LENGTHS and full.mem_cap_bytes == 8 * bt.GIB
     k2 = bt.settings_from_args(bt.parse_args(["--estimator", "k2"]))
     assert k2.systems == ("vold_train", "vold_trl")  # TRL's rows have no k2 path
-    for argv in (["--lengths", "0"], ["--systems", "vold,trl"], ["--estimator", "k9"]):
+    for argv in (["--lengths", "0"], ["--systems", "vold,trl"], ["--estimator", "k9"],
+                 ["--lengths", "16,32,16"], ["--systems", "vold_train,vold_train"]):  # a repeat ran twice
         with pytest.raises(SystemExit):
             bt.parse_args(argv)
     with pytest.raises(SystemExit, match="--hidden"):
@@ -159,3 +160,10 @@ def test_point_budget_stops_a_slow_system_and_partial_results_are_written(monkey
     assert bt.settings_from_args(bt.parse_args(["--batch", "1", "--systems", "vold_train,trl_distill"])).batch == 1
     with pytest.raises(SystemExit, match="--point-budget-s"):
         bt.settings_from_args(bt.parse_args(["--point-budget-s", "0"]))
+    # nan / inf / negative were accepted (nan ran the sweep with no budget and wrote NaN into the JSON;
+    # --mem-cap-gb nan / inf ended in a ValueError / OverflowError traceback; --threads 0 was silently torch's)
+    for flag, value in (("--point-budget-s", "nan"), ("--point-budget-s", "-3"), ("--point-budget-s", "inf"),
+                        ("--mem-cap-gb", "nan"), ("--mem-cap-gb", "inf"), ("--child-timeout", "0"),
+                        ("--child-timeout", "nan"), ("--threads", "0")):
+        with pytest.raises(SystemExit, match=flag):
+            bt.settings_from_args(bt.parse_args([flag, value]))

@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -570,6 +571,8 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of positive integers") from error
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of positive integers")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a length is listed twice")
     return values
 
 
@@ -578,6 +581,8 @@ def _systems(text: str) -> tuple[str, ...]:
     bad = [x for x in values if x not in SYSTEMS]
     if bad or not values:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {','.join(SYSTEMS)}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a system is listed twice")
     return values
 
 
@@ -628,8 +633,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
              "warmup": args.warmup, "steps": args.steps, "threads": args.threads}
     base.update({k: v for k, v in flags.items() if v is not None})
     if args.mem_cap_gb is not None:
-        if args.mem_cap_gb < 0:
-            raise SystemExit("--mem-cap-gb must be >= 0")
+        if not math.isfinite(args.mem_cap_gb) or args.mem_cap_gb < 0:
+            raise SystemExit(f"--mem-cap-gb must be a finite number >= 0 (0: no cap), got {args.mem_cap_gb}")
         base["mem_cap_bytes"] = int(args.mem_cap_gb * GIB) or None
     for name in ("batch", "prompt_len", "vocab", "hidden", "layers", "steps"):
         if name in base and base[name] < 1:
@@ -638,8 +643,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise SystemExit("--warmup must be >= 1 (the first step allocates AdamW's state)")
     if base.get("hidden", 256) % 4:
         raise SystemExit("--hidden must be a multiple of 4 (4 attention heads)")
-    if args.point_budget_s is not None and args.point_budget_s <= 0:
-        raise SystemExit("--point-budget-s must be > 0")
+    if args.point_budget_s is not None and not (math.isfinite(args.point_budget_s) and args.point_budget_s > 0):
+        raise SystemExit(f"--point-budget-s must be a finite number > 0, got {args.point_budget_s}")
+    if not (math.isfinite(args.child_timeout) and args.child_timeout > 0):
+        raise SystemExit(f"--child-timeout must be a finite number > 0, got {args.child_timeout}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     s = Settings(device=device, dtype=args.dtype or ("bf16" if device == "cuda" else "fp32"), seed=args.seed,
                  child_timeout=args.child_timeout, point_budget_s=args.point_budget_s, **base)
     grouped = [x for x in s.systems if x in ("vold_trl", "trl_grpo")]
