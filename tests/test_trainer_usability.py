@@ -447,3 +447,33 @@ def test_plain_pytorch_example_runs_as_written_and_the_readme_shows_it():
                                           and not line.strip().startswith("..."))
     section = readme.split("#### Example: plain PyTorch", 1)[1][:3000]
     assert "examples/plain_pytorch.py" in section and "tied embeddings" in section.lower()
+
+
+def test_convert_gguf_replaces_out_as_a_whole(tmp_path, monkeypatch):
+    """convert_gguf saved into OUT in place: with --overwrite, files of the model an earlier conversion wrote
+    there (e.g. a tokenizer.model the new tokenizer does not write) stayed beside the new ones. Now OUT is
+    written as OUT.tmp and renamed. The GGUF reading is stubbed (it needs a real GGUF file): a tiny Llama
+    config, the model's own initial weights as the "dequantised" tensors, a tokenizer that writes one file."""
+    import transformers
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    import vold.models
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+
+    class Tokenizer:
+        def save_pretrained(self, path):
+            Path(path, "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(vold.models.AutoConfig, "from_pretrained", lambda *a, **k: config)
+    monkeypatch.setattr(vold.models.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint",
+                        lambda path, return_tensors, model_to_load: {"tensors": model_to_load.state_dict()})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.model").write_text("stale: an earlier model's")
+    assert vold.models.convert_gguf(tmp_path, "m.gguf", out) == out
+    assert not (out / "tokenizer.model").exists() and not (tmp_path / "out.tmp").exists()
+    assert {"config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert transformers.AutoConfig.from_pretrained(out).vocab_size == 64

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("out", help="output folder (save_pretrained)")
     gguf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gguf.add_argument("--overwrite", action="store_true",
-                      help="write into OUT although it already holds files (refused without it)")
+                      help="replace OUT although it already holds files (refused without it)")
     demo = sub.add_parser("demo", help="the VOLD ablation at laptop scale on the CPU (toy task, tiny models)",
                           description="Teacher, perception-aligned student, then arms (a)-(e) through the stages "
                                       "above; writes a results table and figures (see docs/demo.md).")

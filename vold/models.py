@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -653,6 +654,7 @@ def teacher_from_config(mc: ModelConfig, device: torch.device) -> tuple[PreTrain
 
 def convert_gguf(folder: str | Path, gguf_file: str, out_dir: str | Path, *, dtype: str = "float32") -> Path:
     """Dequantise a GGUF checkpoint (e.g. SmolLM2's) into a ``save_pretrained`` folder: model + tokenizer.
+    ``out_dir`` is replaced as a whole (written as ``<out_dir>.tmp``, then renamed).
 
     Needs the ``gguf`` package, not ``accelerate``: the model is built from the GGUF's config and the
     dequantised tensors are loaded with ``load_state_dict`` (tied heads are the only keys allowed missing).
@@ -669,8 +671,14 @@ def convert_gguf(folder: str | Path, gguf_file: str, out_dir: str | Path, *, dty
         raise ValueError(f"{folder / gguf_file}: weights do not match the model "
                          f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
     model.tie_weights()
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(out_dir)
+    # written beside OUT, then put in its place: OUT never holds a half-written model, nor files of the model an
+    # earlier conversion wrote there (``vold convert-gguf --overwrite``)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
     return out_dir
 
 
