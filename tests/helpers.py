@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import faulthandler
 import importlib.util
+import multiprocessing.connection
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -289,7 +291,8 @@ def run_on_gloo_ranks(fn: Callable[..., None], world_size: int, *args: Any, time
       report their own errors too. The ``AssertionError`` raised here holds them all, in the order they were
       raised: the first is the cause (a peer of a failed rank usually fails next, in a collective, with
       "Connection closed by peer"). A rank that dies without raising (a signal such as SIGABRT, a nonzero
-      ``os._exit``) is reported with its exit status, after the other ranks are stopped.
+      ``os._exit``) is reported with its exit status; the other ranks then get until the parent's deadline
+      (below) to stop on their own and report, before they are killed.
     - **No rank tears the group down while another still communicates.** After ``fn`` returns, every rank waits
       in ``dist.barrier()`` before ``dist.destroy_process_group()`` (gloo destroyed on one rank while a peer's
       collective, e.g. FSDP2's, is in flight can abort the peer with SIGABRT). A failed rank skips both.
@@ -327,17 +330,27 @@ def run_on_gloo_ranks(fn: Callable[..., None], world_size: int, *args: Any, time
         ranks = mp.start_processes(_gloo_rank, args=(world_size, store.port, timeout_s, stacks, errors, fn, args),
                                    nprocs=world_size, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s + _KILL_GRACE_S
+        running = dict(enumerate(ranks.processes))
         try:
-            while not ranks.join(timeout=1.0):
+            # the processes are watched here, not with ``ranks.join``: that terminates every other rank as soon as
+            # one exits with a nonzero status, and their own reports (an error raised in a collective at the
+            # group's timeout, a hung rank's stack at its own timer, which starts a little later) would be lost
+            while running:
+                multiprocessing.connection.wait([p.sentinel for p in running.values()], timeout=1.0)
                 drain()
-                if time.monotonic() > deadline:
-                    alive = [r for r, p in enumerate(ranks.processes) if p.is_alive()]
-                    failures.append(f"ranks {alive} still running {timeout_s + _KILL_GRACE_S:.0f} s after the "
-                                    "start: killed")
+                for rank, process in list(running.items()):
+                    if process.exitcode is None:
+                        continue
+                    del running[rank]
+                    if process.exitcode != 0:
+                        drain()  # what was raised before
+                        how = (f"status {process.exitcode}" if process.exitcode > 0
+                               else f"signal {signal.Signals(-process.exitcode).name}")
+                        failures.append(f"rank {rank} exited with {how} without raising")
+                if running and time.monotonic() > deadline:
+                    failures.append(f"ranks {sorted(running)} still running {timeout_s + _KILL_GRACE_S:.0f} s after "
+                                    "the start: killed")
                     break
-        except mp.ProcessExitedException as crash:  # a rank died without raising; the others are stopped
-            drain()  # what was raised before
-            failures.append(f"rank {crash.error_index} exited with status {crash.exit_code} without raising: {crash}")
         finally:
             for process in ranks.processes:
                 if process.is_alive():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -28,6 +29,12 @@ def _hang_on_rank_1(rank: int) -> None:
         time.sleep(3600)
 
 
+def _die_on_rank_0_hang_on_rank_1(rank: int) -> None:
+    if rank == 0:
+        os._exit(3)
+    time.sleep(3600)
+
+
 def test_error_on_one_rank_reaches_the_parent_with_its_traceback():
     with pytest.raises(AssertionError) as failure:
         run_on_gloo_ranks(_disagree_on_rank_1, 2)
@@ -52,9 +59,21 @@ def test_hung_rank_fails_with_its_stack_instead_of_hanging():
     with pytest.raises(AssertionError) as failure:
         run_on_gloo_ranks(_hang_on_rank_1, 2, timeout_s=8)
     message = str(failure.value)
+    # rank 0 waits for rank 1 in the barrier and may time out first (its timer starts earlier): rank 1 still gets to
+    # its own timer and report, instead of being terminated when rank 0 exits
     assert "rank 1 exited with status 1" in message, message
     assert "rank 1 ran past timeout_s=8 s" in message and "in _hang_on_rank_1" in message, message
     assert time.monotonic() - started < 8 + 60, message  # stopped by the ranks' own timeout, not the parent's kill
+
+
+def test_a_dead_rank_does_not_cut_off_the_report_of_a_hung_one():
+    # rank 0 dies at once; rank 1 must still get to dump its own stack at its timer instead of being killed by the
+    # parent as soon as rank 0's exit is seen (that lost rank 1's report whenever rank 0's timer fired first)
+    with pytest.raises(AssertionError) as failure:
+        run_on_gloo_ranks(_die_on_rank_0_hang_on_rank_1, 2, timeout_s=5)
+    message = str(failure.value)
+    assert "rank 0 exited with status 3" in message, message
+    assert "rank 1 ran past timeout_s=5 s" in message and "in _die_on_rank_0_hang_on_rank_1" in message, message
 
 
 def test_bad_arguments_are_refused_before_starting():
