@@ -590,7 +590,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="tiny shapes (T 16/32, V 4096, H 32, 1 layer, 1 step): a smoke run; flags below override")
+                   help=f"tiny shapes (T {'/'.join(map(str, QUICK['lengths']))}, prompt {QUICK['prompt_len']}, "
+                        f"V {QUICK['vocab']}, H {QUICK['hidden']}, {QUICK['layers']} layer, {QUICK['steps']} step, "
+                        f"cap {QUICK['mem_cap_bytes'] // GIB} GiB): a smoke run; flags below override")
     p.add_argument("--lengths", type=_ints, help=f"completion lengths (default {','.join(map(str, DEFAULT_LENGTHS))})")
     p.add_argument("--systems", type=_systems, help=f"subset of {','.join(SYSTEMS)} (default: all)")
     p.add_argument("--estimator", choices=("full", "k2"),

@@ -253,6 +253,7 @@ def test_make_traces_refuses_to_overwrite_without_overwrite(tiny, tmp_path, caps
     assert vold("make-traces", tiny, tmp_path, "seed=1") == 2
     line = error_line(capsys)
     assert f"make-traces would overwrite {traces}" in line and "traces.output_file" in line and "--overwrite" in line
+    assert str(tmp_path / "traces" / "config.yaml") in line  # every file the run would replace is named
     assert {p.name: p.read_bytes() for p in (tmp_path / "traces").iterdir()} == before  # not even config.yaml
     # another output file in the same run folder: its stats.json / dropped.jsonl would still be replaced
     assert vold("make-traces", tiny, tmp_path, f"traces.output_file={tmp_path / 'other.jsonl'}") == 2
@@ -412,6 +413,23 @@ def test_bench_help_lists_its_verbs(capsys, user):
             assert sum(line.split()[:1] == [verb] and line.endswith(text) for line in lines) == 1, verb
     assert main(["bench"]) == 2
     assert "name a benchmark: vold bench step | kernels | trainer" in error_line(capsys)
+
+
+def test_bench_runs_from_outside_the_checkout(tmp_path, capsys, user):
+    """`vold bench trainer --help` from the console script failed with "No module named 'benchmarks'" even at the
+    repository root: a console script's sys.path holds neither the checkout nor the current directory. The
+    benchmarks are now found beside the vold package vold runs from. A benchmark that is not there is still
+    a one-line error naming what is missing."""
+    runner = "import sys; from vold.cli import main; sys.exit(main(sys.argv[1:]))"
+    for argv, usage in ((["bench", "trainer", "--help"], "usage: python -m benchmarks.trainer"),
+                        (["gpu-check", "--help"], "usage: python -m benchmarks.gpu_check")):
+        done = subprocess.run([sys.executable, "-c", runner, *argv], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONPATH": ""})
+        assert done.returncode == 0 and done.stdout.startswith(usage), (argv, done.stdout, done.stderr)
+    import vold.cli
+
+    with pytest.raises(vold.cli.UserError, match=r"vold bench runs from a checkout .*benchmarks\.nonexistent"):
+        vold.cli.benchmark("nonexistent", "vold bench")
 
 
 @pytest.mark.slow

@@ -26,9 +26,12 @@ before any run folder is written; ``--debug`` (anywhere on the line) or ``VOLD_D
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import os
 import sys
+from pathlib import Path
+from types import ModuleType
 
 STAGES = {
     "make-traces": "the teacher writes reasoning traces for text-only prompts (JSONL in, JSONL out)",
@@ -174,6 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def benchmark(name: str, command: str) -> ModuleType:
+    """The module ``benchmarks.<name>`` of the checkout vold runs from (an editable install: the folder above
+    ``vold/``), else of the current directory. A console script's ``sys.path`` holds neither, so without this
+    ``vold bench`` failed from the repository root too. Raises UserError when no checkout is found (a wheel
+    install has no benchmarks/); an ImportError inside a benchmark is raised as it is."""
+    here = Path(__file__).resolve().parent.parent
+    for root in (here, Path.cwd()):
+        if (root / "benchmarks" / "__init__.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            break
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    except ModuleNotFoundError as error:
+        if error.name not in ("benchmarks", f"benchmarks.{name}"):
+            raise
+        raise UserError(f"{command} runs from a checkout of the repository (it needs its benchmarks/ folder; "
+                        f"none beside {here / 'vold'} or in {Path.cwd()}): {error}") from error
+
+
 def bench_help() -> str:
     """What ``vold bench --help`` prints: the sub-verbs, one line each."""
     width = max(map(len, BENCH_VERBS))
@@ -199,24 +222,10 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
             print(bench_help())
             return 0
         args, rest = parser.parse_known_args(argv)
-        try:
-            if args.what == "step":
-                from benchmarks.step import main as bench_main
-            elif args.what == "trainer":
-                from benchmarks.trainer import main as bench_main
-            else:
-                from benchmarks.kernels import main as bench_main
-        except ImportError as error:
-            raise UserError(f"vold bench needs the repository's benchmarks/ directory on the path: {error}") from error
-        bench_main(rest)  # returns its result dictionary
+        benchmark(args.what, "vold bench").main(rest)  # returns its result dictionary
         return 0
     if argv and argv[0] == "gpu-check":
-        try:
-            from benchmarks.gpu_check import main as gpu_check_main
-        except ImportError as error:
-            raise UserError(f"vold gpu-check needs the repository's benchmarks/ directory on the path: "
-                             f"{error}") from error
-        return 0 if gpu_check_main(argv[1:])["status"] == "ok" else 1
+        return 0 if benchmark("gpu_check", "vold gpu-check").main(argv[1:])["status"] == "ok" else 1
     if command == "convert-gguf":
         args = parser.parse_args(argv)
         from vold.models import convert_gguf

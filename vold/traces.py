@@ -40,12 +40,15 @@ def output_file(cfg: Config) -> Path:
 
 def check_output_free(cfg: Config) -> None:
     """Refuse to overwrite an earlier make-traces' output (``traces.output_file``, and the run folder's
-    ``stats.json`` / ``dropped.jsonl``) unless ``overwrite_output_dir`` (``vold make-traces --overwrite``), as
-    :func:`vold.runs.prepare_run` refuses a run folder that holds a run. Raises ValueError naming the paths."""
+    ``stats.json`` / ``dropped.jsonl``, with its ``config.yaml``) unless ``overwrite_output_dir``
+    (``vold make-traces --overwrite``), as :func:`vold.runs.prepare_run` refuses a run folder that holds a run.
+    Raises ValueError naming the paths."""
     path, run = output_file(cfg), run_dir(cfg, "traces")
     if path.is_dir():
         raise ValueError(f"traces.output_file={path} is a folder; name the JSONL file to write")
     earlier = [str(p) for p in (path, run / DROPPED_FILE, run / STATS_FILE) if p.exists()]
+    if earlier and (run / "config.yaml").exists():  # alone (a run stopped before its output) it is no result
+        earlier.append(str(run / "config.yaml"))
     if earlier and not cfg.overwrite_output_dir:
         raise ValueError(f"make-traces would overwrite {', '.join(earlier)} (traces.output_file, default "
                          f"{{output_dir}}/traces/traces.jsonl): replace them with --overwrite (overwrite_output_dir="
