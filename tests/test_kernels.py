@@ -541,6 +541,31 @@ def test_vold_loss_upstream_gradient_and_frozen_teacher(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_vold_loss_unit_upstream_gradient_is_not_aliased_across_backwards(impl):
+    """``loss.backward()`` hands the gradients made in the forward to autograd without the ``g * 1`` pass. With
+    the graph kept, a second backward must still see them unchanged: after the first, ``.grad`` is zeroed in
+    place (as ``optimizer.zero_grad(set_to_none=False)`` does) and must come back equal, and accumulate."""
+    tensors = {k: v for k, v in make_vold_inputs(bias=True).items() if v is not None}
+    tensors.pop("teacher_logprobs")
+    options = dict(ref_kl_coef=0.05, distill_coef=0.3, impl=impl)
+    base = run_vold(vold_loss, tensors, options)
+    keys = ("student_hidden", "student_weight", "student_bias")
+    leaves = {k: (v.clone().requires_grad_() if k in keys else v) for k, v in tensors.items()}
+    loss, _ = vold_loss(**leaves, **options)
+    loss.backward(retain_graph=True)
+    first = {k: leaves[k].grad.clone() for k in keys}
+    for key in keys:
+        assert_rel(first[key], base[2][key], FP32_TOL, f"grad {key}", floor=0.0)
+        leaves[key].grad.zero_()
+    loss.backward(retain_graph=True)
+    for key in keys:
+        assert torch.equal(leaves[key].grad, first[key]), key
+    loss.backward()
+    for key in keys:
+        assert torch.allclose(leaves[key].grad, 2 * first[key], rtol=1e-6, atol=0), key
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_vold_loss_no_grad(impl):
     tensors = {k: v for k, v in make_vold_inputs().items() if v is not None}
     tensors.pop("teacher_logprobs")

@@ -119,9 +119,14 @@ class VoldLossFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         gh, gw, gb = ctx.saved_tensors
         scale = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32))
+        # ``loss.backward()`` (upstream gradient 1) gets the gradients made in the forward as they are; g * 1 was
+        # a full pass over dW and a fresh [V, H] tensor: 0.25 s, 2 % of the step, at V = 151936, H = 896 on the
+        # 2-core CPU. Autograd still copies them if the graph is kept (retain_graph), so a second backward is
+        # right. The test costs a device sync on an accelerator, where the multiply is cheap: there it is done.
+        unit = grad_output.device.type == "cpu" and bool(grad_output == 1)
 
         def scaled(name, g):
-            return None if g is None else cast_grad(name, (g * scale).to(g.dtype), ctx.input_dtype)
+            return None if g is None else cast_grad(name, g if unit else (g * scale).to(g.dtype), ctx.input_dtype)
 
         return (scaled("student_hidden", gh), scaled("student_weight", gw), scaled("student_bias", gb),
                 None, None, None, None, None)
