@@ -556,3 +556,34 @@ def test_fp16_gradient_beyond_its_range_is_a_named_error(impl):
     loss, _ = vold_loss(hb, wb, y, torch.tensor([-1.0]), logp - 19.9, distill_coef=0.0, impl=impl)
     loss.backward()
     assert bool(torch.isfinite(hb.grad).all()) and float(hb.grad.abs().max()) > 1e7
+
+
+@pytest.mark.parametrize("impl", ["torch", TRITON])
+def test_fp16_overflow_of_a_scaled_backward_is_inf_for_the_loss_scaler(impl):
+    """fp16 training scales the loss up (torch.amp.GradScaler, DeepSpeed's fp16 dynamic loss scaler: from 2^16)
+    and relies on torch's rule that an overflowing gradient comes back as inf: it then skips the step and lowers
+    its scale. A ValueError there stopped the run at its first overflow. So a backward scaled up (upstream
+    gradient > 1) returns inf, in all three functions; one not scaled up still raises (the test above)."""
+    torch.manual_seed(0)
+    h = (torch.randn(1, 4, 8) * 4).half().requires_grad_()
+    w = (torch.randn(16, 8) * 4).half().requires_grad_()
+    ht, wt = torch.randn(1, 4, 8).half(), torch.randn(16, 8).half()
+    y = torch.randint(0, 16, (1, 4))
+    with torch.no_grad():
+        old = fused_linear_logprobs(h, w, y, impl=impl)
+    losses = {
+        "vold_loss": lambda: vold_loss(h, w, y, torch.tensor([1.0]), old, teacher_hidden=ht, teacher_weight=wt,
+                                       impl=impl)[0],
+        "fused_linear_logprobs": lambda: fused_linear_logprobs(h, w, y, impl=impl).sum(),
+        "fused_linear_divergence": lambda: fused_linear_divergence(h, w, ht, wt, impl=impl).sum(),
+    }
+    for name, loss_fn in losses.items():
+        h.grad = w.grad = None
+        loss_fn().backward()
+        unscaled = max(float(h.grad.abs().max()), float(w.grad.abs().max()))
+        assert 0 < unscaled < 65504 and bool(torch.isfinite(h.grad).all()), name
+        h.grad = w.grad = None
+        (loss_fn() * 2.0**16).backward()  # the scaled gradient, ~2^16 x unscaled, is beyond fp16's range
+        assert 65504 / 2.0**16 < unscaled, name  # (so some element overflows)
+        grads = torch.cat([h.grad.flatten(), w.grad.flatten()]).float()
+        assert bool(torch.isinf(grads).any()) and not bool(torch.isnan(grads).any()), name

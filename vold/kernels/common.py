@@ -256,13 +256,20 @@ class Workspace:
 
 
 
-def cast_grad(name: str, grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def cast_grad(name: str, grad: torch.Tensor | None, dtype: torch.dtype,
+              upstream: tuple[torch.Tensor | None, ...] = ()) -> torch.Tensor | None:
     """``grad`` in ``dtype`` (the input's). A finite gradient that does not fit float16's range (|g| > 65504)
-    raises ``ValueError`` naming the input instead of coming back as inf."""
+    raises ``ValueError`` naming the input instead of coming back as inf, unless the backward was scaled up:
+    an upstream gradient (``upstream``: the backward's ``grad_output`` tensors) with a magnitude > 1 is a loss scaler's
+    multiplier (``torch.amp.GradScaler``, DeepSpeed's and apex's fp16 dynamic loss scaling, which start at
+    2^16), and their protocol is torch's own: the overflow comes back as inf, the scaler skips the step and
+    lowers its scale. The check, one host sync, runs for fp16 outputs only."""
     if grad is None or grad.dtype == dtype:
         return grad
     out = grad.to(dtype)
     if dtype == torch.float16 and not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
+        if any(u is not None and u.numel() and float(u.detach().abs().max()) > 1.0 for u in upstream):
+            return out  # a scaled backward: inf is the loss scaler's overflow signal
         raise ValueError(
             f"the gradient w.r.t. {name} overflows float16 (max |g| = {float(grad.abs().max()):.3g} > 65504): "
             "use bf16 or fp32 inputs, or scale the loss down"

@@ -51,7 +51,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             ctx.chunk_size, objective=objective, grad_hidden=need_h, grad_weight=need_w,
             grad_bias=need_b and s_bias is not None, keep=(),
         )
-        grads = (cast_grad(name, g, s_hidden.dtype) for name, g in (
+        grads = (cast_grad(name, g, s_hidden.dtype, upstream=(grad_div,)) for name, g in (
             ("student_hidden", result.grad_hidden), ("student_weight", result.grad_weight),
             ("student_bias", result.grad_bias)))
         return *grads, None, None, None, None, None, None, None

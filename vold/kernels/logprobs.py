@@ -52,7 +52,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             objective=objective, grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b and bias is not None,
             keep=(),
         )
-        grads = (cast_grad(name, g, hidden.dtype) for name, g in
+        grads = (cast_grad(name, g, hidden.dtype, upstream=(grad_logp, grad_entropy)) for name, g in
                  (("hidden", result.grad_hidden), ("weight", result.grad_weight), ("bias", result.grad_bias)))
         return *grads, None, None, None, None, None
 

@@ -126,7 +126,8 @@ class VoldLossFunction(torch.autograd.Function):
         unit = grad_output.device.type == "cpu" and bool(grad_output == 1)
 
         def scaled(name, g):
-            return None if g is None else cast_grad(name, g if unit else (g * scale).to(g.dtype), ctx.input_dtype)
+            g = None if g is None else (g if unit else (g * scale).to(g.dtype))
+            return cast_grad(name, g, ctx.input_dtype, upstream=(grad_output,))
 
         return (scaled("student_hidden", gh), scaled("student_weight", gw), scaled("student_bias", gb),
                 None, None, None, None, None)
