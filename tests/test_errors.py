@@ -416,3 +416,64 @@ def test_triton_on_cpu_tensors_is_a_named_error(monkeypatch):
     hidden, weight, targets = (t.cpu() for t in _lp_inputs())  # CPU even when VOLD_TEST_DEVICE=cuda
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
         fused_linear_logprobs(hidden, weight, targets, impl="triton")
+
+
+# ---------------------------------------------------------------------------------------------------
+# scalar options of all three functions: a real, finite number in range, named when it is not
+# ---------------------------------------------------------------------------------------------------
+
+# (function, option, value that must be refused, error type, message start). Before: temperature=inf ran (a
+# uniform distribution), epsilon_high / clip_ratio_c / token_normalizer = inf ran (no clip; a zero loss), and a
+# string gave "'>' not supported between instances of 'str' and 'int'", naming nothing; jsd_beta's error said
+# "beta" (fused_linear_divergence's name), not vold_loss's "jsd_beta".
+_SCALAR_CASES = [
+    *[(fn, "temperature", bad, kind, "temperature must be")
+      for fn in ("logprobs", "divergence", "vold_loss")
+      for bad, kind in ((math.inf, ValueError), ("1.0", TypeError), (True, TypeError), (None, TypeError),
+                        (torch.ones(2), TypeError))],
+    ("vold_loss", "epsilon_high", math.inf, ValueError, "epsilon_high must be finite"),
+    ("vold_loss", "epsilon_high", "0.2", TypeError, "epsilon_high must be a real number"),
+    ("vold_loss", "epsilon_low", [0.2], TypeError, "epsilon_low must be a real number"),
+    ("vold_loss", "clip_ratio_c", math.inf, ValueError, "clip_ratio_c must be finite"),
+    ("vold_loss", "clip_ratio_c", "3", TypeError, "clip_ratio_c must be a real number"),
+    ("vold_loss", "distill_coef", "0.1", TypeError, "distill_coef must be a real number"),
+    ("vold_loss", "token_normalizer", math.inf, ValueError, "token_normalizer must be finite"),
+    ("vold_loss", "token_normalizer", torch.tensor(math.inf), ValueError, "token_normalizer must be finite"),
+    ("vold_loss", "token_normalizer", "12", TypeError, "token_normalizer must be a real number"),
+    ("vold_loss", "jsd_beta", 1.5, ValueError, "jsd_beta must be in \\[0, 1\\] for divergence='jsd'"),
+    ("vold_loss", "jsd_beta", math.nan, ValueError, "jsd_beta must be in"),
+    ("divergence", "beta", math.inf, ValueError, "beta must be in"),
+    ("logprobs", "logit_scale", "2", TypeError, "logit_scale must be a real number"),
+    ("vold_loss", "teacher_final_logit_softcapping", "30", TypeError,
+     "teacher_final_logit_softcapping must be a real number"),
+]
+
+
+def _call_with(fn: str, option: str, value):
+    if fn == "logprobs":
+        hidden, weight, targets = _lp_inputs()
+        return fused_linear_logprobs(hidden, weight, targets, impl="torch", **{option: value})
+    if fn == "divergence":
+        s_h, s_w, t_h, t_w = _div_inputs()
+        extra = {"divergence": "jsd"} if option == "beta" else {}
+        return fused_linear_divergence(s_h, s_w, t_h, t_w, impl="torch", **extra, **{option: value})
+    extra = {"divergence": "jsd", "distill_estimator": "full"} if option == "jsd_beta" else {}
+    return vold_loss(**_vold_inputs(), impl="torch", **extra, **{option: value})
+
+
+@pytest.mark.parametrize("fn,option,bad,kind,match", _SCALAR_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]!r}"[:60] for c in _SCALAR_CASES])
+def test_scalar_options_are_real_finite_numbers(fn, option, bad, kind, match):
+    with pytest.raises(kind, match=f"^{match}"):
+        _call_with(fn, option, bad)
+
+
+@pytest.mark.parametrize("fn,option,good", [
+    ("logprobs", "temperature", torch.tensor(0.7)), ("logprobs", "temperature", 2),
+    ("vold_loss", "token_normalizer", torch.tensor(40.0)), ("vold_loss", "token_normalizer", 40),
+    ("vold_loss", "epsilon_high", 0), ("vold_loss", "clip_ratio_c", 3), ("divergence", "beta", 1),
+])
+def test_scalar_options_accept_numbers_and_one_element_tensors(fn, option, good):
+    out = _call_with(fn, option, good)
+    out = out[0] if isinstance(out, tuple) else out
+    assert bool(torch.isfinite(out).all())

@@ -213,3 +213,64 @@ def test_config_file_errors_are_one_line(tmp_path):
         load_config(tmp_path / "nothere.yaml")
     with pytest.raises(ValueError, match=r"config file not found: .* \(a folder\)"):
         load_config(tmp_path)
+
+
+def _leaf_keys(cls=Config, prefix=""):
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+            yield from _leaf_keys(type(f.default_factory()), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
+# numeric keys where a negative value means something (or that are checked only when their feature is on)
+NEGATIVE_ALLOWED = {
+    "seed",
+    "loss.ref_kl_coef", "loss.distill_coef", "loss.entropy_coef",  # signed coefficients, as vold_loss takes them
+    "sophia.caption_reward_threshold", "sophia.correct_threshold",  # on the reward functions' own scale
+    "reward.weights",  # signed, as TRL's reward_weights
+    "model.lora.r", "model.lora.alpha", "model.lora.dropout",  # checked when model.lora.enabled (LoraSettings)
+}
+
+
+def test_every_numeric_key_has_its_range():
+    """Every int/float key refuses -1 (and the optional ones 0 where 0 means nothing) unless listed above.
+
+    Found by a new user: optim.adam_beta1=1.5 / optim.adam_eps=-1 were refused by torch's AdamW only after the
+    models loaded and the run folder was made (the message naming no key); optim.max_grad_norm=-1 silently
+    disabled clipping; eval.max_examples=-1 / traces.max_examples=-1 silently dropped the last row;
+    eval.max_new_tokens=0, traces.max_tokens=-1 (every trace dropped), model.min_pixels=-1,
+    reward.overlong_cache=-3, rollout.tensor_parallel_size=0 ran."""
+    numeric = []
+    for key in _leaf_keys():
+        try:
+            load_config(None, [f"{key}=abc"])
+        except ValueError as error:
+            if re.search(r"expects (an int|a float)", str(error)):
+                numeric.append(key)
+    assert {"seed", "optim.lr", "optim.adam_beta1", "eval.max_examples", "model.min_pixels"} <= set(numeric)
+    accepted = []
+    for key in numeric:
+        try:
+            load_config(None, [f"{key}=-1"])
+        except ValueError as error:
+            assert f"'{key}'" in str(error), (key, str(error))
+        else:
+            accepted.append(key)
+    assert sorted(accepted) == sorted(NEGATIVE_ALLOWED)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.adam_beta1=1.5"], "config key 'optim.adam_beta1' must be in [0, 1), got '1.5'"),
+    (["optim.adam_beta2=1"], "config key 'optim.adam_beta2' must be in [0, 1), got '1'"),
+    (["optim.max_grad_norm=-1"], "config key 'optim.max_grad_norm' must be >= 0"),
+    (["eval.max_new_tokens=0"], "config key 'eval.max_new_tokens' must be > 0"),
+    (["model.min_pixels=5000", "model.max_pixels=1000"],
+     "config key 'model.min_pixels' (5000) must be <= 'model.max_pixels' (1000)"),
+    (["traces.max_tokens=3", "traces.min_tokens=5"],
+     "config key 'traces.max_tokens' (3) must be >= 'traces.min_tokens'"),
+])
+def test_numeric_ranges_and_pairs_are_named(overrides, message):
+    with pytest.raises(ValueError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)

@@ -92,6 +92,7 @@ OptBool = Annotated[bool | None, _NONE_TEXT]
 OptInt = Annotated[Int | None, _NONE_TEXT]
 OptPosInt = Annotated[PosInt | None, _NONE_TEXT]
 OptNonNegInt = Annotated[NonNegInt | None, _NONE_TEXT]
+AdamBeta = Annotated[float, Field(ge=0, lt=1)]  # optim.adam_beta1/2 (torch's AdamW refuses others)
 ClipEpsLow = Annotated[float, Field(ge=0, lt=1)]  # loss.epsilon_low: the lower clip bound 1 - epsilon_low > 0
 OptDualClip = Annotated[Annotated[float, Field(gt=1)] | None, _NONE_TEXT]  # loss.clip_ratio_c: dual clip c > 1
 OptFloat = Annotated[float | None, _NONE_TEXT]
@@ -166,9 +167,9 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     local_files_only: bool = False
     trust_remote_code: bool = False
-    vocab_size: OptInt = None  # shared vocabulary when the heads are padded (e.g. 152064 vs 151936 rows)
-    min_pixels: OptInt = None  # image processor resolution bounds (Qwen2-VL style)
-    max_pixels: OptInt = None
+    vocab_size: OptPosInt = None  # shared vocabulary when the heads are padded (e.g. 152064 vs 151936 rows)
+    min_pixels: OptPosInt = None  # image processor resolution bounds (Qwen2-VL style)
+    max_pixels: OptPosInt = None  # >= min_pixels
     teacher_offload: bool = False  # keep the teacher on the CPU, on the device only while it scores
     # which student parameters train (vold.models.apply_freezing; sft, train and sophia). A VLM has three parts:
     # the vision tower (Qwen2.5-VL: visual.patch_embed + visual.blocks), the projector (visual.merger) and the
@@ -183,6 +184,13 @@ class ModelConfig:
     frozen: StrList = field(default_factory=list)
     trainable: StrList = field(default_factory=list)
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"config key 'model.min_pixels' ({self.min_pixels}) must be <= 'model.max_pixels' "
+                             f"({self.max_pixels})")
+        return self
 
 
 @section
@@ -221,10 +229,10 @@ class RolloutConfig:
     enable_sleep_mode: bool = True
     # 1: offload weights to CPU; 2: discard them (resynced after every update anyway)
     sleep_level: Annotated[Int, Field(ge=1, le=2)] = 1
-    max_model_len: OptInt = None
-    tensor_parallel_size: Int = 1
+    max_model_len: OptPosInt = None
+    tensor_parallel_size: PosInt = 1
     enforce_eager: bool = False
-    max_images_per_prompt: Int = 1
+    max_images_per_prompt: PosInt = 1
 
 
 @section
@@ -286,7 +294,7 @@ class RewardConfig:
     weights: OptFloatList = None  # one per function; default all 1
     # L_cache of the built-in "soft_overlong" reward (DAPO §3.4; TRL's soft_punish_cache): completions longer than
     # rollout.max_new_tokens - overlong_cache lose up to 1 linearly; L_max is rollout.max_new_tokens
-    overlong_cache: Int = 0
+    overlong_cache: NonNegInt = 0
 
     @model_validator(mode="after")
     def _check(self) -> "RewardConfig":
@@ -300,9 +308,9 @@ class RewardConfig:
 class OptimConfig:
     lr: PosFloat = 6e-6
     weight_decay: NonNegFloat = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    adam_beta1: AdamBeta = 0.9  # in [0, 1), as torch's AdamW
+    adam_beta2: AdamBeta = 0.999
+    adam_eps: NonNegFloat = 1e-8
     lr_scheduler: Scheduler = "constant"  # constant | linear | cosine (all after warmup)
     warmup_steps: NonNegInt = 0  # in optimizer updates (ppo_epochs * minibatches per training step)
     min_lr_ratio: Fraction = 0.0  # linear/cosine decay to min_lr_ratio * lr
@@ -310,7 +318,7 @@ class OptimConfig:
     # micro-batches per minibatch: memory only, the update is the same for every loss type (dapo and bnpo
     # divide by the minibatch's token count, grpo/dr_grpo weight each micro-batch by its share of the sequences)
     grad_accum: PosInt = 1
-    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_grad_norm: NonNegFloat = 1.0  # 0 disables clipping
     ppo_epochs: PosInt = 1  # passes over each rollout batch
     minibatches: PosInt = 1  # optimizer steps per pass
     # the policy update and the frozen scoring passes run each micro-batch as ONE row of its real tokens
@@ -335,10 +343,17 @@ class TracesConfig:
     top_p: Prob = 0.95
     batch_size: PosInt = 8  # prompts per generate call
     min_tokens: NonNegInt = 1  # length filter, in teacher tokens (EOS excluded)
-    max_tokens: OptInt = None
+    max_tokens: OptPosInt = None  # >= min_tokens
     drop_truncated: bool = True  # a trace cut at max_new_tokens has no final answer
     filter_correct: bool = True  # keep a trace only when its last \boxed{} equals the answer (math_equal)
-    max_examples: OptInt = None  # the first N prompts only
+    max_examples: OptPosInt = None  # the first N prompts only
+
+    @model_validator(mode="after")
+    def _check(self) -> "TracesConfig":
+        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
+            raise ValueError(f"config key 'traces.max_tokens' ({self.max_tokens}) must be >= 'traces.min_tokens' "
+                             f"({self.min_tokens}): every trace would be dropped")
+        return self
 
 
 @section
@@ -431,8 +446,8 @@ class EvalConfig:
     num_samples: PosInt = 8  # k completions per question
     temperature: PosFloat = 1.0
     top_p: Prob = 1.0
-    max_new_tokens: OptInt = None  # default: rollout.max_new_tokens
-    max_examples: OptInt = None  # the first N questions of each file only
+    max_new_tokens: OptPosInt = None  # default: rollout.max_new_tokens
+    max_examples: OptPosInt = None  # the first N questions of each file only
     output_dir: OptStr = None  # default: {output_dir}/eval/{model as a folder name, e.g. runs--x--rl--final}
 
 

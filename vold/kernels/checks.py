@@ -7,6 +7,7 @@ argument's name in the message, so a caller never gets a silent wrong number.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -146,12 +147,51 @@ def check_chunk_size(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size must be None or a positive int (rows per chunk), got {chunk_size!r}")
 
 
-def check_finite_scalar(name: str, value: float) -> None:
-    """A loss coefficient must be a finite number: a NaN or inf one makes the loss NaN/inf silently."""
-    if not math.isfinite(value):
+def _bound_text(gt: float | None, ge: float | None, lt: float | None, le: float | None) -> str:
+    low = f"({gt:g}" if gt is not None else f"[{ge:g}" if ge is not None else None
+    high = f"{lt:g})" if lt is not None else f"{le:g}]" if le is not None else None
+    if low and high:
+        return f"in {low}, {high}"
+    if low:
+        return f"{'>' if gt is not None else '>='} {low[1:]}"
+    return f"{'<' if lt is not None else '<='} {high[:-1]}"
+
+
+def check_number(name: str, value: object, *, gt: float | None = None, ge: float | None = None,
+                 lt: float | None = None, le: float | None = None, note: str = "") -> None:
+    """A scalar option: a finite real number (a Python/NumPy number or a one-element real tensor) within the bounds.
+
+    ``TypeError`` naming ``name`` for anything else (a string, a bool, a list, a multi-element tensor: the bare
+    comparison used to fail with "'>' not supported between 'str' and 'int'", naming nothing); ``ValueError``
+    ``"{name} must be {range}{note}, got {value}"`` outside the bounds (NaN included: it fails every comparison),
+    then ``"{name} must be finite"`` for +-inf (``temperature=inf`` gave a uniform distribution, an inf
+    ``token_normalizer`` a zero loss, silently). A tensor is read once (one host sync); skipped while
+    torch.compile traces.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a tensor of shape {tuple(value.shape)} "
+                            f"and dtype {value.dtype}")
+        if torch.compiler.is_compiling():
+            return
+        number = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    inside = ((gt is None or number > gt) and (ge is None or number >= ge)
+              and (lt is None or number < lt) and (le is None or number <= le))
+    if not inside:
+        raise ValueError(f"{name} must be {_bound_text(gt, ge, lt, le)}{note}, got {value}")
+    if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value}")
 
 
+def check_finite_scalar(name: str, value: float) -> None:
+    """A loss coefficient must be a finite number: a NaN or inf one makes the loss NaN/inf silently."""
+    check_number(name, value)
+
+
 def check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    """``value`` finite and > 0 (``temperature``, ``token_normalizer``)."""
+    check_number(name, value, gt=0)

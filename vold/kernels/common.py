@@ -15,6 +15,7 @@ This module imports only torch and nothing else from ``vold.kernels``: every oth
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,10 @@ class LogitTransform:
 
 def logit_transform(prefix: str, logit_scale: float, final_logit_softcapping: float | None) -> LogitTransform:
     """Validated ``LogitTransform``: ``{prefix}logit_scale`` finite and > 0, ``{prefix}final_logit_softcapping``
-    None or finite and > 0 (``ValueError`` naming the argument otherwise)."""
+    None or finite and > 0 (``ValueError`` naming the argument otherwise; ``TypeError`` for a non-number)."""
+    for name, value in (("logit_scale", logit_scale), ("final_logit_softcapping", final_logit_softcapping)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{prefix}{name} must be a real number, got {type(value).__name__} {value!r}")
     if not (math.isfinite(logit_scale) and logit_scale > 0):
         raise ValueError(f"{prefix}logit_scale must be finite and > 0, got {logit_scale}")
     cap = final_logit_softcapping

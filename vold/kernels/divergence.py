@@ -57,13 +57,14 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         return *grads, None, None, None, None, None, None, None
 
 
-def divergence_spec(divergence: str, beta: float, temperature: float, **extra) -> ChunkSpec:
-    """Validate a divergence choice; JSD with beta 0 or 1 is exactly forward or reverse KL."""
+def divergence_spec(divergence: str, beta: float, temperature: float, *, beta_name: str = "beta",
+                    **extra) -> ChunkSpec:
+    """Validate a divergence choice (``beta_name``: the caller's name of beta, in the error); JSD with beta 0 or 1
+    is exactly forward or reverse KL."""
     checks.check_choice("divergence", divergence, checks.DIVERGENCES)
     checks.check_positive("temperature", temperature)
     if divergence == "jsd":
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1] for divergence='jsd', got {beta}")
+        checks.check_number(beta_name, beta, ge=0, le=1, note=" for divergence='jsd'")
         divergence = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(float(beta), "jsd")
     return ChunkSpec(inv_temperature=1.0 / temperature, divergence=divergence, beta=beta, **extra)
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_positive
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -126,8 +128,7 @@ def normalization_weights(
     if loss_type in ("bnpo", "dapo") and token_normalizer is None:
         return mask / mask.sum().clamp(min=1.0)
     if loss_type in ("bnpo", "dapo"):
-        if not token_normalizer > 0:
-            raise ValueError(f"token_normalizer must be > 0, got {token_normalizer}")
+        check_positive("token_normalizer", token_normalizer)
         return mask / token_normalizer
     if loss_type == "dr_grpo":
         if max_completion_length is None or max_completion_length <= 0:

@@ -225,7 +225,8 @@ def vold_loss(
     masked fraction of clamped tokens). Dtypes: per-token math, loss and metrics in promote(fp32, heads'
     dtype): fp32 for fp32/bf16/fp16 heads (logits accumulated and kept in fp32), fp64 for fp64 heads.
     ``mask`` and ``distill_mask`` are weights in ``[0, inf)`` (0/1 or fractional; ``mask`` 0 drops a token).
-    ``epsilon_low`` in ``[0, 1)``, ``epsilon_high >= 0``, ``clip_ratio_c > 1`` or None.
+    ``epsilon_low`` in ``[0, 1)``, ``epsilon_high >= 0``, ``clip_ratio_c > 1`` or None; every scalar option a
+    finite real number or one-element tensor (``checks.check_number``: ``TypeError`` naming it otherwise).
     Raises ``ValueError`` (naming the argument) for bad shapes/options, a negative ``mask`` or ``distill_mask``
     weight (of a token that counts, for ``distill_mask``), NaN/inf in hidden states, ``mask`` or in
     the log-probs/advantages of tokens that count (``check_finite``), fp64 with ``impl="triton"``, and,
@@ -241,12 +242,10 @@ def vold_loss(
         checks.check_choice(name, value, choices)
     # PPO/GRPO's clip range [1 - epsilon_low, 1 + epsilon_high] (TRL's epsilon/epsilon_high, verl's
     # clip_ratio_low/high): epsilon_low >= 1 makes the lower bound <= 0, below every ratio exp(.) > 0.
-    if not 0 <= epsilon_low < 1:
-        raise ValueError(f"epsilon_low must be in [0, 1) (lower clip bound 1 - epsilon_low > 0), got {epsilon_low}")
-    if not epsilon_high >= 0:
-        raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
-    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {clip_ratio_c}")
+    checks.check_number("epsilon_low", epsilon_low, ge=0, lt=1, note=" (lower clip bound 1 - epsilon_low > 0)")
+    checks.check_number("epsilon_high", epsilon_high, ge=0)
+    if clip_ratio_c is not None:
+        checks.check_number("clip_ratio_c", clip_ratio_c, gt=1, note=" (dual-clip)")
     for name, value in (("ref_kl_coef", ref_kl_coef), ("distill_coef", distill_coef), ("entropy_coef", entropy_coef)):
         checks.check_finite_scalar(name, value)
     checks.check_chunk_size(chunk_size)
@@ -352,7 +351,8 @@ def vold_loss(
         t_weight = teacher_weight.detach()[:vocab]
         t_bias = None if teacher_bias is None else teacher_bias.detach()[:vocab]
     if use_full:
-        spec = divergence_spec(divergence, jsd_beta, temperature, need_entropy=True, shard=shard)
+        spec = divergence_spec(divergence, jsd_beta, temperature, beta_name="jsd_beta", need_entropy=True,
+                               shard=shard)
     else:
         checks.check_positive("temperature", temperature)
         spec = ChunkSpec(inv_temperature=1.0 / temperature, need_entropy=True, need_teacher_logp=need_teacher_logp,
