@@ -16,6 +16,11 @@
   oracle is ``vold.kernels.reference``, importable as it is).
 - ``VOLD_DEBUG=1``: ``vold.cli.main`` raises user errors instead of printing them (see below).
 - Every test starts from the same torch seed.
+- Hypothesis (tests/test_properties.py, tests/test_numerics.py) draws the same examples on every run: the
+  ``vold`` profile loaded here is derandomized (each test's examples are seeded from its own source) and keeps
+  no example database, so CI never fails on a draw it has not seen before nor replays one another run left
+  behind. A hunt for new failures draws at random: ``--hypothesis-profile=vold-hunt`` (with
+  ``VOLD_HYPOTHESIS_EXAMPLES`` / ``VOLD_FUZZ_EXAMPLES`` for more examples, ``--hypothesis-seed=N`` to repeat one).
 - ``one_thread`` (trainer tests opt in with ``pytestmark``) and ``tiny``: the tiny run of
   ``vold.testing.prepare_tiny_run``, shared by the trainer test modules.
 """
@@ -34,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 from torch.utils._device import DeviceContext  # noqa: E402
 
 # factories that draw random numbers: made on the CPU (with the test's CPU generator), then moved
@@ -67,6 +73,14 @@ def _enter_test_device(name: str) -> None:
 
 
 _enter_test_device(TEST_DEVICE)
+
+# Loaded before any test module builds its settings (which inherit from the loaded profile); the hypothesis
+# plugin's --hypothesis-profile, read after this file is imported, picks another. Hypothesis's own "ci" profile
+# does the same, but only where it detects a CI environment variable, and only in recent versions.
+_HYPOTHESIS = dict(database=None, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("vold", derandomize=True, **_HYPOTHESIS)
+settings.register_profile("vold-hunt", derandomize=False, **_HYPOTHESIS)
+settings.load_profile("vold")
 
 
 def pytest_configure(config):

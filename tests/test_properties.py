@@ -3,7 +3,8 @@
 Torch engine only (for speed). Shapes: B 1-4, T 1-9, V 5-70, H 1-12; chunk sizes from 1 to past N
 (so most do not divide N); masks are arbitrary bit patterns, so fully masked rows, a single unmasked
 token and the all-masked batch all occur; the options of ``vold_loss`` are drawn too.
-Set ``VOLD_HYPOTHESIS_EXAMPLES`` to run more examples than the default 25.
+Set ``VOLD_HYPOTHESIS_EXAMPLES`` to run more examples than the default 25. The examples are the same on every
+run (tests/conftest.py loads a derandomized profile); ``--hypothesis-profile=vold-hunt`` draws new ones.
 """
 
 from __future__ import annotations
@@ -178,3 +179,25 @@ def test_vold_loss_single_token(level, loss_type):
         kernel = run_vold(vold_loss, tensors, dict(options, impl="torch"))
         reference = run_vold(ref_vold_loss, tensors, options, cast=reference_cast())
         compare_vold(kernel, reference, FP32_TOL)
+
+
+def test_every_run_draws_the_same_examples():
+    """A property test must not fail in CI on a draw no earlier run made (nor on one an earlier run left in an
+    example database): the loaded profile (tests/conftest.py) is derandomized and keeps no database, so two runs
+    of the same test draw the same examples. Under ``--hypothesis-profile=vold-hunt`` (random draws) this fails."""
+    assert settings().derandomize and settings().database is None
+    assert SETTINGS.derandomize and SETTINGS.database is None
+    runs = [_draw_examples(), _draw_examples()]
+    assert len(runs[0]) == SETTINGS.max_examples and runs[0] == runs[1]
+
+
+def _draw_examples() -> list:
+    drawn = []
+
+    @SETTINGS
+    @given(problem=vold_problems())
+    def draw(problem):
+        drawn.append(problem)
+
+    draw()
+    return drawn
