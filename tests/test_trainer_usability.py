@@ -420,14 +420,18 @@ def test_bench_runs_from_outside_the_checkout(tmp_path, capsys, user):
     repository root: a console script's sys.path holds neither the checkout nor the current directory. The
     benchmarks are now found beside the vold package vold runs from. A benchmark that is not there is still
     a one-line error naming what is missing."""
-    runner = "import sys; from vold.cli import main; sys.exit(main(sys.argv[1:]))"
+    import vold.cli
+
+    # the vold under test (this checkout's, not an installed one: an editable install may point at another
+    # checkout), imported with its root on sys.path only while it is imported, as a console script finds it
+    root = str(Path(vold.cli.__file__).resolve().parent.parent)
+    runner = (f"import sys; sys.path.insert(0, {root!r}); import vold.cli; sys.path.remove({root!r}); "
+              "assert 'benchmarks' not in sys.modules; sys.exit(vold.cli.main(sys.argv[1:]))")
     for argv, usage in ((["bench", "trainer", "--help"], "usage: python -m benchmarks.trainer"),
                         (["gpu-check", "--help"], "usage: python -m benchmarks.gpu_check")):
         done = subprocess.run([sys.executable, "-c", runner, *argv], cwd=tmp_path, capture_output=True, text=True,
                               timeout=300, env={**os.environ, "PYTHONPATH": ""})
         assert done.returncode == 0 and done.stdout.startswith(usage), (argv, done.stdout, done.stderr)
-    import vold.cli
-
     with pytest.raises(vold.cli.UserError, match=r"vold bench runs from a checkout .*benchmarks\.nonexistent"):
         vold.cli.benchmark("nonexistent", "vold bench")
 
