@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import FP32_TOL, IMPLS, assert_rel, make_vold_inputs, randn, reference_cast, run_vold
@@ -477,3 +478,37 @@ def test_scalar_options_accept_numbers_and_one_element_tensors(fn, option, good)
     out = _call_with(fn, option, good)
     out = out[0] if isinstance(out, tuple) else out
     assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("wrap", [torch.tensor, np.float32], ids=["tensor", "numpy"])
+def test_scalar_options_given_as_tensors_or_numpy_numbers_equal_floats(impl, wrap):
+    """The README and ``checks.check_number`` accept a NumPy number or a one-element tensor for every scalar option:
+    each must give the same loss and gradients as the Python float. Before, a tensor or NumPy float32
+    ``temperature`` / ``jsd_beta`` reached the Triton kernels as a scalar argument (InterpreterError: "invalid operands
+    of type pointer<fp32> and triton.language.float32", "cannot convert ... numpy.float32"), and a tensor
+    ``logit_scale`` was refused with a TypeError (logit_transform's own type check)."""
+    tensors = _vold_inputs(bias=True)
+    options = dict(temperature=0.7, divergence="jsd", jsd_beta=0.3, student_logit_scale=1.3,
+                   teacher_final_logit_softcapping=5.0, clip_ratio_c=3.0, token_normalizer=17.0,
+                   ref_kl_coef=0.0, distill_coef=0.4, impl=impl)
+    floats = run_vold(vold_loss, tensors, options)
+    wrapped = run_vold(vold_loss, tensors, {k: (wrap(v) if isinstance(v, float) else v) for k, v in options.items()})
+    assert_rel(wrapped[0], floats[0], FP32_TOL, "loss")
+    for key in floats[2]:
+        assert_rel(wrapped[2][key], floats[2][key], FP32_TOL, f"grad {key}")
+    hidden, weight, targets = _lp_inputs()
+    logp = [fused_linear_logprobs(hidden, weight, targets, temperature=T, logit_scale=s, impl=impl)
+            for T, s in ((0.7, 1.3), (wrap(0.7), wrap(1.3)))]
+    assert_rel(logp[1], logp[0], FP32_TOL, "logprobs")
+    s_h, s_w, t_h, t_w = _div_inputs()
+    div = [fused_linear_divergence(s_h, s_w, t_h, t_w, divergence="jsd", beta=b, temperature=T, impl=impl)
+           for b, T in ((0.3, 0.7), (wrap(0.3), wrap(0.7)))]
+    assert_rel(div[1], div[0], FP32_TOL, "divergence")
+
+
+def test_dr_grpo_max_completion_length_is_a_finite_number():
+    """max_completion_length=inf gave a zero loss silently and a string "'<=' not supported", naming nothing."""
+    for bad, kind in ((math.inf, ValueError), ("7", TypeError), (True, TypeError), (0, ValueError)):
+        with pytest.raises(kind, match="^max_completion_length must be"):
+            vold_loss(**_vold_inputs(), loss_type="dr_grpo", max_completion_length=bad, impl="torch")

@@ -9,13 +9,13 @@
   ``mm_out_fp32``), the eager engine's scratch buffers (``Workspace``) and the gradient cast back to an
   input's dtype (``cast_grad``, which refuses a float16 overflow).
 
-This module imports only torch and nothing else from ``vold.kernels``: every other kernel module sits on it.
+This module imports only torch and (in ``logit_transform``) ``.checks``, which imports only torch: every other
+kernel module sits on it.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -82,15 +82,14 @@ class LogitTransform:
 
 def logit_transform(prefix: str, logit_scale: float, final_logit_softcapping: float | None) -> LogitTransform:
     """Validated ``LogitTransform``: ``{prefix}logit_scale`` finite and > 0, ``{prefix}final_logit_softcapping``
-    None or finite and > 0 (``ValueError`` naming the argument otherwise; ``TypeError`` for a non-number)."""
-    for name, value in (("logit_scale", logit_scale), ("final_logit_softcapping", final_logit_softcapping)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-            raise TypeError(f"{prefix}{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(f"{prefix}logit_scale must be finite and > 0, got {logit_scale}")
+    None or finite and > 0, each a real number or one-element tensor (``checks.check_number``: ``ValueError``
+    naming the argument otherwise, ``TypeError`` for a non-number)."""
+    from .checks import check_number  # checks imports only torch: no cycle
+
+    check_number(f"{prefix}logit_scale", logit_scale, gt=0)
     cap = final_logit_softcapping
-    if cap is not None and not (math.isfinite(cap) and cap > 0):
-        raise ValueError(f"{prefix}final_logit_softcapping must be None or finite and > 0, got {cap}")
+    if cap is not None:
+        check_number(f"{prefix}final_logit_softcapping", cap, gt=0, note=" or None")
     return LogitTransform(float(logit_scale), None if cap is None else float(cap))
 
 
@@ -198,7 +197,9 @@ def vocab_shard(process_group, local_rows: int, device: torch.device, impl: str)
 
 @dataclass(frozen=True)
 class ChunkSpec:
-    """Which per-row statistics a call needs."""
+    """Which per-row statistics a call needs. ``inv_temperature`` and ``beta`` are kept as Python floats (an
+    option given as a NumPy number or a one-element tensor is read once here): the Triton kernels take them as
+    scalar arguments, where a tensor is a pointer and a NumPy float32 is refused."""
 
     inv_temperature: float = 1.0
     need_entropy: bool = False
@@ -206,6 +207,11 @@ class ChunkSpec:
     beta: float = 0.5  # JSD mixing weight (Liger's convention: 0 = forward KL, 1 = reverse KL)
     need_teacher_logp: bool = False
     shard: VocabShard | None = None  # vocab-parallel lm_head (torch engine)
+
+    def __post_init__(self) -> None:
+        if not torch.compiler.is_compiling():
+            object.__setattr__(self, "inv_temperature", float(self.inv_temperature))
+            object.__setattr__(self, "beta", float(self.beta))
 
     @property
     def needs_teacher(self) -> bool:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_positive
+from .checks import check_number, check_positive
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")
@@ -131,8 +131,10 @@ def normalization_weights(
         check_positive("token_normalizer", token_normalizer)
         return mask / token_normalizer
     if loss_type == "dr_grpo":
-        if max_completion_length is None or max_completion_length <= 0:
+        if max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length > 0 (the padded length T by default)")
+        check_number("max_completion_length", max_completion_length, gt=0,
+                     note=" for loss_type='dr_grpo' (the padded length T by default)")
         return mask / (num_seqs * max_completion_length)
     raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
 
