@@ -563,6 +563,17 @@ def test_vold_loss_unit_upstream_gradient_is_not_aliased_across_backwards(impl):
     loss.backward()
     for key in keys:
         assert torch.allclose(leaves[key].grad, 2 * first[key], rtol=1e-6, atol=0), key
+    # torch.autograd.grad returns what reaches the leaf, uncopied: two calls on a kept graph must not return one
+    # tensor, and changing the first result in place (through .data: no version-counter error) must leave the
+    # second call's gradients as they were (this fails if the saved gradients reach the leaves themselves)
+    loss, _ = vold_loss(**leaves, **options)
+    once = torch.autograd.grad(loss, [leaves[k] for k in keys], retain_graph=True)
+    for g in once:
+        g.data.mul_(0.0)
+    again = torch.autograd.grad(loss, [leaves[k] for k in keys])
+    for key, g0, g1 in zip(keys, once, again, strict=True):
+        assert g0.data_ptr() != g1.data_ptr(), key
+        assert torch.equal(g1, first[key]), key
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -121,8 +121,13 @@ class VoldLossFunction(torch.autograd.Function):
         scale = grad_output.to(torch.promote_types(grad_output.dtype, torch.float32))
         # ``loss.backward()`` (upstream gradient 1) gets the gradients made in the forward as they are; g * 1 was
         # a full pass over dW and a fresh [V, H] tensor: 0.25 s, 2 % of the step, at V = 151936, H = 896 on the
-        # 2-core CPU. Autograd still copies them if the graph is kept (retain_graph), so a second backward is
-        # right. The test costs a device sync on an accelerator, where the multiply is cheap: there it is done.
+        # 2-core CPU. The test costs a device sync on an accelerator, where the multiply is cheap: there it is done.
+        # Safe only because these saved tensors never leave autograd's own nodes: vold_loss hands this function
+        # ``student_weight[:vocab]``, ``student_bias[:vocab]`` and ``index_select``-ed hidden rows, whose backward
+        # (SliceBackward0, IndexSelectBackward0) writes a fresh tensor. Fed straight to a leaf, ``.grad``, a hook
+        # or ``torch.autograd.grad`` would get the saved tensor itself: with retain_graph, two calls would return
+        # one tensor and an in-place change (a hook, clipping) would alter the next backward's gradient (test:
+        # test_vold_loss_unit_upstream_gradient_is_not_aliased_across_backwards).
         unit = grad_output.device.type == "cpu" and bool(grad_output == 1)
 
         def scaled(name, g):
