@@ -91,7 +91,9 @@ def fused_linear_logprobs(
     ``hidden`` or a DTensor head together with ``process_group``.
     ``logit_scale`` s (Cohere) and ``final_logit_softcapping`` c (Gemma-2) transform the logits before the
     temperature, in TRL's order: ``z' = c tanh(s z / c) / T`` (``s z / T`` without a cap); ``ValueError``
-    unless s > 0 and c is None or > 0.
+    unless s > 0 and c is None or > 0. In backward, an fp16 gradient beyond fp16's range raises ``ValueError``
+    naming the input, unless some upstream gradient element has |g| > 1 (taken as a loss scaler's): then it
+    comes back with inf, torch's rule (``common.cast_grad``).
     """
     weight, bias = gather_head("", hidden, weight, bias, process_group)
     checks.check_linear_head("", hidden, weight, bias, finite=check_finite)
