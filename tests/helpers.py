@@ -345,7 +345,7 @@ def run_on_gloo_ranks(fn: Callable[..., None], world_size: int, *args: Any, time
                     if process.exitcode != 0:
                         drain()  # what was raised before
                         how = (f"status {process.exitcode}" if process.exitcode > 0
-                               else f"signal {signal.Signals(-process.exitcode).name}")
+                               else f"signal {_signal_name(-process.exitcode)}")
                         failures.append(f"rank {rank} exited with {how} without raising")
                 if running and time.monotonic() > deadline:
                     failures.append(f"ranks {sorted(running)} still running {timeout_s + _KILL_GRACE_S:.0f} s after "
@@ -364,6 +364,15 @@ def run_on_gloo_ranks(fn: Callable[..., None], world_size: int, *args: Any, time
     if failures:
         raise AssertionError(f"{len(failures)} failure(s) on {world_size} gloo ranks, in the order raised:\n"
                              + "\n".join(failures))
+
+
+def _signal_name(number: int) -> str:
+    """``SIGABRT`` for 6; the number itself for a signal Python does not name (real-time ones such as 40, where
+    ``signal.Signals(40)`` raises ValueError)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def _gloo_rank(rank: int, world_size: int, port: int, timeout_s: float, stacks: str, errors: Any,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -33,6 +34,11 @@ def _die_on_rank_0_hang_on_rank_1(rank: int) -> None:
     if rank == 0:
         os._exit(3)
     time.sleep(3600)
+
+
+def _unnamed_signal_on_rank_0(rank: int) -> None:
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGRTMIN + 6)  # a real-time signal: terminates, and Python has no name for it
 
 
 def test_error_on_one_rank_reaches_the_parent_with_its_traceback():
@@ -81,3 +87,11 @@ def test_bad_arguments_are_refused_before_starting():
         run_on_gloo_ranks(_disagree_on_rank_1, 0)
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         run_on_gloo_ranks(_disagree_on_rank_1, 2, timeout_s=0)
+
+
+def test_a_rank_killed_by_a_signal_python_does_not_name_is_reported():
+    # signal.Signals(40) raises ValueError: the helper raised that instead of its report of the ranks
+    with pytest.raises(AssertionError) as failure:
+        run_on_gloo_ranks(_unnamed_signal_on_rank_0, 2, timeout_s=60)
+    message = str(failure.value)
+    assert f"rank 0 exited with signal {int(signal.SIGRTMIN) + 6} without raising" in message, message
