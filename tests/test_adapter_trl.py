@@ -263,3 +263,22 @@ def test_train_steps(tmp_path):
     assert set(batch["distill_mask"].tolist()) <= {0.0, 1.0}
     texts = tokenizer.batch_decode(batch["teacher_prompt_ids"], skip_special_tokens=True)
     assert all(text.startswith("Add: ") and text[5:] in prompts for text in texts)
+
+
+@pytest.mark.parametrize("options,kind,match", [
+    ({"distill_coef": math.nan, "teacher_model": "unused"}, ValueError, "^distill_coef must be finite"),
+    ({"distill_coef": math.inf, "teacher_model": "unused"}, ValueError, "^distill_coef must be finite"),
+    ({"distill_coef": "abc", "teacher_model": "unused"}, TypeError, "^distill_coef must be a real number"),
+    ({"distill_estimator": "k4", "teacher_model": "unused"}, ValueError, "^distill_estimator"),
+    ({"distill_coef": 0.1}, ValueError, "teacher_model"),
+    ({"distill_on_wrong_only": "yes", "teacher_model": "unused"}, TypeError, "^distill_on_wrong_only"),
+])
+def test_vold_arguments_are_checked_before_trl_builds_anything(options, kind, match, monkeypatch):
+    """A NaN distill_coef passed construction and failed at the first training step, after generation (found by
+    the new-user pass); vold's own arguments are now checked before GRPOTrainer.__init__ runs at all."""
+    def never(*args, **kwargs):
+        raise AssertionError("GRPOTrainer.__init__ ran before vold's arguments were checked")
+
+    monkeypatch.setattr(GRPOTrainer, "__init__", never)
+    with pytest.raises(kind, match=match):
+        VoldGRPOTrainer(model="unused", reward_funcs=has_digit, **options)

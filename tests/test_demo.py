@@ -182,3 +182,22 @@ def test_demo_quick_end_to_end_then_cached(tmp_path, capsys):
     assert set(again["cached_models"]) == {"teacher", "lm", "seed_0/perception"}
     assert not {"teacher", "lm", "seed_0/perception"} & set(again["seconds"])
     assert again["teacher_text"] == results["teacher_text"]  # same model, same eval seed
+
+
+def test_demo_help_states_the_real_defaults(monkeypatch):
+    """`vold demo --help` said '--jobs ... (default 1)' while the default is one worker per CPU core (at most 4),
+    and its description named arms (a)-(e) of the seven (found by the new-user pass)."""
+    import argparse
+    import os
+
+    from vold.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["demo"]
+    helps = {a.dest: a.help for a in sub._actions}
+    for cores, jobs in ((1, 1), (2, 2), (16, 4)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        dc = make_config(False, [], seeds=None, jobs=None, threads=None)
+        assert (dc.jobs, dc.threads, dc.seeds) == (jobs, 1, 3)
+    assert "default: one per CPU core, at most 4" in helps["jobs"]
+    assert "default 1" in helps["threads"] and "default: 3" in helps["seeds"]
+    assert f"(a)-({ARMS[-1].key[0]})" in sub.description  # the last arm's letter

@@ -70,6 +70,19 @@ def test_missing_column_names_the_column_and_row(tmp_path):
         load_examples(path)
 
 
+@pytest.mark.parametrize("column", ["answer", "solution", "prompt", "teacher_prompt", "data_source", "trace"])
+def test_required_columns_are_kept_under_their_own_name(tmp_path, column):
+    """`vold sft sft.response_column=answer` (SFT on a prompt/answer dataset) ended in a raw `KeyError: 'answer'`:
+    a required column that is also a known one (read as answer, prompt, ...) was not kept in ``extra`` as the
+    docstring says (found by the new-user pass). Also with the answer read from another column."""
+    row = {"prompt": "p", "answer": "a", "solution": "s", "teacher_prompt": "t", "data_source": "d", "trace": "r"}
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    for answer_column in ("answer", "solution"):
+        (example,) = load_examples(path, answer_column=answer_column, required=(column,))
+        assert example.extra[column] == row[column]
+        assert example.answer == row[answer_column] and example.prompt == "p"
+
+
 def test_unreadable_or_missing_image_names_the_path(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "answer": "1", "image": "broken.png"}])

@@ -499,3 +499,31 @@ def test_convert_gguf_replaces_out_as_a_whole(tmp_path, monkeypatch):
     assert not (out / "tokenizer.model").exists() and not (tmp_path / "out.tmp").exists()
     assert {"config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert transformers.AutoConfig.from_pretrained(out).vocab_size == 64
+
+
+@pytest.mark.parametrize("device,message", [
+    ("gpu", "config key 'device' = 'gpu' is not a device"),
+    ("cuda:0", "config key 'device' = 'cuda:0', but torch"),
+])
+@pytest.mark.parametrize("command", ["make-traces", "sft", "train", "sophia", "eval"])
+def test_a_device_this_machine_lacks_is_one_line_naming_the_key(tiny, tmp_path, capsys, user, command, device,
+                                                                message):
+    """Found by the new-user pass: `device=gpu` ended in torch's RuntimeError traceback ("Expected one of cpu,
+    cuda, ... device type at start of device string: gpu") and `device=cuda` on a CPU-only torch in an
+    AttributeError traceback from torch.cuda.set_device. Both are now one line naming the key, before any folder."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "out"
+    data = [f"sft.train_files=[{tiny['train']}]", "sft.response_column=answer"] if command == "sft" else []
+    assert vold(command, tiny, out, *data, f"device={device}") == 2
+    assert message in error_line(capsys)
+    assert not out.exists()
+
+
+def test_eval_of_a_text_model_on_images_writes_nothing(tiny, tmp_path, capsys, user):
+    """`vold eval eval.model=<a text-only model>` on an image benchmark was refused after eval/<model>/config.yaml
+    had been written (found by the new-user pass); the folder is now made after the model and device checks."""
+    out = tmp_path / "out"
+    assert vold("eval", tiny, out, f"eval.model={tiny['teacher']}") == 2
+    assert "the benchmark has images but" in error_line(capsys)
+    assert not out.exists()

@@ -164,13 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("--overwrite", action="store_true",
                       help="replace OUT although it already holds files (refused without it)")
     demo = sub.add_parser("demo", help="the VOLD ablation at laptop scale on the CPU (toy task, tiny models)",
-                          description="Teacher, perception-aligned student, then arms (a)-(e) through the stages "
+                          description="Teacher, perception-aligned student, then arms (a)-(g) through the stages "
                                       "above; writes a results table and figures (see docs/demo.md).")
     demo.add_argument("--quick", action="store_true", help="a small, fast run (about 2 minutes): a smoke test")
     demo.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: 3; 1 with --quick)")
     demo.add_argument("--output", default=None, help="run folder (default: runs/demo, runs/demo-quick)")
     demo.add_argument("--cache-dir", default=None, help="cached teacher/student models (default: OUTPUT/cache)")
-    demo.add_argument("--jobs", type=int, default=None, help="stages run at once in worker processes (default 1)")
+    demo.add_argument("--jobs", type=int, default=None,
+                      help="stages run at once in worker processes (default: one per CPU core, at most 4)")
     demo.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
     demo.add_argument("--report-only", action="store_true", help="rewrite the table and figures of a finished run")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="demo settings (vold/demo/config.py)")

@@ -27,8 +27,9 @@ from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 from vold.kernels import PolicyLossConfig, vold_loss
@@ -99,6 +100,21 @@ OptFloat = Annotated[float | None, _NONE_TEXT]
 OptNonNegFloat = Annotated[NonNegFloat | None, _NONE_TEXT]
 OptFloatList = Annotated[FloatList | None, _NONE_TEXT]
 OptDtype = Annotated[Dtype | None, _NONE_TEXT]
+
+
+def _device_text(value: Any) -> Any:
+    """``auto`` or a string ``torch.device`` parses (``cpu``, ``cuda``, ``cuda:1``): ``device=gpu`` used to end in
+    torch's RuntimeError traceback when the stage resolved it, after the config had been accepted."""
+    if isinstance(value, str) and value != "auto":
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"config key 'device' = {value!r} is not a device: auto, cpu, cuda, cuda:N, or "
+                             "another torch device string") from None
+    return value
+
+
+Device = Annotated[str, AfterValidator(_device_text)]
 
 
 # ---- the loss section's bridge to the kernels ----------------------------------------------------------------
@@ -508,7 +524,7 @@ class Config:
     # HF TrainingArguments' name: true lets a stage start over in a run folder that holds an earlier run's
     # checkpoints/final model (they are deleted first); false (default) refuses it (use --resume auto to continue)
     overwrite_output_dir: bool = False
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: Device = "auto"  # auto: cuda when available, else cpu; or a torch device string (cpu, cuda, cuda:1)
 
 
 

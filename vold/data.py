@@ -127,6 +127,9 @@ def load_examples(paths: str | Path | list[str | Path], *, image_root: str | Non
             for column in needed:
                 if row.get(column) is None:
                     raise ValueError(f"{where}: missing column '{column}' (rows need {', '.join(needed)})")
+            # every required column is kept in extra under its own name, also one read as prompt/answer or another
+            # known column (sft.response_column=answer used to end in KeyError: 'answer')
+            kept = {column: row[column] for column in required}
             if renames != {"prompt": "prompt", "answer": "answer"}:
                 row = {renames.get(k, k): v for k, v in row.items() if k not in ("prompt", "answer") or k in renames}
             if not isinstance(row["prompt"], str) or not row["prompt"].strip():
@@ -149,7 +152,7 @@ def load_examples(paths: str | Path | list[str | Path], *, image_root: str | Non
                 images=images,
                 teacher_prompt=None if teacher_prompt is None else str(teacher_prompt),
                 data_source=None if row.get("data_source") is None else str(row["data_source"]),
-                extra={k: v for k, v in row.items() if k not in KNOWN_COLUMNS},
+                extra={**{k: v for k, v in row.items() if k not in KNOWN_COLUMNS}, **kept},
                 where=where,
             ))
     return examples

@@ -93,13 +93,10 @@ def evaluate(cfg: Config) -> dict[str, dict[str, float]]:
     check_model_path(model_path, "eval.model" if ec.model else "model.student",
                      local_files_only=cfg.model.local_files_only)
     out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     print_start("eval", start_from=model_path, run=out, examples=sum(len(e) for e in benchmarks.values()),
                 files=files, extra={"samples per question": ec.num_samples})
-
-    device = resolve_device(cfg.device)
     # nothing is trained here: no gradient checkpointing (it turns the KV cache off in the model config), and no
     # model.freeze_*/frozen/trainable (their checks concern training: a text-only eval.model under a VLM config)
     model, processor = student_from_config(replace(cfg.model, gradient_checkpointing=False), device, path=model_path,
@@ -107,6 +104,9 @@ def evaluate(cfg: Config) -> dict[str, dict[str, float]]:
     model.eval()
     if not is_multimodal(processor) and any(e.images for ex in benchmarks.values() for e in ex):
         raise ValueError(f"the benchmark has images but {model_path} is a text-only model")
+    # the output folder only once the device, the model and the benchmark's fit are checked
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
     engine = make_rollout_engine(cfg.rollout, model, processor, model_path=model_path,
                                  dtype=cfg.model.autocast or cfg.model.dtype, seed=cfg.seed,
                                  vocab_size=cfg.model.vocab_size)

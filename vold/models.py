@@ -51,11 +51,25 @@ class QwenVLProcessor(Qwen2_5_VLProcessor):
 # ---- devices, dtypes, attention -----------------------------------------------------------------
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto``: cuda when available, else cpu; else ``torch.device(name)``, which must be available here.
+
+    ``ValueError`` naming the config key for an accelerator this torch build or machine lacks (``device=cuda`` on
+    a CPU-only torch used to fail inside ``torch.cuda.set_device`` with an AttributeError traceback)."""
     if isinstance(name, torch.device):
         return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    backend = getattr(torch, device.type, None)
+    if device.type not in ("cpu", "meta") and callable(getattr(backend, "is_available", None)):
+        if not backend.is_available():
+            raise ValueError(f"config key 'device' = {name!r}, but torch {torch.__version__} sees no {device.type} "
+                             "device on this machine: set device=cpu (or auto)")
+        count = getattr(backend, "device_count", None)
+        if device.index is not None and callable(count) and device.index >= count():
+            raise ValueError(f"config key 'device' = {name!r}, but this machine has {count()} {device.type} "
+                             "device(s)")
+    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

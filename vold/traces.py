@@ -90,11 +90,11 @@ def make_traces(cfg: Config) -> Path:
     require_rows(examples, files, 1, "make-traces")
     views = [teacher_view(e) for e in examples]
     check_model_path(cfg.model.teacher, "model.teacher", local_files_only=cfg.model.local_files_only)
+    device = resolve_device(cfg.device)
     run = start_run(cfg, "traces")
     print_start("make-traces", start_from=cfg.model.teacher, run=run, examples=len(examples), files=files,
                 extra={"traces per prompt": f"{tc.num_samples} sampled, at most {tc.keep_per_prompt} kept",
                        "output file": output_file(cfg)})
-    device = resolve_device(cfg.device)
     teacher, tokenizer = teacher_from_config(cfg.model, device)
     engine = HFRolloutEngine(teacher, tokenizer)
     system_prompt = data.teacher_system_prompt if data.teacher_system_prompt is not None else data.system_prompt

@@ -42,6 +42,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.utils import pad
 
 from vold.kernels import fused_linear_logprobs, vold_loss
+from vold.kernels.checks import check_number
 from vold.runs import distill_metric
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -80,11 +81,16 @@ class VoldGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, teacher_model=None, distill_coef: float = 0.1, distill_estimator: str = "full",
                  distill_on_wrong_only: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+        # vold's own arguments first, before TRL builds the model, the datasets and the generation engine (a NaN
+        # distill_coef used to pass here and fail at the first training step, after a round of generation)
+        check_number("distill_coef", distill_coef)
         if distill_estimator not in DISTILL_ESTIMATORS:
             raise ValueError(f"distill_estimator must be one of {DISTILL_ESTIMATORS}, got {distill_estimator!r}")
         if distill_coef != 0.0 and teacher_model is None:
             raise ValueError("distill_coef != 0 needs a teacher_model")
+        if not isinstance(distill_on_wrong_only, bool):
+            raise TypeError(f"distill_on_wrong_only must be a bool, got {type(distill_on_wrong_only).__name__}")
+        super().__init__(*args, **kwargs)
         self.distill_coef, self.distill_estimator = float(distill_coef), distill_estimator
         self.distill_on_wrong_only = distill_on_wrong_only
         self._check_supported()
