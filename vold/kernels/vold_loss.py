@@ -122,12 +122,13 @@ class VoldLossFunction(torch.autograd.Function):
         # ``loss.backward()`` (upstream gradient 1) gets the gradients made in the forward as they are; g * 1 was
         # a full pass over dW and a fresh [V, H] tensor: 0.25 s, 2 % of the step, at V = 151936, H = 896 on the
         # 2-core CPU. The test costs a device sync on an accelerator, where the multiply is cheap: there it is done.
-        # Safe only because these saved tensors never leave autograd's own nodes: vold_loss hands this function
-        # ``student_weight[:vocab]``, ``student_bias[:vocab]`` and ``index_select``-ed hidden rows, whose backward
-        # (SliceBackward0, IndexSelectBackward0) writes a fresh tensor. Fed straight to a leaf, ``.grad``, a hook
-        # or ``torch.autograd.grad`` would get the saved tensor itself: with retain_graph, two calls would return
-        # one tensor and an in-place change (a hook, clipping) would alter the next backward's gradient (test:
-        # test_vold_loss_unit_upstream_gradient_is_not_aliased_across_backwards).
+        # What reaches the caller is then the saved tensor itself (the weight and bias go in unsliced when the whole
+        # vocabulary counts). Autograd keeps that right: ``.grad`` takes it over only when the graph is freed
+        # (with retain_graph, AccumulateGrad copies it); ``torch.autograd.grad`` with retain_graph returns it, and
+        # changing it in place bumps its version, so a later backward of this graph raises autograd's "modified by
+        # an inplace operation" error instead of using it (test:
+        # test_vold_loss_unit_upstream_gradient_is_not_aliased_across_backwards). Only a change through ``.data``,
+        # which autograd does not track by design, would pass unseen.
         unit = grad_output.device.type == "cpu" and bool(grad_output == 1)
 
         def scaled(name, g):
@@ -380,9 +381,11 @@ def vold_loss(
     ops = get_engine(impl, s_hidden.device, chunk, acc)
     call = _Call(inputs=inputs, cfg=cfg, spec=spec, ops=ops, chunk_size=chunk, metric_names=metric_names,
                  student_transform=student_transform, teacher_transform=teacher_transform)
-    s_bias = None if student_bias is None else student_bias[:vocab]
-    loss = VoldLossFunction.apply(s_hidden, student_weight[:vocab], s_bias, t_hidden, t_weight, t_bias,
-                                  s_targets, call)
+    # the whole head goes in as itself, not as a [:V] slice: a slice's backward (SliceBackward0) is one more
+    # [V, H] allocation and copy of dW (0.25 s at V = 151936, H = 896 on the 2-core CPU)
+    s_weight = student_weight if vocab == student_weight.shape[0] else student_weight[:vocab]
+    s_bias = None if student_bias is None else student_bias if vocab == student_bias.shape[0] else student_bias[:vocab]
+    loss = VoldLossFunction.apply(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, s_targets, call)
     return loss, call.metrics
 
 
