@@ -14,6 +14,7 @@ from .common import (
     default_chunk_size,
     logit_transform,
     resolve_shard,
+    vocab_rows,
 )
 from .dtensor import gather_head
 from .engines import get_engine
@@ -130,13 +131,14 @@ def fused_linear_divergence(
     leading = student_hidden.shape[:-1]
     s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
-    s_bias = None if student_bias is None else student_bias[:vocab]
-    t_bias = None if teacher_bias is None else teacher_bias[:vocab].detach()
+    s_bias = vocab_rows(student_bias, vocab)
+    t_bias = None if teacher_bias is None else vocab_rows(teacher_bias, vocab).detach()
     checks.check_chunk_size(chunk_size)
     chunk = chunk_size or default_chunk_size(vocab, s_hidden.device)
     chunk = max(1, chunk)
     out = FusedLinearDivergenceFunction.apply(
-        s_hidden, student_weight[:vocab], s_bias, t_hidden, teacher_weight[:vocab].detach(), t_bias,
+        s_hidden, vocab_rows(student_weight, vocab), s_bias,
+        t_hidden, vocab_rows(teacher_weight, vocab).detach(), t_bias,
         spec, get_engine(impl, s_hidden.device, chunk, torch.promote_types(student_weight.dtype, teacher_weight.dtype)),
         chunk, transforms,
     )

@@ -14,6 +14,7 @@ from .common import (
     default_chunk_size,
     logit_transform,
     resolve_shard,
+    vocab_rows,
 )
 from .dtensor import gather_head
 from .engines import get_engine
@@ -106,7 +107,7 @@ def fused_linear_logprobs(
     checks.check_targets(targets, leading, global_vocab)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
-    weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    weight, bias = vocab_rows(weight, vocab), vocab_rows(bias, vocab)
     checks.check_chunk_size(chunk_size)
     chunk = chunk_size or default_chunk_size(vocab, hidden.device)
     spec = ChunkSpec(inv_temperature=1.0 / temperature, need_entropy=return_entropy, shard=shard)

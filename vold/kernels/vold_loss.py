@@ -22,6 +22,7 @@ from .common import (
     default_chunk_size,
     logit_transform,
     resolve_shard,
+    vocab_rows,
 )
 from .divergence import divergence_spec
 from .dtensor import gather_head
@@ -123,8 +124,8 @@ class VoldLossFunction(torch.autograd.Function):
         # a full pass over dW and a fresh [V, H] tensor: 0.25 s, 2 % of the step, at V = 151936, H = 896 on the
         # 2-core CPU. The test costs a device sync on an accelerator, where the multiply is cheap: there it is done.
         # What reaches the caller is then the saved tensor itself (the weight and bias go in unsliced when the whole
-        # vocabulary counts). Autograd keeps that right: ``.grad`` takes it over only when the graph is freed
-        # (with retain_graph, AccumulateGrad copies it); ``torch.autograd.grad`` with retain_graph returns it, and
+        # vocabulary counts: ``vocab_rows``). Autograd keeps that right: ``.grad`` takes it over only when the graph
+        # is freed (with retain_graph, AccumulateGrad copies it); ``torch.autograd.grad`` with retain_graph returns it;
         # changing it in place bumps its version, so a later backward of this graph raises autograd's "modified by
         # an inplace operation" error instead of using it (test:
         # test_vold_loss_unit_upstream_gradient_is_not_aliased_across_backwards). Only a change through ``.data``,
@@ -355,8 +356,8 @@ def vold_loss(
     need_teacher_logp = distill_estimator != "full" and teacher_logprobs is None and has_teacher_head
     if use_full or need_teacher_logp:
         t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, active)
-        t_weight = teacher_weight.detach()[:vocab]
-        t_bias = None if teacher_bias is None else teacher_bias.detach()[:vocab]
+        t_weight = vocab_rows(teacher_weight.detach(), vocab)
+        t_bias = None if teacher_bias is None else vocab_rows(teacher_bias.detach(), vocab)
     if use_full:
         spec = divergence_spec(divergence, jsd_beta, temperature, beta_name="jsd_beta", need_entropy=True,
                                shard=shard)
@@ -381,11 +382,8 @@ def vold_loss(
     ops = get_engine(impl, s_hidden.device, chunk, acc)
     call = _Call(inputs=inputs, cfg=cfg, spec=spec, ops=ops, chunk_size=chunk, metric_names=metric_names,
                  student_transform=student_transform, teacher_transform=teacher_transform)
-    # the whole head goes in as itself, not as a [:V] slice: a slice's backward (SliceBackward0) is one more
-    # [V, H] allocation and copy of dW (0.4 s at V = 151936, H = 896 on the 2-core CPU, measured under load)
-    s_weight = student_weight if vocab == student_weight.shape[0] else student_weight[:vocab]
-    s_bias = None if student_bias is None else student_bias if vocab == student_bias.shape[0] else student_bias[:vocab]
-    loss = VoldLossFunction.apply(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, s_targets, call)
+    loss = VoldLossFunction.apply(s_hidden, vocab_rows(student_weight, vocab), vocab_rows(student_bias, vocab),
+                                  t_hidden, t_weight, t_bias, s_targets, call)
     return loss, call.metrics
 
 
