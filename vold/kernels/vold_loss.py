@@ -20,7 +20,6 @@ from .common import (
     cast_grad,
     compute_dtype,
     default_chunk_size,
-    logit_transform,
     resolve_shard,
 )
 from .divergence import divergence_spec
@@ -255,8 +254,8 @@ def vold_loss(
     for name, value in (("ref_kl_coef", ref_kl_coef), ("distill_coef", distill_coef), ("entropy_coef", entropy_coef)):
         checks.check_finite_scalar(name, value)
     checks.check_chunk_size(chunk_size)
-    student_transform = logit_transform("student_", student_logit_scale, student_final_logit_softcapping)
-    teacher_transform = logit_transform("teacher_", teacher_logit_scale, teacher_final_logit_softcapping)
+    student_transform = checks.logit_transform("student_", student_logit_scale, student_final_logit_softcapping)
+    teacher_transform = checks.logit_transform("teacher_", teacher_logit_scale, teacher_final_logit_softcapping)
     checks.check_linear_head("student_", student_hidden, student_weight, student_bias, finite=check_finite)
     has_teacher_head = teacher_hidden is not None or teacher_weight is not None
     if has_teacher_head:
