@@ -127,7 +127,8 @@ class VoldLossFunction(torch.autograd.Function):
         # or ``torch.autograd.grad`` would get the saved tensor itself: with retain_graph, two calls would return
         # one tensor and an in-place change (a hook, clipping) would alter the next backward's gradient (test:
         # test_vold_loss_unit_upstream_gradient_is_not_aliased_across_backwards).
-        unit = grad_output.device.type == "cpu" and bool(grad_output == 1)
+        # Not while a graph is built (create_graph=True): there g * scale is how the result depends on grad_output.
+        unit = grad_output.device.type == "cpu" and not torch.is_grad_enabled() and bool(grad_output == 1)
 
         def scaled(name, g):
             g = None if g is None else (g if unit else (g * scale).to(g.dtype))
