@@ -582,6 +582,14 @@ def test_vold_loss_unit_upstream_gradient_is_not_aliased_across_backwards(impl):
     else:
         for key, g in zip(keys, third, strict=True):
             assert torch.equal(g, first[key]), key
+    # create_graph=True: the gradient is g * v, differentiable in the upstream gradient v, also at v = 1 (the
+    # shortcut returned the forward's gradient, with no dependence on v: "element 0 of tensors does not require grad")
+    for value in (1.0, 2.0):
+        v = torch.tensor(value, requires_grad=True)
+        loss, _ = vold_loss(**leaves, **options)
+        g = torch.autograd.grad(loss, leaves["student_weight"], grad_outputs=v, create_graph=True)[0]
+        (dv,) = torch.autograd.grad((g * first["student_weight"]).sum(), v)
+        assert_rel(dv, (first["student_weight"] ** 2).sum(), FP32_TOL, f"d/dv at v={value}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

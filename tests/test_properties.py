@@ -184,7 +184,11 @@ def test_vold_loss_single_token(level, loss_type):
 def test_every_run_draws_the_same_examples():
     """A property test must not fail in CI on a draw no earlier run made (nor on one an earlier run left in an
     example database): the loaded profile (tests/conftest.py) is derandomized and keeps no database, so two runs
-    of the same test draw the same examples. Under ``--hypothesis-profile=vold-hunt`` (random draws) this fails."""
+    of the same test draw the same examples. Skipped under ``--hypothesis-profile=vold-hunt`` (random draws on
+    purpose: there it failed, one spurious failure in every hunt)."""
+    current = getattr(settings, "get_current_profile_name", lambda: None)()  # hypothesis >= 6.84
+    if current == "vold-hunt":
+        pytest.skip("--hypothesis-profile=vold-hunt draws at random on purpose")
     assert settings().derandomize and settings().database is None
     assert SETTINGS.derandomize and SETTINGS.database is None
     runs = [_draw_examples(), _draw_examples()]

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 import torch
 
+from .common import LogitTransform
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 IMPLS = ("auto", "torch", "torch_compile", "triton")
@@ -185,6 +187,17 @@ def check_number(name: str, value: object, *, gt: float | None = None, ge: float
         raise ValueError(f"{name} must be {_bound_text(gt, ge, lt, le)}{note}, got {value}")
     if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value}")
+
+
+def logit_transform(prefix: str, logit_scale: float, final_logit_softcapping: float | None) -> LogitTransform:
+    """Validated ``LogitTransform``: ``{prefix}logit_scale`` finite and > 0, ``{prefix}final_logit_softcapping``
+    None or finite and > 0, each a real number or one-element tensor (``checks.check_number``: ``ValueError``
+    naming the argument otherwise, ``TypeError`` for a non-number)."""
+    check_number(f"{prefix}logit_scale", logit_scale, gt=0)
+    cap = final_logit_softcapping
+    if cap is not None:
+        check_number(f"{prefix}final_logit_softcapping", cap, gt=0, note=" or None")
+    return LogitTransform(float(logit_scale), None if cap is None else float(cap))
 
 
 def check_finite_scalar(name: str, value: float) -> None:

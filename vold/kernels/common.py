@@ -9,8 +9,7 @@
   ``mm_out_fp32``), the eager engine's scratch buffers (``Workspace``) and the gradient cast back to an
   input's dtype (``cast_grad``, which refuses a float16 overflow).
 
-This module imports only torch and (in ``logit_transform``) ``.checks``, which imports only torch: every other
-kernel module sits on it.
+This module imports only torch and nothing else from ``vold.kernels``: every other kernel module sits on it.
 """
 
 from __future__ import annotations
@@ -78,19 +77,6 @@ class LogitTransform:
         if self.softcap is not None:
             dz.mul_(capped.div_(self.softcap).square_().neg_().add_(1.0))
         return dz.mul_(self.logit_scale) if self.logit_scale != 1.0 else dz
-
-
-def logit_transform(prefix: str, logit_scale: float, final_logit_softcapping: float | None) -> LogitTransform:
-    """Validated ``LogitTransform``: ``{prefix}logit_scale`` finite and > 0, ``{prefix}final_logit_softcapping``
-    None or finite and > 0, each a real number or one-element tensor (``checks.check_number``: ``ValueError``
-    naming the argument otherwise, ``TypeError`` for a non-number)."""
-    from .checks import check_number  # checks imports only torch: no cycle
-
-    check_number(f"{prefix}logit_scale", logit_scale, gt=0)
-    cap = final_logit_softcapping
-    if cap is not None:
-        check_number(f"{prefix}final_logit_softcapping", cap, gt=0, note=" or None")
-    return LogitTransform(float(logit_scale), None if cap is None else float(cap))
 
 
 @dataclass

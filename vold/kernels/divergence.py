@@ -12,7 +12,6 @@ from .common import (
     cast_grad,
     compute_dtype,
     default_chunk_size,
-    logit_transform,
     resolve_shard,
     vocab_rows,
 )
@@ -118,8 +117,8 @@ def fused_linear_divergence(
     checks.check_linear_head("student_", student_hidden, student_weight, student_bias, finite=check_finite)
     checks.check_linear_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, finite=check_finite)
     checks.check_choice("impl", impl, checks.IMPLS)
-    transforms = (logit_transform("student_", student_logit_scale, student_final_logit_softcapping),
-                  logit_transform("teacher_", teacher_logit_scale, teacher_final_logit_softcapping))
+    transforms = (checks.logit_transform("student_", student_logit_scale, student_final_logit_softcapping),
+                  checks.logit_transform("teacher_", teacher_logit_scale, teacher_final_logit_softcapping))
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} "

@@ -12,7 +12,6 @@ from .common import (
     cast_grad,
     compute_dtype,
     default_chunk_size,
-    logit_transform,
     resolve_shard,
     vocab_rows,
 )
@@ -100,7 +99,7 @@ def fused_linear_logprobs(
     checks.check_linear_head("", hidden, weight, bias, finite=check_finite)
     checks.check_positive("temperature", temperature)
     checks.check_choice("impl", impl, checks.IMPLS)
-    transform = logit_transform("", logit_scale, final_logit_softcapping)
+    transform = checks.logit_transform("", logit_scale, final_logit_softcapping)
     vocab = checks.resolve_vocab(weight, None, vocab_size)
     impl, shard, global_vocab = resolve_shard(process_group, vocab, hidden.device, impl, vocab_size)
     leading = hidden.shape[:-1]

@@ -20,7 +20,6 @@ from .common import (
     cast_grad,
     compute_dtype,
     default_chunk_size,
-    logit_transform,
     resolve_shard,
     vocab_rows,
 )
@@ -130,7 +129,8 @@ class VoldLossFunction(torch.autograd.Function):
         # an inplace operation" error instead of using it (test:
         # test_vold_loss_unit_upstream_gradient_is_not_aliased_across_backwards). Only a change through ``.data``,
         # which autograd does not track by design, would pass unseen.
-        unit = grad_output.device.type == "cpu" and bool(grad_output == 1)
+        # Not while a graph is built (create_graph=True): there g * scale is how the result depends on grad_output.
+        unit = grad_output.device.type == "cpu" and not torch.is_grad_enabled() and bool(grad_output == 1)
 
         def scaled(name, g):
             g = None if g is None else (g if unit else (g * scale).to(g.dtype))
@@ -257,8 +257,8 @@ def vold_loss(
     for name, value in (("ref_kl_coef", ref_kl_coef), ("distill_coef", distill_coef), ("entropy_coef", entropy_coef)):
         checks.check_finite_scalar(name, value)
     checks.check_chunk_size(chunk_size)
-    student_transform = logit_transform("student_", student_logit_scale, student_final_logit_softcapping)
-    teacher_transform = logit_transform("teacher_", teacher_logit_scale, teacher_final_logit_softcapping)
+    student_transform = checks.logit_transform("student_", student_logit_scale, student_final_logit_softcapping)
+    teacher_transform = checks.logit_transform("teacher_", teacher_logit_scale, teacher_final_logit_softcapping)
     checks.check_linear_head("student_", student_hidden, student_weight, student_bias, finite=check_finite)
     has_teacher_head = teacher_hidden is not None or teacher_weight is not None
     if has_teacher_head:
