@@ -583,7 +583,8 @@ def test_fp16_overflow_of_a_scaled_backward_is_inf_for_the_loss_scaler(impl):
         unscaled = max(float(h.grad.abs().max()), float(w.grad.abs().max()))
         assert 0 < unscaled < 65504 and bool(torch.isfinite(h.grad).all()), name
         h.grad = w.grad = None
-        (loss_fn() * 2.0**16).backward()  # the scaled gradient, ~2^16 x unscaled, is beyond fp16's range
+        with pytest.warns(RuntimeWarning, match=r"overflows float16 and is returned as inf: the backward was scaled"):
+            (loss_fn() * 2.0**16).backward()  # the scaled gradient, ~2^16 x unscaled, is beyond fp16's range
         assert 65504 / 2.0**16 < unscaled, name  # (so some element overflows)
         grads = torch.cat([h.grad.flatten(), w.grad.flatten()]).float()
         assert bool(torch.isinf(grads).any()) and not bool(torch.isnan(grads).any()), name

@@ -15,6 +15,7 @@ This module imports only torch and nothing else from ``vold.kernels``: every oth
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -262,17 +263,24 @@ def vocab_rows(t: torch.Tensor | None, vocab: int) -> torch.Tensor | None:
 def cast_grad(name: str, grad: torch.Tensor | None, dtype: torch.dtype,
               upstream: tuple[torch.Tensor | None, ...] = ()) -> torch.Tensor | None:
     """``grad`` in ``dtype`` (the input's). A finite gradient that does not fit float16's range (|g| > 65504)
-    raises ``ValueError`` naming the input instead of coming back as inf, unless the backward was scaled up:
-    an upstream gradient (``upstream``: the backward's ``grad_output`` tensors) with a magnitude > 1 is a loss scaler's
-    multiplier (``torch.amp.GradScaler``, DeepSpeed's and apex's fp16 dynamic loss scaling, which start at
-    2^16), and their protocol is torch's own: the overflow comes back as inf, the scaler skips the step and
-    lowers its scale. The check, one host sync, runs for fp16 outputs only."""
+    raises ``ValueError`` naming the input instead of coming back as inf, unless the backward was scaled up: an
+    upstream gradient (``upstream``: the backward's ``grad_output`` tensors) with a magnitude > 1 is taken as a loss
+    scaler's multiplier (``torch.amp.GradScaler``, DeepSpeed's and apex's fp16 dynamic loss scaling, which start at
+    2^16), and their protocol is torch's own: the overflow comes back as inf, the scaler skips the step and lowers
+    its scale. That inf comes with a ``RuntimeWarning`` naming the input (shown once per input by Python's default
+    filter), so a loss multiplied up without a scaler does not get an inf gradient unseen. The rule reads only the
+    upstream gradient's size: a per-token upstream gradient of a scaled mean can stay below 1 (scale 512 over 1024
+    tokens), and then the overflow raises. The check, one host sync, runs for fp16 outputs only."""
     if grad is None or grad.dtype == dtype:
         return grad
     out = grad.to(dtype)
     if dtype == torch.float16 and not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
         if any(u is not None and u.numel() and float(u.detach().abs().max()) > 1.0 for u in upstream):
-            return out  # a scaled backward: inf is the loss scaler's overflow signal
+            warnings.warn(  # a scaled backward: inf is the loss scaler's overflow signal
+                f"the gradient w.r.t. {name} overflows float16 and is returned as inf: the backward was scaled up "
+                "(an upstream gradient > 1), taken as a loss scaler's, which skips this step and lowers its scale; "
+                "without a loss scaler, use bf16 or fp32 inputs or scale the loss down", RuntimeWarning, stacklevel=3)
+            return out
         raise ValueError(
             f"the gradient w.r.t. {name} overflows float16 (max |g| = {float(grad.abs().max()):.3g} > 65504): "
             "use bf16 or fp32 inputs, or scale the loss down"

@@ -110,7 +110,7 @@ def fused_linear_divergence(
     head's logits before the temperature, in TRL's order: ``z' = c tanh(s z / c) / T``.
     In backward, an fp16 gradient beyond fp16's range raises ``ValueError`` naming the input, unless some
     upstream gradient element has |g| > 1 (taken as a loss scaler's): then it comes back with inf, torch's
-    rule (``common.cast_grad``).
+    rule, with a ``RuntimeWarning`` (``common.cast_grad``).
     """
     student_weight, student_bias = gather_head("student_", student_hidden, student_weight, student_bias, process_group)
     teacher_weight, teacher_bias = gather_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, process_group)

@@ -93,7 +93,7 @@ def fused_linear_logprobs(
     temperature, in TRL's order: ``z' = c tanh(s z / c) / T`` (``s z / T`` without a cap); ``ValueError``
     unless s > 0 and c is None or > 0. In backward, an fp16 gradient beyond fp16's range raises ``ValueError``
     naming the input, unless some upstream gradient element has |g| > 1 (taken as a loss scaler's): then it
-    comes back with inf, torch's rule (``common.cast_grad``).
+    comes back with inf and a ``RuntimeWarning``, torch's rule (``common.cast_grad``).
     """
     weight, bias = gather_head("", hidden, weight, bias, process_group)
     checks.check_linear_head("", hidden, weight, bias, finite=check_finite)

@@ -238,7 +238,7 @@ def vold_loss(
     weight (of a token that counts, for ``distill_mask``), NaN/inf in hidden states, ``mask`` or in
     the log-probs/advantages of tokens that count (``check_finite``), fp64 with ``impl="triton"``, and,
     in backward, an fp16 gradient beyond fp16's range, unless the upstream gradient is > 1 (taken as a loss
-    scaler's: the gradient then comes back with inf, torch's rule; see ``common.cast_grad``).
+    scaler's: the gradient then comes back with inf and a ``RuntimeWarning``, torch's rule; see ``common.cast_grad``).
     """
     student_weight, student_bias = gather_head("student_", student_hidden, student_weight, student_bias, process_group)
     teacher_weight, teacher_bias = gather_head("teacher_", teacher_hidden, teacher_weight, teacher_bias, process_group)
