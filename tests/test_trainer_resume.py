@@ -129,6 +129,13 @@ def test_checkpoint_folders(tmp_path):
     assert find_checkpoint(tmp_path, str(explicit)) == explicit
     with pytest.raises(FileNotFoundError, match="checkpoint.resume=.*no state.pt"):
         find_checkpoint(tmp_path, str(tmp_path / "nowhere"))
+    # a checkpoint of another run folder (another stage's: `vold train --resume <sft>/checkpoints/step_N` continued
+    # an RL run "at step N" from SFT's optimizer, step, data position and log sizes; found by the new-user pass)
+    other = tmp_path / "other"
+    save_checkpoint(other, 4, model, tokenizer, {"x": "sft"}, keep_last=2)
+    with pytest.raises(ValueError, match="is not a checkpoint of this run .*model.student"):
+        find_checkpoint(tmp_path, str(other / "checkpoints" / "step_000004"))
+    assert find_checkpoint(other, str(other / "checkpoints" / "step_000004")).name == "step_000004"
     assert (explicit / "model" / "tokenizer.json").is_file() and (explicit / "model" / "config.json").is_file()
 
     # a fresh start (resume=none) or a rewind in the same folder: keep_last used to prune the new run's

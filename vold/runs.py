@@ -323,7 +323,8 @@ def list_checkpoints(run: Path) -> list[Path]:
 
 
 def find_checkpoint(run: Path, resume: str) -> Path | None:
-    """``resume``: ``auto`` (the latest checkpoint of ``run``, or None), ``none``, or a checkpoint folder."""
+    """``resume``: ``auto`` (the latest checkpoint of ``run``, or None), ``none``, or a checkpoint folder of ``run``
+    (``FileNotFoundError`` without its state file, ``ValueError`` for one of another run or stage)."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -333,6 +334,12 @@ def find_checkpoint(run: Path, resume: str) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"checkpoint.resume={resume!r}: no {STATE_FILE} in that folder "
                                 f"(use 'auto', 'none' or a checkpoints/step_N folder)")
+    # a checkpoint's optimizer state, step, data position and log positions belong to its own run folder: `vold
+    # train --resume <sft>/checkpoints/step_N` used to continue an RL run "at step N" from SFT's state
+    if path.resolve().parent != (run / "checkpoints").resolve():
+        raise ValueError(f"checkpoint.resume={resume!r} is not a checkpoint of this run ({run / 'checkpoints'}): a "
+                         f"stage continues only its own run; to start from another run's model, set model.student "
+                         f"to its final/ (or checkpoints/step_N/model) folder")
     return path
 
 
