@@ -25,7 +25,7 @@ import math
 import random
 import shutil
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +252,24 @@ def replan_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_
         group["lr"] = lr
     scheduler._last_lr = lrs  # what get_last_lr() reports (LambdaLR keeps it there)
     return lrs
+
+
+class StreakWarning:
+    """Warns once, with ``message(n)``, when a condition has held for ``patience`` steps in a row: the run goes on,
+    but a term of its objective learns nothing (``vold train``: every group's rewards equal, so no advantage;
+    ``vold sophia``: no item kept, so no update)."""
+
+    def __init__(self, patience: int, message: Callable[[int], str]):
+        self.patience, self.message, self.run, self.warned = max(1, patience), message, 0, False
+
+    def update(self, condition: bool) -> bool:
+        """Count one step; True when this step's warning was issued."""
+        self.run = self.run + 1 if condition else 0
+        if self.run >= self.patience and not self.warned:
+            self.warned = True
+            warnings.warn(self.message(self.run), stacklevel=3)
+            return True
+        return False
 
 
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
