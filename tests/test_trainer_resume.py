@@ -109,6 +109,9 @@ def test_sft_resume_from_a_middle_checkpoint_reproduces_the_run(tiny, tmp_path):
     # a fresh start in a folder holding a run is refused unless asked for (overwrite_output_dir): fresh logs ...
     with pytest.raises(ValueError, match=f"{run} already holds a run .*--resume auto.*overwrite_output_dir=true"):
         main([*args, "sft.max_steps=1"])
+    # asking for both (continue and start over) is refused, naming both (resume used to win silently)
+    with pytest.raises(ValueError, match="--resume auto .* and overwrite_output_dir=true .* contradict"):
+        main([*args, "--resume", "auto", "overwrite_output_dir=true"])
     assert main([*args, "--resume", "none", "overwrite_output_dir=true", "sft.max_steps=1"]) == 0
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
     # ... and only its own checkpoints: the abandoned run's steps 2-5 would be what resume=auto picks

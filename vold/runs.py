@@ -159,6 +159,10 @@ def prepare_run(cfg: Config, stage: str, run: Path | None = None, *, max_steps: 
                              f"(checkpoint.resume=auto), or start over with overwrite_output_dir=true (deletes "
                              f"them) or another output_dir")
         return None
+    if cfg.overwrite_output_dir and holds_results(run):  # resume used to win silently (and with only a final model,
+        # the error below told the user to set overwrite_output_dir=true, which they had)
+        raise ValueError(f"--resume {resume} (continue the run in {run}) and overwrite_output_dir=true (delete it and "
+                         f"start over) contradict each other: drop one")
     checkpoint = find_checkpoint(run, resume)
     if checkpoint is None:
         if (run / "final").exists():
