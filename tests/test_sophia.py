@@ -205,3 +205,13 @@ def test_sophia_refuses_text_rows_and_is_callable_as_a_function(tiny, tmp_path):
     cfg = load_config(CONFIG, [*tiny_overrides(tiny, tmp_path), *TINY_SOPHIA, f"data.train_files=[{tiny['prompts']}]"])
     with pytest.raises(ValueError, match="vold sophia needs an image in every row"):
         train_sophia(cfg)
+
+
+def test_a_run_that_keeps_nothing_says_so(tiny, tmp_path):
+    """With sophia.caption_reward_threshold=1 and 0/1 rewards no caption can qualify (its mean must be > 1): the run
+    trained nothing and said nothing (found by the new-user pass). It now warns, naming both thresholds, as `vold
+    train` warns when every group's rewards are equal."""
+    with pytest.warns(UserWarning, match=r"no item has been kept for 2 steps .*caption_reward_threshold \(1.0\)"):
+        assert run_sophia(tiny, tmp_path, "sophia.caption_reward_threshold=1.0", "sophia.max_steps=2",
+                          "checkpoint.every=0") == 0
+    assert [m["sophia/kept"] for m in read_jsonl(tmp_path / "sophia" / "metrics.jsonl")] == [0, 0]

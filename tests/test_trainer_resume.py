@@ -109,6 +109,9 @@ def test_sft_resume_from_a_middle_checkpoint_reproduces_the_run(tiny, tmp_path):
     # a fresh start in a folder holding a run is refused unless asked for (overwrite_output_dir): fresh logs ...
     with pytest.raises(ValueError, match=f"{run} already holds a run .*--resume auto.*overwrite_output_dir=true"):
         main([*args, "sft.max_steps=1"])
+    # asking for both (continue and start over) is refused, naming both (resume used to win silently)
+    with pytest.raises(ValueError, match="--resume auto .* and overwrite_output_dir=true .* contradict"):
+        main([*args, "--resume", "auto", "overwrite_output_dir=true"])
     assert main([*args, "--resume", "none", "overwrite_output_dir=true", "sft.max_steps=1"]) == 0
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
     # ... and only its own checkpoints: the abandoned run's steps 2-5 would be what resume=auto picks
@@ -129,6 +132,13 @@ def test_checkpoint_folders(tmp_path):
     assert find_checkpoint(tmp_path, str(explicit)) == explicit
     with pytest.raises(FileNotFoundError, match="checkpoint.resume=.*no state.pt"):
         find_checkpoint(tmp_path, str(tmp_path / "nowhere"))
+    # a checkpoint of another run folder (another stage's: `vold train --resume <sft>/checkpoints/step_N` continued
+    # an RL run "at step N" from SFT's optimizer, step, data position and log sizes; found by the new-user pass)
+    other = tmp_path / "other"
+    save_checkpoint(other, 4, model, tokenizer, {"x": "sft"}, keep_last=2)
+    with pytest.raises(ValueError, match="is not a checkpoint of this run .*model.student"):
+        find_checkpoint(tmp_path, str(other / "checkpoints" / "step_000004"))
+    assert find_checkpoint(other, str(other / "checkpoints" / "step_000004")).name == "step_000004"
     assert (explicit / "model" / "tokenizer.json").is_file() and (explicit / "model" / "config.json").is_file()
 
     # a fresh start (resume=none) or a rewind in the same folder: keep_last used to prune the new run's

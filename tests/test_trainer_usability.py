@@ -156,6 +156,12 @@ def test_missing_models_are_named_before_any_folder(tiny, tmp_path, capsys, user
     (tmp_path / "folder").mkdir()
     assert vold("eval", tiny, out, f"eval.model={tmp_path / 'folder'}") == 2
     assert "eval.model=" in (line := error_line(capsys)) and "no config.json" in line and "convert-gguf" in line
+    # a checkpoints/step_N folder holds its model in model/ (found by the new-user pass: the error said "no
+    # config.json ... a GGUF file?")
+    (tmp_path / "step_000003" / "model").mkdir(parents=True)
+    (tmp_path / "step_000003" / "model" / "config.json").write_text("{}")
+    assert vold("eval", tiny, out, f"eval.model={tmp_path / 'step_000003'}") == 2
+    assert f"is a checkpoint folder: its model is '{tmp_path / 'step_000003' / 'model'}'" in error_line(capsys)
     assert vold("train", tiny, out, "sft.enabled=true") == 2  # the SFT model it would start from
     assert "sft/final has no model: run `vold sft`" in error_line(capsys)
     assert not out.exists()

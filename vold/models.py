@@ -389,6 +389,9 @@ def check_model_path(path: str, key: str, *, local_files_only: bool = False, tim
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file() and not is_adapter_folder(local):
+            inner = local / "model"
+            if (inner / "config.json").is_file() or is_adapter_folder(inner):  # a checkpoints/step_N folder
+                raise FileNotFoundError(f"{key}={path!r} is a checkpoint folder: its model is {str(inner)!r}")
             raise FileNotFoundError(f"{key}={path!r}: the folder has no config.json (not a save_pretrained model; "
                                     f"a GGUF file? convert it with `vold convert-gguf`)")
         return

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +86,7 @@ from vold.models import (
 from vold.packing import pack, packed_completion_hidden_states
 from vold.rewards import RewardFunctions, group_advantages
 from vold.rollout import RolloutEngine, make_rollout_engine
-from vold.runs import distill_metric, seed_everything
+from vold.runs import StreakWarning, distill_metric, seed_everything
 from vold.scoring import score
 from vold.stage import Stage, phase_timer, student_start
 
@@ -429,25 +428,6 @@ def check_num_generations(cfg: Config) -> None:
                          "loss.distill_coef != 0)")
 
 
-class ZeroSpreadWarning:
-    """Warns once when ``reward/frac_zero_std_groups`` has been 1 for ``patience`` steps in a row (every group's
-    rewards equal: no advantage, the GRPO term is 0 and only the distillation/KL terms move the policy)."""
-
-    def __init__(self, patience: int):
-        self.patience, self.run, self.warned = max(1, patience), 0, False
-
-    def update(self, frac_zero_std: float) -> bool:
-        self.run = self.run + 1 if frac_zero_std >= 1.0 else 0
-        if self.run >= self.patience and not self.warned:
-            self.warned = True
-            warnings.warn(f"train: every group's rewards have been equal for {self.run} steps "
-                          f"(reward/frac_zero_std_groups = 1): the advantages and the GRPO term are 0, so only "
-                          f"the distillation term learns. Check the reward functions and the answers, or raise "
-                          f"rollout.num_generations / rollout.temperature", stacklevel=2)
-            return True
-        return False
-
-
 def train_rl(cfg: Config) -> Path:
     """Run stage 2; returns the folder of the final model (``{output_dir}/rl/final``)."""
     lc, mc, oc, data = cfg.loss, cfg.model, cfg.optim, cfg.data
@@ -513,7 +493,10 @@ def train_rl(cfg: Config) -> Path:
     system = {"system_prompt": data.system_prompt, "teacher_system_prompt": data.teacher_system_prompt}
     distill = distill_metric(lc.distill_estimator, lc.divergence)
 
-    zero_spread = ZeroSpreadWarning(min(10, oc.max_steps))
+    zero_spread = StreakWarning(min(10, oc.max_steps), lambda n: (
+        f"train: every group's rewards have been equal for {n} steps (reward/frac_zero_std_groups = 1): the "
+        f"advantages and the GRPO term are 0, so only the distillation term learns. Check the reward functions and "
+        f"the answers, or raise rollout.num_generations / rollout.temperature"))
     student.train()
     while stage.step < oc.max_steps:
         step = stage.step
@@ -540,7 +523,7 @@ def train_rl(cfg: Config) -> Path:
         t3 = time.perf_counter()
         metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
                         "time/step": t3 - t0, **{f"time/{phase}": seconds for phase, seconds in timings.items()}})
-        zero_spread.update(float(metrics["reward/frac_zero_std_groups"]))
+        zero_spread.update(float(metrics["reward/frac_zero_std_groups"]) >= 1.0)
         stage.end_step(metrics, samples=samples, distill=distill,
                        postfix={"reward": f"{float(metrics['reward/mean']):.3f}", "loss": f"{metrics['loss']:.4f}"})
     return stage.close()

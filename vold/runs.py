@@ -25,7 +25,7 @@ import math
 import random
 import shutil
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,10 @@ def prepare_run(cfg: Config, stage: str, run: Path | None = None, *, max_steps: 
                              f"(checkpoint.resume=auto), or start over with overwrite_output_dir=true (deletes "
                              f"them) or another output_dir")
         return None
+    if cfg.overwrite_output_dir and holds_results(run):  # resume used to win silently (and with only a final model,
+        # the error below told the user to set overwrite_output_dir=true, which they had)
+        raise ValueError(f"--resume {resume} (continue the run in {run}) and overwrite_output_dir=true (delete it and "
+                         f"start over) contradict each other: drop one")
     checkpoint = find_checkpoint(run, resume)
     if checkpoint is None:
         if (run / "final").exists():
@@ -254,6 +258,24 @@ def replan_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_
     return lrs
 
 
+class StreakWarning:
+    """Warns once, with ``message(n)``, when a condition has held for ``patience`` steps in a row: the run goes on,
+    but a term of its objective learns nothing (``vold train``: every group's rewards equal, so no advantage;
+    ``vold sophia``: no item kept, so no update)."""
+
+    def __init__(self, patience: int, message: Callable[[int], str]):
+        self.patience, self.message, self.run, self.warned = max(1, patience), message, 0, False
+
+    def update(self, condition: bool) -> bool:
+        """Count one step; True when this step's warning was issued."""
+        self.run = self.run + 1 if condition else 0
+        if self.run >= self.patience and not self.warned:
+            self.warned = True
+            warnings.warn(self.message(self.run), stacklevel=3)
+            return True
+        return False
+
+
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
     """Clip to ``max_norm`` (0 disables) and return the total norm before clipping."""
     params = [p for p in params if p.grad is not None]
@@ -323,7 +345,8 @@ def list_checkpoints(run: Path) -> list[Path]:
 
 
 def find_checkpoint(run: Path, resume: str) -> Path | None:
-    """``resume``: ``auto`` (the latest checkpoint of ``run``, or None), ``none``, or a checkpoint folder."""
+    """``resume``: ``auto`` (the latest checkpoint of ``run``, or None), ``none``, or a checkpoint folder of ``run``
+    (``FileNotFoundError`` without its state file, ``ValueError`` for one of another run or stage)."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -333,6 +356,12 @@ def find_checkpoint(run: Path, resume: str) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"checkpoint.resume={resume!r}: no {STATE_FILE} in that folder "
                                 f"(use 'auto', 'none' or a checkpoints/step_N folder)")
+    # a checkpoint's optimizer state, step, data position and log positions belong to its own run folder: `vold
+    # train --resume <sft>/checkpoints/step_N` used to continue an RL run "at step N" from SFT's state
+    if path.resolve().parent != (run / "checkpoints").resolve():
+        raise ValueError(f"checkpoint.resume={resume!r} is not a checkpoint of this run ({run / 'checkpoints'}): a "
+                         f"stage continues only its own run; to start from another run's model, set model.student "
+                         f"to its final/ (or checkpoints/step_N/model) folder")
     return path
 
 

@@ -69,7 +69,7 @@ from vold.models import check_model_path, check_vocab_compatible, student_from_c
 from vold.rewards import RewardFunctions
 from vold.rollout import Rollout, make_rollout_engine, pad_completions
 from vold.rollout.hf import HFRolloutEngine
-from vold.runs import seed_everything
+from vold.runs import StreakWarning, seed_everything
 from vold.scoring import response_logprobs, score
 from vold.stage import Stage, phase_timer, student_start
 
@@ -388,6 +388,11 @@ def train_sophia(cfg: Config) -> Path:
     caption_engine.update_weights(student)
     trace_engine = HFRolloutEngine(teacher, teacher_tokenizer, vocab_size=vocab_size if shared_vocab else None)
 
+    nothing_kept = StreakWarning(min(10, sc.max_steps), lambda n: (
+        f"sophia: no item has been kept for {n} steps (sophia/kept = 0), so nothing is trained: a caption counts "
+        f"when its mean trace reward is > sophia.caption_reward_threshold ({sc.caption_reward_threshold}) and a trace "
+        f"is correct when its reward is >= sophia.correct_threshold ({sc.correct_threshold}); check both against the "
+        f"scale of reward.functions ({', '.join(cfg.reward.functions)}) and the answers"))
     student.train()
     while stage.step < sc.max_steps:
         timings: dict[str, float] = {}
@@ -408,4 +413,5 @@ def train_sophia(cfg: Config) -> Path:
         samples = [{"step": stage.step + 1, **s} for s in round_samples(rnd, sc, cfg.logging.num_completions)]
         stage.end_step(metrics, samples=samples,
                        postfix={"kept": f"{metrics['sophia/kept']:.0f}/{len(items)}", "loss": f"{metrics['loss']:.4f}"})
+        nothing_kept.update(metrics["sophia/kept"] == 0)
     return stage.close()
