@@ -271,7 +271,7 @@ class StreakWarning:
         self.run = self.run + 1 if condition else 0
         if self.run >= self.patience and not self.warned:
             self.warned = True
-            warnings.warn(self.message(self.run), stacklevel=3)
+            warnings.warn(self.message(self.run), stacklevel=2)  # at the loop that calls update
             return True
         return False
 
