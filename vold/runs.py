@@ -310,6 +310,18 @@ def save_model(model: torch.nn.Module, processor: Any, path: Path, *, merged: bo
     return path
 
 
+def save_final(model: torch.nn.Module, processor: Any, path: Path, *, merged: bool = False) -> Path:
+    """:func:`save_model` to ``path`` as a whole: written as ``path.tmp``, then renamed over ``path``. A kill while
+    saving leaves the earlier ``path`` (or none), never a folder with a config but half the weights that the next
+    stage (``sft/final`` -> ``vold train``) or ``vold eval`` would try to load; no file of an earlier model stays."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, processor, tmp, merged=merged)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
 def save_checkpoint(run: Path, step: int, model: torch.nn.Module, processor: Any, state: dict[str, Any], *,
                     keep_last: int = 2, clear_tmp: bool = True) -> Path:
     """Write ``checkpoints/step_N`` atomically (``.tmp`` then rename); keep the ``keep_last`` newest.
