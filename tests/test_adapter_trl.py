@@ -272,6 +272,7 @@ def test_train_steps(tmp_path):
     ({"distill_estimator": "k4", "teacher_model": "unused"}, ValueError, "^distill_estimator"),
     ({"distill_coef": 0.1}, ValueError, "teacher_model"),
     ({"distill_on_wrong_only": "yes", "teacher_model": "unused"}, TypeError, "^distill_on_wrong_only"),
+    ({"teacher_model": "/no/such/teacher"}, FileNotFoundError, "^teacher_model='/no/such/teacher': not found"),
 ])
 def test_vold_arguments_are_checked_before_trl_builds_anything(options, kind, match, monkeypatch):
     """A NaN distill_coef passed construction and failed at the first training step, after generation (found by

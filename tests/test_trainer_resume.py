@@ -157,3 +157,33 @@ def test_lr_schedule():
     assert lr_factor(100, kind="constant", warmup=3, total=4) == 1.0
     with pytest.raises(ValueError, match="lr_scheduler='step'"):
         lr_factor(0, kind="step", warmup=0, total=1)
+
+
+def test_final_model_is_written_as_a_whole(tmp_path, monkeypatch):
+    """Stage.close wrote final/ in place: a kill while saving left a config.json beside missing or half-written
+    weights, which the next stage (sft/final -> vold train) or vold eval then loaded; files of an earlier final stayed
+    (found by the new-user pass). save_final writes final.tmp, then renames it."""
+    from vold.runs import save_final
+
+    model, tokenizer = make_tiny_text_student(make_tiny_tokenizer()), make_tiny_tokenizer()
+    final = tmp_path / "final"
+    save_final(model, tokenizer, final)
+    (final / "stale.bin").write_text("an earlier model's file")
+    before = sorted(p.name for p in final.iterdir())
+    save_final(model, tokenizer, final)
+    assert sorted(p.name for p in final.iterdir()) == [n for n in before if n != "stale.bin"]
+    assert not final.with_name("final.tmp").exists()
+
+    def killed(self, path, *args, **kwargs):  # the process dies after the config, before the weights
+        (Path(path) / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(model), "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_final(model, tokenizer, final)
+    assert sorted(p.name for p in final.iterdir()) == [n for n in before if n != "stale.bin"]  # the earlier one
+    monkeypatch.undo()
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(type(model), "save_pretrained", killed)
+        save_final(model, tokenizer, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()

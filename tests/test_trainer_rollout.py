@@ -284,3 +284,31 @@ def test_foundations_feed_vold_loss(tiny):
     assert student.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0  # through the images
     student.zero_grad()
     student.eval()
+
+
+def test_diverged_weights_are_named_not_a_multinomial_traceback(tiny):
+    """`vold train optim.lr=1e30` ended at step 2 in torch's raw "RuntimeError: probability tensor contains either
+    inf, nan or element < 0" from generate (found by the new-user pass). The engine now says what it means."""
+    import copy
+
+    from vold.distributed import Runtime
+
+    model, tokenizer = copy.deepcopy(tiny["llama"]), tiny["tokenizer"]
+    batch = build_prompt_batch([Example("1+1?", "2")], tokenizer)
+    with torch.no_grad():
+        lm_head_weight(model).fill_(float("inf"))
+    engine = make_rollout_engine(RolloutConfig(engine="hf"), model, tokenizer, vocab_size=8)
+    with pytest.raises(ValueError, match="NaN/inf token probabilities.*lower the learning rate"):
+        engine.generate(batch, 2, max_new_tokens=3, seed=0)
+
+    # the update that would have written NaN weights is refused, and leaves the weights as they were
+    model = copy.deepcopy(tiny["llama"])
+    rt = Runtime.single(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    with pytest.raises(ValueError, match="gradient norm is nan .*nothing was applied"):
+        rt.step(optimizer, scheduler, 1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

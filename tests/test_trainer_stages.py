@@ -203,3 +203,15 @@ def test_example_configs_load():
     assert paper.loss.distill_estimator == "k2" and paper.loss.distill_on_wrong_only and paper.loss.ref_kl_coef == 0
     tiny = load_config(CONFIG)
     assert tiny.device == "cpu" and tiny.model.dtype == "float32" and tiny.sft.enabled
+
+
+def test_sft_whose_prompts_fill_max_length_says_so(tiny, tmp_path):
+    """sft.max_length below the prompts' length cuts every response to nothing: the run logged loss 0, tokens 0 and
+    trained nothing without a word (found by the new-user pass). It now warns, naming sft.max_length."""
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("".join(json.dumps({"prompt": f"{i}+1=? Answer in \\boxed{{}}.", "answer": str(i + 1),
+                                          "trace": f"\\boxed{{{i + 1}}}"}) + "\n" for i in range(4)))
+    with pytest.warns(UserWarning, match=r"sft: no response token in 2 steps .*sft.max_length=5"):
+        assert run("sft", tiny, tmp_path, f"sft.train_files=[{traces}]", "sft.max_length=5", "sft.max_steps=2",
+                   "checkpoint.every=0") == 0
+    assert [m["train/tokens"] for m in read_jsonl(tmp_path / "sft" / "metrics.jsonl")] == [0, 0]

@@ -43,6 +43,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import math
 import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -310,6 +311,11 @@ class Runtime:
             norm = self.engine.get_global_grad_norm()
             return float("nan") if norm is None else float(norm)
         norm = clip_grad_norm(self.model.parameters(), max_grad_norm)
+        if not math.isfinite(norm):  # clipping cannot fix a NaN/inf gradient: the update would write NaN weights
+            optimizer.zero_grad(set_to_none=True)
+            raise ValueError(f"the gradient norm is {norm} at this update (the loss or its gradient is NaN/inf): the "
+                             "run diverged and nothing was applied; lower the learning rate (optim.lr, sft.lr, "
+                             "sophia.lr) and resume from the last checkpoint")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -271,7 +271,7 @@ class StreakWarning:
         self.run = self.run + 1 if condition else 0
         if self.run >= self.patience and not self.warned:
             self.warned = True
-            warnings.warn(self.message(self.run), stacklevel=3)
+            warnings.warn(self.message(self.run), stacklevel=2)  # at the loop that calls update
             return True
         return False
 
@@ -307,6 +307,18 @@ def save_model(model: torch.nn.Module, processor: Any, path: Path, *, merged: bo
         processor.save_pretrained(path)
     if merged and wrapper is not None:
         save_model(merged_copy(model), processor, path / "merged")
+    return path
+
+
+def save_final(model: torch.nn.Module, processor: Any, path: Path, *, merged: bool = False) -> Path:
+    """:func:`save_model` to ``path`` as a whole: written as ``path.tmp``, then renamed over ``path``. A kill while
+    saving leaves the earlier ``path`` (or none), never a folder with a config but half the weights that the next
+    stage (``sft/final`` -> ``vold train``) or ``vold eval`` would try to load; no file of an earlier model stays."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, processor, tmp, merged=merged)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
     return path
 
 

@@ -27,7 +27,7 @@ import torch
 from vold.config import Config, ModelConfig
 from vold.data import Example, PromptSampler, build_prompt_batch, load_examples, require_rows, tokenizer_of
 from vold.models import check_model_path, student_from_config
-from vold.runs import seed_everything
+from vold.runs import StreakWarning, seed_everything
 from vold.scoring import response_logprobs
 from vold.stage import Stage
 from vold.traces import output_file as traces_file
@@ -100,6 +100,10 @@ def train_sft(cfg: Config) -> Path:
     stage.open(model, processor, sampler, section=sc, updates=max_steps, start_from=cfg.model.student,
                examples=len(examples), files=files)
 
+    no_tokens = StreakWarning(min(10, max_steps), lambda n: (
+        f"sft: no response token in {n} steps (train/tokens = 0), so nothing is trained: every row's prompt fills "
+        f"sft.max_length={sc.max_length} (a response is cut to prompt + response <= sft.max_length); raise "
+        f"sft.max_length"))
     model.train()
     world = runtime.world_size
     while stage.step < max_steps:
@@ -125,4 +129,5 @@ def train_sft(cfg: Config) -> Path:
         total = runtime.sum([total])[0] / world
         stage.end_step({"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "truncated": truncated,
                         "time/step": time.perf_counter() - t0}, postfix={"loss": f"{total:.4f}"})
+        no_tokens.update(tokens == 0)
     return stage.close()

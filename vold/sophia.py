@@ -393,6 +393,9 @@ def train_sophia(cfg: Config) -> Path:
         f"when its mean trace reward is > sophia.caption_reward_threshold ({sc.caption_reward_threshold}) and a trace "
         f"is correct when its reward is >= sophia.correct_threshold ({sc.correct_threshold}); check both against the "
         f"scale of reward.functions ({', '.join(cfg.reward.functions)}) and the answers"))
+    no_tokens = StreakWarning(min(10, sc.max_steps), lambda n: (
+        f"sophia: items were kept but no target token fit in {n} steps (train/tokens = 0), so nothing is trained: "
+        f"the prompts fill sophia.max_length={sc.max_length}; raise sophia.max_length"))
     student.train()
     while stage.step < sc.max_steps:
         timings: dict[str, float] = {}
@@ -414,4 +417,5 @@ def train_sophia(cfg: Config) -> Path:
         stage.end_step(metrics, samples=samples,
                        postfix={"kept": f"{metrics['sophia/kept']:.0f}/{len(items)}", "loss": f"{metrics['loss']:.4f}"})
         nothing_kept.update(metrics["sophia/kept"] == 0)
+        no_tokens.update(metrics["sophia/kept"] > 0 and metrics["tokens"] == 0)
     return stage.close()

@@ -48,7 +48,7 @@ from vold.runs import (
     rng_state,
     run_dir,
     save_checkpoint,
-    save_model,
+    save_final,
     scalar_metrics,
     set_rng_state,
     start_run,
@@ -257,7 +257,7 @@ class Stage:
         final = self.run / "final"
         with rt.full_parameters():
             if rt.is_main:
-                save_model(self.model, self.processor, final, merged=self.cfg.model.lora.save_merged)
+                save_final(self.model, self.processor, final, merged=self.cfg.model.lora.save_merged)
         rt.barrier()
         if rt.is_main:
             print(f"{self.name}: {self.step} steps -> {final}")

@@ -43,6 +43,7 @@ from trl.trainer.utils import pad
 
 from vold.kernels import fused_linear_logprobs, vold_loss
 from vold.kernels.checks import check_number
+from vold.models import check_model_path
 from vold.runs import distill_metric
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -90,6 +91,8 @@ class VoldGRPOTrainer(GRPOTrainer):
             raise ValueError("distill_coef != 0 needs a teacher_model")
         if not isinstance(distill_on_wrong_only, bool):
             raise TypeError(f"distill_on_wrong_only must be a bool, got {type(distill_on_wrong_only).__name__}")
+        if isinstance(teacher_model, str):  # a missing path gave the hub's "Repo id must be in the form ..." after
+            check_model_path(teacher_model, "teacher_model")  # TRL had built everything else
         super().__init__(*args, **kwargs)
         self.distill_coef, self.distill_estimator = float(distill_coef), distill_estimator
         self.distill_on_wrong_only = distill_on_wrong_only

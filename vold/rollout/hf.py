@@ -85,7 +85,14 @@ class HFRolloutEngine(RolloutEngine):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.model.generate(**inputs, generation_config=sampling)
+            try:
+                out = self.model.generate(**inputs, generation_config=sampling)
+            except RuntimeError as error:  # torch.multinomial on NaN/inf probabilities: a raw traceback before
+                if "probability tensor contains" not in str(error):
+                    raise
+                raise ValueError("generation met NaN/inf token probabilities: the model's logits overflowed (did the "
+                                 "training diverge? lower the learning rate, e.g. optim.lr, and check train/loss and "
+                                 f"train/grad_norm in metrics.jsonl) [{error}]") from error
         ids = out.sequences[:, inputs["input_ids"].shape[1]:]
         mask, finished = completion_mask(ids, self.eos_token_ids)
         ids = ids.masked_fill(mask == 0, self.pad_token_id)
