@@ -533,3 +533,15 @@ def test_eval_of_a_text_model_on_images_writes_nothing(tiny, tmp_path, capsys, u
     assert vold("eval", tiny, out, f"eval.model={tiny['teacher']}") == 2
     assert "the benchmark has images but" in error_line(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("key", ["output_dir", "eval.output_dir", "traces.output_file"])
+def test_an_output_path_under_a_file_is_named(tiny, tmp_path, capsys, user, key):
+    """output_dir set to an existing file gave "[Errno 20] Not a directory: '<file>/rl'" naming no key (found by
+    the new-user pass); every output path key is now checked first."""
+    afile = tmp_path / "a_file.yaml"
+    afile.write_text("x: 1\n")
+    value = afile if key != "traces.output_file" else afile / "traces.jsonl"
+    command = {"output_dir": "train", "eval.output_dir": "eval", "traces.output_file": "make-traces"}[key]
+    assert vold(command, tiny, tmp_path / "out", f"{key}={value}") == 2
+    assert f"config key '{key}' = '{value}': {afile} is a file, not a folder" in error_line(capsys)

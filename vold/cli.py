@@ -32,6 +32,7 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 STAGES = {
     "make-traces": "the teacher writes reasoning traces for text-only prompts (JSONL in, JSONL out)",
@@ -96,6 +97,22 @@ def _cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
+def check_output_paths(cfg: Any) -> None:
+    """Raise UserError naming the key when an output folder is, or lies under, an existing file (``output_dir`` set
+    to a file gave "[Errno 20] Not a directory: '<file>/rl'", naming no key)."""
+    output_file = cfg.traces.output_file
+    for key, value, folder in (("output_dir", cfg.output_dir, cfg.output_dir),
+                               ("eval.output_dir", cfg.eval.output_dir, cfg.eval.output_dir),
+                               ("traces.output_file", output_file, output_file and os.path.dirname(output_file))):
+        if not folder:
+            continue
+        for path in (Path(folder), *Path(folder).parents):
+            if path.exists():
+                if not path.is_dir():
+                    raise UserError(f"config key '{key}' = {value!r}: {path} is a file, not a folder")
+                break
+
+
 def run_stage(command: str, config: str | None, overrides: list[str], resume: str | None,
               overwrite: bool = False) -> None:
     from vold.config import load_config
@@ -106,6 +123,7 @@ def run_stage(command: str, config: str | None, overrides: list[str], resume: st
     if overwrite:  # make-traces' --overwrite: the config key every stage reads
         overrides = [*overrides, "overwrite_output_dir=true"]
     cfg = load_config(config, overrides)
+    check_output_paths(cfg)
     if command in ("make-traces", "eval") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(f"vold {command} runs in one process (it samples; it is not data-parallel): "
                          f"launch it with python -m vold / vold, not torchrun")

@@ -84,7 +84,8 @@ def resolve_attn_implementation(requested: str, device: str | torch.device) -> s
     """``auto``: flash_attention_2 on CUDA when ``flash_attn`` is importable, else sdpa."""
     if requested != "auto":
         return requested
-    if resolve_device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    device = resolve_device(device) if device == "auto" else torch.device(device)  # the type; not availability
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
