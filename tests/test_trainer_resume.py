@@ -4,7 +4,8 @@ uninterrupted run logs (same seed), and ends with the same weights.
 The kill test runs ``python -m vold train`` in a subprocess, waits for its first checkpoint, kills
 it (SIGKILL: no cleanup, possibly in the middle of a step, a log line or a checkpoint save), then
 resumes it in another subprocess. The uninterrupted reference runs in-process (one torch thread
-everywhere, so the numbers are bitwise reproducible on a machine).
+everywhere, so the numbers are bitwise reproducible on a machine). The killed run cannot end before the kill
+lands: a reward of 0 (``HOLD_REWARD``, in every run) blocks it in its last step.
 """
 
 import os
@@ -33,14 +34,40 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
 STEPS = 6
+# How long the killed run may take to write its first checkpoint: a guard against a hung run only. It takes ~5 s on
+# a quiet machine; at nice 19 under a load of ~10 (2 cores) it took over 120 s, the earlier limit, and the test then
+# failed with "assert 1 <= 0" (no step logged when killed).
+FIRST_CHECKPOINT_S = 900
 
 
-def train_args(tiny: dict, out: Path) -> list[str]:
+# A reward of 0 for every completion (no total, advantage or weight of a run changes), which blocks for good at its
+# HOLD_AT-th call in a process whose environment sets HOLD_AT: the killed run waits in its last step's rewards
+# until the kill lands. Without it the run could end first: its 5 steps after the first checkpoint took 0.7 s here
+# (0.14 s each), so a test process that looked again only after those (descheduled on a loaded machine) found the run
+# ended, and os.kill raised ProcessLookupError.
+HOLD_AT = "VOLD_TEST_HOLD_AT_CALL"
+HOLD_REWARD = f"""
+import os
+import threading
+
+calls = 0
+
+
+def zero_or_hold(completions, **_):
+    global calls
+    calls += 1
+    if calls >= int(os.environ.get("{HOLD_AT}", "0")) > 0:
+        threading.Event().wait()
+    return [0.0] * len(completions)
+"""
+
+
+def train_args(tiny: dict, out: Path, hold: Path) -> list[str]:
     # several updates per step (ppo epochs, minibatches: old log-probs, shuffling), a lr schedule, Adam state,
     # a reward with non-zero advantages: everything a resume has to restore shows in the metrics
     return ["train", "--config", CONFIG, *tiny_overrides(tiny, out), "sft.enabled=false", f"optim.max_steps={STEPS}",
             "optim.ppo_epochs=2", "optim.minibatches=2", "optim.lr_scheduler=cosine", "optim.warmup_steps=2",
-            "rollout.max_new_tokens=24", "reward.functions=[accuracy, vold.testing:digit_reward]",
+            "rollout.max_new_tokens=24", f"reward.functions=[accuracy, vold.testing:digit_reward, {hold}:zero_or_hold]",
             "checkpoint.every=1", "checkpoint.keep_last=2"]
 
 
@@ -56,19 +83,29 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tiny, tmp_path):
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    assert main(train_args(tiny, reference)) == 0
+    reference, killed, hold = tmp_path / "reference", tmp_path / "killed", tmp_path / "hold_reward.py"
+    hold.write_text(HOLD_REWARD)
+    assert HOLD_AT not in os.environ
+    assert main(train_args(tiny, reference, hold)) == 0
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "vold", *train_args(tiny, killed)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    command = [sys.executable, "-m", "vold", *train_args(tiny, killed, hold)]
+    # its output goes to a file: a pipe nobody reads while the test waits would block the run once 64 KiB are written
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as out:
+        # one reward call per step: the killed run holds in step STEPS (the resumed one, without HOLD_AT, does not)
+        process = subprocess.Popen(command, env={**env, HOLD_AT: str(STEPS)}, stdout=out, stderr=subprocess.STDOUT,
+                                   cwd=tmp_path)
     first = killed / "rl" / "checkpoints" / "step_000001"
-    deadline = time.monotonic() + 120
-    while not first.is_dir() and process.poll() is None and time.monotonic() < deadline:
+    started = time.monotonic()
+    while not first.is_dir() and process.poll() is None and time.monotonic() - started < FIRST_CHECKPOINT_S:
         time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)
-    output = process.communicate()[0].decode()
+    waited = time.monotonic() - started
+    process.kill()  # SIGKILL; nothing if the run has ended (it was reaped by poll: os.kill would raise)
+    process.wait()
+    output = log.read_text(errors="replace")
     assert process.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{output}"
+    assert first.is_dir(), f"no first checkpoint {waited:.0f} s after the start:\n{output}"
     assert not (killed / "rl" / "final").exists()
     done = len(read_jsonl(killed / "rl" / "metrics.jsonl")) if (killed / "rl" / "metrics.jsonl").exists() else 0
     assert 1 <= done < STEPS, done
