@@ -276,6 +276,15 @@ def compare_vold(kernel, reference, tol: float, *, required_metrics=(), grad_flo
 
 # how long the parent waits past ``timeout_s`` for ranks that did not stop themselves before it kills them
 _KILL_GRACE_S = 60.0
+# how long the ranks may take to start (spawn, imports) and meet; ``timeout_s`` counts from then. A few seconds on a
+# quiet machine, up to ~35 s seen at nice 19 under a load of ~10 on 2 cores
+_START_S = 300.0
+# the rendezvous keys in the parent's store: how many ranks have started; "go" (set by the last one) or "abort" (set
+# by the parent when a rank stopped before all had started)
+_ARRIVED, _GO = "gloo_ranks/arrived", "gloo_ranks/go"
+# tests/test_gloo_ranks.py only: "RANK:SECONDS" makes that rank start SECONDS late (as a rank whose spawn and imports
+# are slow on a loaded machine)
+START_DELAY_ENV = "VOLD_TEST_GLOO_START_DELAY"
 
 
 def run_on_gloo_ranks(fn: Callable[..., None], world_size: int, *args: Any, timeout_s: float = 300.0) -> None:
@@ -298,9 +307,14 @@ def run_on_gloo_ranks(fn: Callable[..., None], world_size: int, *args: Any, time
       collective, e.g. FSDP2's, is in flight can abort the peer with SIGABRT). A failed rank skips both.
     - **A hung rank fails the test instead of hanging CI.** The group's timeout is ``timeout_s`` (a collective
       that waits longer raises on its rank), and each rank arms ``faulthandler.dump_traceback_later(timeout_s,
-      exit=True)``: a rank still running ``timeout_s`` after it started writes the stack of every thread to a
+      exit=True)``: a rank still running ``timeout_s`` after the start writes the stack of every thread to a
       file, which the parent adds at the end of its error, and exits with status 1. Ranks still alive ``timeout_s + 60``
       seconds after the start are killed by the parent, which then fails.
+    - **The start is when every rank has started**, not when each did: the ranks meet in the store first (at most
+      300 s, with the same stack dump past it), so a rank whose spawn and imports were slow on a loaded machine does
+      not eat into the others' ``timeout_s`` (their timers and the group's rendezvous used to run from their own
+      start: rank 0 timed out in ``init_process_group`` waiting for a rank 1 more than ``timeout_s`` late). A rank
+      that stops before all have started makes the others stop at once.
     - **No port race.** The rendezvous store (``TCPStore``) is opened here, on a port the OS picks and this
       process holds, before any rank starts; the ranks connect to it as clients.
     - Each rank sees the variables a launcher (torchrun) sets: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
@@ -329,7 +343,8 @@ def run_on_gloo_ranks(fn: Callable[..., None], world_size: int, *args: Any, time
                               timeout=datetime.timedelta(seconds=timeout_s))
         ranks = mp.start_processes(_gloo_rank, args=(world_size, store.port, timeout_s, stacks, errors, fn, args),
                                    nprocs=world_size, join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout_s + _KILL_GRACE_S
+        started = False  # every rank has started (the store holds _GO)
+        deadline = time.monotonic() + _START_S + _KILL_GRACE_S
         running = dict(enumerate(ranks.processes))
         try:
             # the processes are watched here, not with ``ranks.join``: that terminates every other rank as soon as
@@ -338,18 +353,24 @@ def run_on_gloo_ranks(fn: Callable[..., None], world_size: int, *args: Any, time
             while running:
                 multiprocessing.connection.wait([p.sentinel for p in running.values()], timeout=1.0)
                 drain()
+                if not started and store.check([_GO]):
+                    started = True
+                    deadline = time.monotonic() + timeout_s + _KILL_GRACE_S
                 for rank, process in list(running.items()):
                     if process.exitcode is None:
                         continue
                     del running[rank]
+                    if not started and not store.check([_GO]):
+                        store.set(_GO, "abort")  # the others would wait for it to start until _START_S
                     if process.exitcode != 0:
                         drain()  # what was raised before
                         how = (f"status {process.exitcode}" if process.exitcode > 0
                                else f"signal {_signal_name(-process.exitcode)}")
                         failures.append(f"rank {rank} exited with {how} without raising")
                 if running and time.monotonic() > deadline:
-                    failures.append(f"ranks {sorted(running)} still running {timeout_s + _KILL_GRACE_S:.0f} s after "
-                                    "the start: killed")
+                    limit = f"{timeout_s + _KILL_GRACE_S:.0f} s after the start" if started else (
+                        f"not all started {_START_S + _KILL_GRACE_S:.0f} s after the spawn")
+                    failures.append(f"ranks {sorted(running)} still running, {limit}: killed")
                     break
         finally:
             for process in ranks.processes:
@@ -360,7 +381,8 @@ def run_on_gloo_ranks(fn: Callable[..., None], world_size: int, *args: Any, time
         for path in sorted(Path(stacks).glob("rank*.stack")):
             if path.stat().st_size:
                 rank = path.stem[len("rank"):]
-                failures.append(f"rank {rank} ran past timeout_s={timeout_s} s; its threads then:\n{path.read_text()}")
+                failures.append(f"rank {rank} ran past timeout_s={timeout_s} s (or did not meet the others within "
+                                f"{_START_S:.0f} s of its start); its threads then:\n{path.read_text()}")
     if failures:
         raise AssertionError(f"{len(failures)} failure(s) on {world_size} gloo ranks, in the order raised:\n"
                              + "\n".join(failures))
@@ -378,15 +400,26 @@ def _signal_name(number: int) -> str:
 def _gloo_rank(rank: int, world_size: int, port: int, timeout_s: float, stacks: str, errors: Any,
                fn: Callable[..., None], args: tuple) -> None:
     """One rank of ``run_on_gloo_ranks`` (see there)."""
+    delayed, _, delay = os.environ.get(START_DELAY_ENV, "").partition(":")
+    if delayed == str(rank):
+        time.sleep(float(delay))
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     failed = None
     with open(Path(stacks) / f"rank{rank}.stack", "w") as stack:
-        faulthandler.dump_traceback_later(timeout_s, exit=True, file=stack)
+        faulthandler.dump_traceback_later(_START_S, exit=True, file=stack)
         try:
+            store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=_START_S))
+            if store.add(_ARRIVED, 1) == world_size:
+                store.set(_GO, "go")
+            store.wait([_GO])
+            if store.get(_GO) != b"go":
+                raise RuntimeError("another rank stopped before every rank had started")
+            # every rank is here: timeout_s counts from now, on every rank alike (re-arming replaces the timer)
+            faulthandler.dump_traceback_later(timeout_s, exit=True, file=stack)
             timeout = datetime.timedelta(seconds=timeout_s)
-            store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+            store.set_timeout(timeout)
             dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
             fn(rank, *args)
             dist.barrier()

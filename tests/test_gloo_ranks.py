@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import run_on_gloo_ranks
+from helpers import START_DELAY_ENV, run_on_gloo_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -19,6 +19,12 @@ def _disagree_on_rank_1(rank: int) -> None:
     dist.all_reduce(total)  # the group works: 1 + 2
     assert total.item() == 3.0, total
     assert rank != 1, f"rank 1 alone disagrees (sum {total.item()})"
+
+
+def _sum_on_every_rank(rank: int) -> None:
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)
+    assert total.item() == 3.0, total
 
 
 def _fail_on_every_rank(rank: int) -> None:
@@ -61,7 +67,6 @@ def test_every_rank_error_reaches_the_parent():
 
 
 def test_hung_rank_fails_with_its_stack_instead_of_hanging():
-    started = time.monotonic()
     with pytest.raises(AssertionError) as failure:
         run_on_gloo_ranks(_hang_on_rank_1, 2, timeout_s=8)
     message = str(failure.value)
@@ -69,7 +74,7 @@ def test_hung_rank_fails_with_its_stack_instead_of_hanging():
     # its own timer and report, instead of being terminated when rank 0 exits
     assert "rank 1 exited with status 1" in message, message
     assert "rank 1 ran past timeout_s=8 s" in message and "in _hang_on_rank_1" in message, message
-    assert time.monotonic() - started < 8 + 60, message  # stopped by the ranks' own timeout, not the parent's kill
+    assert "still running" not in message, message  # stopped by the ranks' own timers, not the parent's kill
 
 
 def test_a_dead_rank_does_not_cut_off_the_report_of_a_hung_one():
@@ -80,6 +85,14 @@ def test_a_dead_rank_does_not_cut_off_the_report_of_a_hung_one():
     message = str(failure.value)
     assert "rank 0 exited with status 3" in message, message
     assert "rank 1 ran past timeout_s=5 s" in message and "in _die_on_rank_0_hang_on_rank_1" in message, message
+
+
+def test_a_rank_that_starts_late_does_not_time_out_the_others(monkeypatch):
+    # timeout_s counts from the moment every rank has started: rank 1 starts 6 s after rank 0 here (on a loaded machine
+    # a rank's spawn and imports can take that much longer than another's). Rank 0's timer used to start at its own
+    # start and fire in init_process_group, still waiting for rank 1 ("rank 0 ran past timeout_s=3 s")
+    monkeypatch.setenv(START_DELAY_ENV, "1:6")
+    run_on_gloo_ranks(_sum_on_every_rank, 2, timeout_s=3)
 
 
 def test_bad_arguments_are_refused_before_starting():
