@@ -66,25 +66,21 @@ def test_every_rank_error_reaches_the_parent():
         assert f"rank {rank}:\nTraceback" in message and f"RuntimeError: rank {rank} fails on its own" in message
 
 
-def test_hung_rank_fails_with_its_stack_instead_of_hanging():
-    with pytest.raises(AssertionError) as failure:
-        run_on_gloo_ranks(_hang_on_rank_1, 2, timeout_s=8)
-    message = str(failure.value)
+@pytest.mark.parametrize(("fn", "timeout_s", "exit_line"), [
     # rank 0 waits for rank 1 in the barrier and may time out first (its timer starts earlier): rank 1 still gets to
     # its own timer and report, instead of being terminated when rank 0 exits
-    assert "rank 1 exited with status 1" in message, message
-    assert "rank 1 ran past timeout_s=8 s" in message and "in _hang_on_rank_1" in message, message
-    assert "still running" not in message, message  # stopped by the ranks' own timers, not the parent's kill
-
-
-def test_a_dead_rank_does_not_cut_off_the_report_of_a_hung_one():
-    # rank 0 dies at once; rank 1 must still get to dump its own stack at its timer instead of being killed by the
-    # parent as soon as rank 0's exit is seen (that lost rank 1's report whenever rank 0's timer fired first)
+    (_hang_on_rank_1, 8, "rank 1 exited with status 1"),
+    # rank 0 dies at once: rank 1 must still dump its own stack at its timer instead of being killed by the parent as
+    # soon as rank 0's exit is seen (that lost rank 1's report whenever rank 0's timer fired first)
+    (_die_on_rank_0_hang_on_rank_1, 5, "rank 0 exited with status 3"),
+], ids=["hung_rank_1", "rank_0_dies_rank_1_hangs"])
+def test_hung_rank_fails_with_its_stack_instead_of_hanging(fn, timeout_s, exit_line):
     with pytest.raises(AssertionError) as failure:
-        run_on_gloo_ranks(_die_on_rank_0_hang_on_rank_1, 2, timeout_s=5)
+        run_on_gloo_ranks(fn, 2, timeout_s=timeout_s)
     message = str(failure.value)
-    assert "rank 0 exited with status 3" in message, message
-    assert "rank 1 ran past timeout_s=5 s" in message and "in _die_on_rank_0_hang_on_rank_1" in message, message
+    assert exit_line in message, message
+    assert f"rank 1 ran past timeout_s={timeout_s} s" in message and f"in {fn.__name__}" in message, message
+    assert "still running" not in message, message  # stopped by the ranks' own timers, not the parent's kill
 
 
 def test_a_rank_that_starts_late_does_not_time_out_the_others(monkeypatch):
