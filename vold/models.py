@@ -15,7 +15,6 @@ import importlib.util
 import inspect
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -691,12 +690,11 @@ def convert_gguf(folder: str | Path, gguf_file: str, out_dir: str | Path, *, dty
     model.tie_weights()
     # written beside OUT, then put in its place: OUT never holds a half-written model, nor files of the model an
     # earlier conversion wrote there (``vold convert-gguf --overwrite``)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    from vold.runs import replaced_whole  # (vold.runs imports this module's helpers in its functions)
+
+    with replaced_whole(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(tmp)
     return out_dir
 
 

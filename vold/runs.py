@@ -25,7 +25,8 @@ import math
 import random
 import shutil
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -314,12 +315,22 @@ def save_final(model: torch.nn.Module, processor: Any, path: Path, *, merged: bo
     """:func:`save_model` to ``path`` as a whole: written as ``path.tmp``, then renamed over ``path``. A kill while
     saving leaves the earlier ``path`` (or none), never a folder with a config but half the weights that the next
     stage (``sft/final`` -> ``vold train``) or ``vold eval`` would try to load; no file of an earlier model stays."""
+    with replaced_whole(path) as tmp:
+        save_model(model, processor, tmp, merged=merged)
+    return path
+
+
+@contextmanager
+def replaced_whole(path: Path, *, clear: bool = True) -> Iterator[Path]:
+    """Yield ``path.tmp`` to write a folder into; when the block ends without an error, it replaces ``path`` (the
+    earlier folder removed first), so ``path`` is never half-written and keeps no file of an earlier version.
+    ``clear=False`` keeps what is already in ``path.tmp`` (written there before, e.g. by other ranks)."""
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, processor, tmp, merged=merged)
+    if clear:
+        shutil.rmtree(tmp, ignore_errors=True)
+    yield tmp
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
-    return path
 
 
 def save_checkpoint(run: Path, step: int, model: torch.nn.Module, processor: Any, state: dict[str, Any], *,
@@ -331,13 +342,9 @@ def save_checkpoint(run: Path, step: int, model: torch.nn.Module, processor: Any
     checkpoints instead, and ``resume=auto`` would continue the abandoned run. ``clear_tmp=False`` keeps
     what is already in the ``.tmp`` folder (DeepSpeed's partitioned optimizer state, written by every rank)."""
     final = checkpoint_dir(run, step)
-    tmp = final.with_name(final.name + ".tmp")
-    if clear_tmp:
-        shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, processor, tmp / "model")
-    torch.save({**state, "step": step, "rng": rng_state(), "logs": log_positions(run)}, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with replaced_whole(final, clear=clear_tmp) as tmp:
+        save_model(model, processor, tmp / "model")
+        torch.save({**state, "step": step, "rng": rng_state(), "logs": log_positions(run)}, tmp / STATE_FILE)
     for later in list_checkpoints(run):
         if int(later.name.split("_")[1]) > step:
             shutil.rmtree(later, ignore_errors=True)
