@@ -481,7 +481,8 @@ def test_scalar_options_accept_numbers_and_one_element_tensors(fn, option, good)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("wrap", [torch.tensor, np.float32], ids=["tensor", "numpy"])
+@pytest.mark.parametrize("wrap", [torch.tensor, np.float32, lambda v: torch.tensor([v], dtype=torch.float64)],
+                         ids=["tensor", "numpy", "fp64_shape_1_tensor"])
 def test_scalar_options_given_as_tensors_or_numpy_numbers_equal_floats(impl, wrap):
     """The README and ``checks.check_number`` accept a NumPy number or a one-element tensor for every scalar option:
     each must give the same loss and gradients as the Python float. Before, a tensor or NumPy float32
@@ -491,9 +492,11 @@ def test_scalar_options_given_as_tensors_or_numpy_numbers_equal_floats(impl, wra
     tensors = _vold_inputs(bias=True)
     options = dict(temperature=0.7, divergence="jsd", jsd_beta=0.3, student_logit_scale=1.3,
                    teacher_final_logit_softcapping=5.0, clip_ratio_c=3.0, token_normalizer=17.0,
-                   ref_kl_coef=0.0, distill_coef=0.4, impl=impl)
+                   ref_kl_coef=0.0, distill_coef=0.4, epsilon_low=0.2, epsilon_high=0.28, impl=impl)
     floats = run_vold(vold_loss, tensors, options)
+    # a [1]-shaped epsilon made ratio.clamp(float, tensor) fail, and an fp64 tensor option made the loss fp64
     wrapped = run_vold(vold_loss, tensors, {k: (wrap(v) if isinstance(v, float) else v) for k, v in options.items()})
+    assert wrapped[0].dtype == floats[0].dtype and wrapped[0].shape == floats[0].shape
     assert_rel(wrapped[0], floats[0], FP32_TOL, "loss")
     for key in floats[2]:
         assert_rel(wrapped[2][key], floats[2][key], FP32_TOL, f"grad {key}")

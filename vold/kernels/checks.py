@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -160,7 +161,7 @@ def _bound_text(gt: float | None, ge: float | None, lt: float | None, le: float 
 
 
 def check_number(name: str, value: object, *, gt: float | None = None, ge: float | None = None,
-                 lt: float | None = None, le: float | None = None, note: str = "") -> None:
+                 lt: float | None = None, le: float | None = None, note: str = "") -> Any:
     """A scalar option: a finite real number (a Python/NumPy number or a one-element real tensor) within the bounds.
 
     ``TypeError`` naming ``name`` for anything else (a string, a bool, a list, a multi-element tensor: the bare
@@ -169,14 +170,17 @@ def check_number(name: str, value: object, *, gt: float | None = None, ge: float
     then ``"{name} must be finite"`` for +-inf (``temperature=inf`` gave a uniform distribution, an inf
     ``token_normalizer`` a zero loss, silently). A tensor is read once (one host sync); skipped while
     torch.compile traces.
+
+    Returns the value as a Python float, which callers use in its place: a ``[1]``-shaped tensor option made
+    ``clamp`` fail and an fp64 tensor one made the loss fp64. While torch.compile traces, the value itself.
     """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(f"{name} must be a real number, got a tensor of shape {tuple(value.shape)} "
                             f"and dtype {value.dtype}")
         if torch.compiler.is_compiling():
-            return
-        number = float(value)
+            return value
+        number = float(value.detach())
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         number = float(value)
     else:
@@ -187,6 +191,7 @@ def check_number(name: str, value: object, *, gt: float | None = None, ge: float
         raise ValueError(f"{name} must be {_bound_text(gt, ge, lt, le)}{note}, got {value}")
     if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value}")
+    return number
 
 
 def logit_transform(prefix: str, logit_scale: float, final_logit_softcapping: float | None) -> LogitTransform:
@@ -200,11 +205,12 @@ def logit_transform(prefix: str, logit_scale: float, final_logit_softcapping: fl
     return LogitTransform(float(logit_scale), None if cap is None else float(cap))
 
 
-def check_finite_scalar(name: str, value: float) -> None:
-    """A loss coefficient must be a finite number: a NaN or inf one makes the loss NaN/inf silently."""
-    check_number(name, value)
+def check_finite_scalar(name: str, value: float) -> Any:
+    """A loss coefficient must be a finite number: a NaN or inf one makes the loss NaN/inf silently. Returns it
+    as ``check_number`` does."""
+    return check_number(name, value)
 
 
-def check_positive(name: str, value: float) -> None:
-    """``value`` finite and > 0 (``temperature``, ``token_normalizer``)."""
-    check_number(name, value, gt=0)
+def check_positive(name: str, value: float) -> Any:
+    """``value`` finite and > 0 (``temperature``, ``token_normalizer``); returned as ``check_number`` does."""
+    return check_number(name, value, gt=0)

@@ -128,14 +128,13 @@ def normalization_weights(
     if loss_type in ("bnpo", "dapo") and token_normalizer is None:
         return mask / mask.sum().clamp(min=1.0)
     if loss_type in ("bnpo", "dapo"):
-        check_positive("token_normalizer", token_normalizer)
-        return mask / token_normalizer
+        return mask / check_positive("token_normalizer", token_normalizer)
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length > 0 (the padded length T by default)")
-        check_number("max_completion_length", max_completion_length, gt=0,
-                     note=" for loss_type='dr_grpo' (the padded length T by default)")
-        return mask / (num_seqs * max_completion_length)
+        length = check_number("max_completion_length", max_completion_length, gt=0,
+                              note=" for loss_type='dr_grpo' (the padded length T by default)")
+        return mask / (num_seqs * length)
     raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
 
 

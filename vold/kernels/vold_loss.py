@@ -250,12 +250,14 @@ def vold_loss(
         checks.check_choice(name, value, choices)
     # PPO/GRPO's clip range [1 - epsilon_low, 1 + epsilon_high] (TRL's epsilon/epsilon_high, verl's
     # clip_ratio_low/high): epsilon_low >= 1 makes the lower bound <= 0, below every ratio exp(.) > 0.
-    checks.check_number("epsilon_low", epsilon_low, ge=0, lt=1, note=" (lower clip bound 1 - epsilon_low > 0)")
-    checks.check_number("epsilon_high", epsilon_high, ge=0)
+    epsilon_low = checks.check_number("epsilon_low", epsilon_low, ge=0, lt=1,
+                                      note=" (lower clip bound 1 - epsilon_low > 0)")
+    epsilon_high = checks.check_number("epsilon_high", epsilon_high, ge=0)
     if clip_ratio_c is not None:
-        checks.check_number("clip_ratio_c", clip_ratio_c, gt=1, note=" (dual-clip)")
-    for name, value in (("ref_kl_coef", ref_kl_coef), ("distill_coef", distill_coef), ("entropy_coef", entropy_coef)):
-        checks.check_finite_scalar(name, value)
+        clip_ratio_c = checks.check_number("clip_ratio_c", clip_ratio_c, gt=1, note=" (dual-clip)")
+    ref_kl_coef = checks.check_finite_scalar("ref_kl_coef", ref_kl_coef)
+    distill_coef = checks.check_finite_scalar("distill_coef", distill_coef)
+    entropy_coef = checks.check_finite_scalar("entropy_coef", entropy_coef)
     checks.check_chunk_size(chunk_size)
     student_transform = checks.logit_transform("student_", student_logit_scale, student_final_logit_softcapping)
     teacher_transform = checks.logit_transform("teacher_", teacher_logit_scale, teacher_final_logit_softcapping)
