@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -690,11 +691,13 @@ def convert_gguf(folder: str | Path, gguf_file: str, out_dir: str | Path, *, dty
     model.tie_weights()
     # written beside OUT, then put in its place: OUT never holds a half-written model, nor files of the model an
     # earlier conversion wrote there (``vold convert-gguf --overwrite``)
-    from vold.runs import replaced_whole  # (vold.runs imports this module's helpers in its functions)
-
-    with replaced_whole(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(tmp)
+    # (the same steps as vold.runs.replaced_whole, which this module cannot import: vold.runs imports it)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
     return out_dir
 
 
